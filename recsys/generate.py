@@ -196,6 +196,8 @@ def generate(config: GeneratorConfig | None = None) -> tuple[Dataset, GroundTrut
                 pool = early_by_topic[second[u]]
             else:
                 pool = early
+            if len(pool) == 0:  # tiny catalogues: fall back to any early (or any) item
+                pool = early if len(early) else np.arange(c.n_items)
             hist_user.append(u)
             hist_item.append(int(rng.choice(pool)))
     history = pl.DataFrame(
