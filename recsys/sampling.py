@@ -18,7 +18,7 @@ def impressions_from_interactions(
     seed: int = 0,
 ) -> pl.DataFrame:
     """Canonical impressions: one per timed interaction, the positive first then `negatives`
-    items drawn uniformly from the catalogue (without the positive), `clicked` set accordingly.
+    items drawn uniformly from those published before it (without the positive), `clicked` set accordingly.
 
     `max_impressions` keeps a uniform sample of the positives (seeded) to bound the cost.
     Interactions without a time (history from before the log) yield no impression.
@@ -29,9 +29,18 @@ def impressions_from_interactions(
         keep = np.sort(rng.choice(pos.height, max_impressions, replace=False))
         pos = pos[keep]
     pos = pos.with_row_index("k")
-    catalogue = items["item_id"].to_numpy()
+    # Negatives only among items already published at the positive's time (else their age
+    # would give them away); items without a publication time count as always there.
+    by_pub = items.select(
+        "item_id", pl.col("published_at").dt.epoch("us").fill_null(np.iinfo(np.int64).min)
+    ).sort("published_at")
+    catalogue = by_pub["item_id"].to_numpy()
+    eligible = np.searchsorted(
+        by_pub["published_at"].to_numpy(), pos["ts"].dt.epoch("us").to_numpy(), side="left"
+    )
+    eligible = np.maximum(eligible, 1)  # at least the first item
     n = pos.height
-    neg_idx = rng.integers(0, len(catalogue), size=(n, negatives))
+    neg_idx = (rng.random((n, negatives)) * eligible[:, None]).astype(np.int64)
     neg = pl.DataFrame(
         {
             "k": np.repeat(np.arange(n, dtype=np.uint32), negatives),
