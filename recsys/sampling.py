@@ -18,7 +18,7 @@ def impressions_from_interactions(
     seed: int = 0,
 ) -> pl.DataFrame:
     """Canonical impressions: one per timed interaction, the positive first then `negatives`
-    items drawn uniformly from those published before it (without the positive), `clicked` set accordingly.
+    items drawn uniformly from those published before it, `clicked` set accordingly.
 
     `max_impressions` keeps a uniform sample of the positives (seeded) to bound the cost.
     Interactions without a time (history from before the log) yield no impression.
