@@ -1,0 +1,193 @@
+"""Experiment configs: one TOML file per named experiment, loaded into one frozen, typed config.
+
+    name = "lora"                      # optional; defaults to the file name
+    description = "LoRA-tuned encoder + behavioural features"
+    [finetune]   -> recsys.encoder.FinetuneConfig
+    [encoder]    -> recsys.encoder.EncoderConfig
+    [features]   -> features.FeatureConfig
+    [ranker]     -> recsys.ranker.RankerConfig
+    [pipeline]   -> PipelineConfig (split, candidates, lists)
+    [tracking]   -> TrackingConfig
+
+An unknown section or key, or a value of the wrong type, is a ConfigError that names the key and
+what is allowed; each section's own checks run when it is built (`__post_init__`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from features import FeatureConfig
+from recsys.encoder import EncoderConfig, FinetuneConfig
+from recsys.errors import ConfigError
+from recsys.ranker import RankerConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Split, candidate retrieval and ranked-list settings of the nightly job."""
+
+    test_fraction: float = 0.2  # with no --split-at: the last share of events is the test split
+    valid_fraction: float = 0.15  # the last share of the pre-test events validates
+    use_semantic: bool = True  # False: the ranker sees behavioural features only
+    top_n: int = 20  # length of each user's ranked list
+    k_semantic: int = 100  # candidates by semantic similarity
+    k_popular: int = 50  # candidates among popular recent items
+    popular_window_days: float = 7.0
+    max_history: int = 50
+    half_life_days: float = 7.0
+    sampled_negatives: int = 20  # data sets without impressions: negatives per positive
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("test_fraction", "valid_fraction"):
+            v = getattr(self, name)
+            if not 0.0 < v < 0.9:
+                raise ConfigError(f"pipeline.{name} must be in (0, 0.9), got {v}")
+        for name in ("top_n", "k_semantic", "max_history", "sampled_negatives"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"pipeline.{name} must be >= 1, got {getattr(self, name)}")
+        if self.k_popular < 0:
+            raise ConfigError(f"pipeline.k_popular must be >= 0, got {self.k_popular}")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True
+    experiment: str = "recsys-nightly"
+    model_name: str = "recsys"  # registered model name
+    primary_metric: str = "ndcg@10"  # champion decision: validation metric, higher is better
+
+    def __post_init__(self) -> None:
+        allowed = ("auc", "mrr", "ndcg@5", "ndcg@10")
+        if self.primary_metric not in allowed:
+            raise ConfigError(
+                f"tracking.primary_metric must be one of {allowed}, got {self.primary_metric!r}"
+            )
+
+
+@dataclass(frozen=True)
+class NightlyConfig:
+    name: str = "default"
+    description: str = ""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    ranker: RankerConfig = field(default_factory=RankerConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def section(self, name: str) -> dict[str, Any]:
+        return dataclasses.asdict(getattr(self, name))
+
+    def to_params(self) -> dict[str, Any]:
+        """Flat `section.key -> value` dict: the run parameters logged to MLflow."""
+        out: dict[str, Any] = {"name": self.name}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                for k, v in dataclasses.asdict(value).items():  # type: ignore[arg-type]
+                    out[f"{f.name}.{k}"] = v
+        return out
+
+
+SECTIONS: dict[str, type] = {
+    f.name: f.default_factory  # type: ignore[misc]
+    for f in dataclasses.fields(NightlyConfig)
+    if f.default_factory is not dataclasses.MISSING
+}
+
+
+def _coerce(section: str, key: str, value: Any, annotation: Any) -> Any:
+    """Check a TOML value against a field's annotation; lists become tuples."""
+    where = f"{section}.{key}"
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(section, key, value, inner[0])
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        elem = args[0] if args else Any
+        return tuple(_coerce(section, key, v, elem) for v in value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def build_section(section: str, values: dict[str, Any]) -> Any:
+    """Build one section's dataclass from a dict, naming unknown keys and bad values."""
+    cls = SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in allowed:
+            raise ConfigError(f"unknown config key {section}.{key}; allowed keys: {allowed}")
+        kwargs[key] = _coerce(section, key, value, hints[key])
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"[{section}]: {e}") from e
+
+
+def config_from_dict(raw: dict[str, Any], name: str = "default") -> NightlyConfig:
+    allowed_top = ["name", "description", *SECTIONS]
+    sections = {}
+    for key, value in raw.items():
+        if key not in allowed_top:
+            raise ConfigError(f"unknown config section or key {key!r}; allowed: {allowed_top}")
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{key}] must be a table of keys")
+            sections[key] = build_section(key, value)
+    return NightlyConfig(
+        name=str(raw.get("name", name)), description=str(raw.get("description", "")), **sections
+    )
+
+
+def load_config(path: str | Path | None) -> NightlyConfig:
+    """Load an experiment config: a TOML path, a name in experiments/ (e.g. "lora"), or None."""
+    if path is None:
+        return NightlyConfig()
+    p = Path(path)
+    if not p.is_file() and (CONFIG_DIR / f"{path}.toml").is_file():
+        p = CONFIG_DIR / f"{path}.toml"
+    if not p.is_file():
+        names = sorted(x.stem for x in CONFIG_DIR.glob("*.toml"))
+        raise ConfigError(f"{path}: no such config file; named configs: {names}")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML ({e})") from e
+    try:
+        return config_from_dict(raw, name=p.stem)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from e

@@ -1,0 +1,147 @@
+"""Experiment tracking handed into jobs: an MLflow tracker, or one that does nothing.
+
+Jobs call `tracker.log_params/log_metrics/log_artifact/stage(...)`; they never test whether tracking
+is on. `MlflowTracker` uses a local sqlite store by default (`sqlite:///<dir>/mlflow.db`, with
+artifacts beside it) or `MLFLOW_TRACKING_URI`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
+
+
+class Tracker(Protocol):
+    """What a job may tell the tracking system."""
+
+    run_id: str | None
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
+    def stage(self, name: str) -> contextlib.AbstractContextManager[Tracker]: ...
+
+
+class NullTracker:
+    """Tracking off: accepts everything, records nothing."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[NullTracker]:
+        yield self
+
+
+def default_tracking_uri(base_dir: str | Path) -> str:
+    """`$MLFLOW_TRACKING_URI`, else a sqlite store in `base_dir` (created if needed)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    base = Path(base_dir).resolve()
+    base.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{base / 'mlflow.db'}"
+
+
+def _quiet_mlflow() -> None:
+    for name in ("mlflow", "alembic", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def ensure_experiment(tracking_uri: str, experiment: str) -> str:
+    """Create `experiment` if missing (artifacts beside a sqlite store); return its id."""
+    import mlflow
+
+    _quiet_mlflow()
+    mlflow.set_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return str(exp.experiment_id)
+    artifact_location = None
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        artifact_location = (db.parent / "mlartifacts").resolve().as_uri()
+    return str(client.create_experiment(experiment, artifact_location=artifact_location))
+
+
+class MlflowTracker:
+    """One MLflow run; `stage(name)` opens a nested run for a pipeline stage."""
+
+    def __init__(self, run: Any) -> None:
+        self._run = run
+        self.run_id: str | None = run.info.run_id
+
+    @classmethod
+    @contextlib.contextmanager
+    def start(
+        cls,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str,
+        tags: Mapping[str, str] | None = None,
+    ) -> Iterator[MlflowTracker]:
+        import mlflow
+
+        exp_id = ensure_experiment(tracking_uri, experiment)
+        with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=dict(tags or {})) as r:
+            yield cls(r)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        import mlflow
+
+        flat = {k: str(v)[:6000] for k, v in params.items()}
+        items = list(flat.items())
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            mlflow.log_params(dict(items[i : i + 100]))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import mlflow
+
+        clean = {_metric_key(k): float(v) for k, v in metrics.items() if v == v}  # drop NaN
+        if clean:
+            mlflow.log_metrics(clean, step=step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        p = Path(path)
+        if p.is_dir():
+            mlflow.log_artifacts(str(p), artifact_path=artifact_path)
+        elif p.is_file():
+            mlflow.log_artifact(str(p), artifact_path=artifact_path)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        import mlflow
+
+        mlflow.set_tags(dict(tags))
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[MlflowTracker]:
+        import mlflow
+
+        with mlflow.start_run(run_name=name, nested=True) as r:
+            yield MlflowTracker(r)
+
+
+def _metric_key(key: str) -> str:
+    """MLflow metric names allow [A-Za-z0-9_-. /]; map '@' (as in ndcg@10) to '_at_'."""
+    return key.replace("@", "_at_")

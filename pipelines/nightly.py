@@ -1,0 +1,826 @@
+"""The nightly pipeline: validate -> split -> fine-tune -> embed -> features -> rank -> evaluate
+-> bundle -> ranked lists -> register.
+
+Every stage writes into its own folder under the run directory, atomically, with a fingerprint of
+its inputs and config (`pipelines.stages`): a rerun skips unchanged stages, so a killed run resumes
+and ends with the same lists. Fine-tuning (Ray Train) and embedding (Ray Data) are Ray jobs; the
+polars/LightGBM stages run in process, where they already use every core of the node.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from experiments.config import NightlyConfig, load_config
+from experiments.tracking import MlflowTracker, NullTracker, Tracker, default_tracking_uri
+from features import build_snapshot
+from recsys.baselines import RandomScorer
+from recsys.bundle import Bundle, write_bundle
+from recsys.candidates import candidate_recall, retrieve_candidates
+from recsys.data import Dataset, dataset_fingerprint, read_dataset, validate_dataset
+from recsys.data.schema import IMPRESSIONS, INTERACTIONS, ITEMS, TS
+from recsys.errors import ConfigError, DataError
+from recsys.featurize import FeatureSpec, matrix, point_in_time_frame, semantic_only
+from recsys.io import write_json, write_parquet
+from recsys.metrics import evaluation_table, impression_metrics
+from recsys.ranker import Ranker, train_ranker
+from recsys.sampling import impressions_from_interactions
+from recsys.semantic import user_profile_vectors
+from recsys.vectors import ItemVectors
+
+from .stages import StageResult, StageRunner
+
+logger = logging.getLogger(__name__)
+MODELS = (
+    "random",
+    "popularity",
+    "semantic_frozen",
+    "semantic_tuned",
+    "lgbm_behavioural",
+    "lgbm_full",
+)
+MAX_SAMPLED_IMPRESSIONS = 60_000
+
+
+@dataclass
+class NightlyResult:
+    run_dir: Path
+    config: NightlyConfig
+    stages: list[StageResult]
+    evaluation: list[dict[str, Any]]
+    validation: dict[str, float]
+    candidate_recall: dict[str, float]
+    bundle_dir: Path
+    recommendations: Path
+    registry: dict[str, Any] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _read_tables(d: Path) -> Dataset:
+    return Dataset(
+        pl.read_parquet(d / "items.parquet"),
+        pl.read_parquet(d / "interactions.parquet"),
+        pl.read_parquet(d / "impressions.parquet"),
+    )
+
+
+def _parse_time(value: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError as e:
+        raise ConfigError(
+            f"--split-at {value!r} is not an ISO time; use e.g. 2026-01-15T00:00:00Z"
+        ) from e
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+def _quantile_time(ts: pl.Series, q: float) -> datetime:
+    value = ts.sort()[min(int(q * ts.len()), ts.len() - 1)]
+    return value  # type: ignore[no-any-return]
+
+
+def _requests(impressions: pl.DataFrame) -> pl.DataFrame:
+    return impressions.select(
+        pl.col("impression_id").alias("request_id"), "user_id", "ts", "item_id"
+    )
+
+
+def _before(data: Dataset, t: datetime) -> Dataset:
+    """The data strictly before `t` (history without a time counts as before)."""
+    inter = data.interactions.filter(pl.col("ts").is_null() | (pl.col("ts") < t))
+    imp = data.impressions.filter(pl.col("ts") < t)
+    return Dataset(data.items, inter, imp)
+
+
+def _popular(data: Dataset, as_of: datetime, window_days: float) -> pl.DataFrame:
+    """item_id, score: clicks plus positive interactions in the window before `as_of`."""
+    start = as_of - timedelta(days=window_days)
+    clicks = data.impressions.filter(
+        pl.col("clicked") & (pl.col("ts") >= start) & (pl.col("ts") < as_of)
+    ).select("item_id")
+    inter = data.interactions.filter((pl.col("ts") >= start) & (pl.col("ts") < as_of)).select(
+        "item_id"
+    )
+    counts = pl.concat([clicks, inter]).group_by("item_id").len("n")
+    return (
+        data.items.select("item_id")
+        .join(counts, on="item_id", how="left")
+        .with_columns(pl.col("n").fill_null(0).cast(pl.Float64).alias("score"))
+        .sort(["score", "item_id"], descending=[True, False])
+        .select("item_id", "score")
+    )
+
+
+def _dir_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def run_nightly(
+    data_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    config_path: str | os.PathLike[str] | None = None,
+    config: NightlyConfig | None = None,
+    split_at: str | datetime | None = None,
+    ray_address: str | None = None,
+    tracking_uri: str | None = None,
+    log: Any = print,
+) -> NightlyResult:
+    """Run (or resume) the nightly pipeline on a dataset directory; see the module docstring."""
+    t_start = time.perf_counter()
+    cfg = config or load_config(config_path)
+    run_dir = Path(out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(data_dir)
+    runner = StageRunner(run_dir, log=log)
+    pc = cfg.pipeline
+    spec = FeatureSpec(cfg.features, pc.use_semantic, pc.max_history, pc.half_life_days)
+
+    tracker_cm: Any
+    if cfg.tracking.enabled:
+        uri = tracking_uri or default_tracking_uri(
+            run_dir.parent if run_dir.parent != Path("") else "."
+        )
+        tracker_cm = MlflowTracker.start(
+            uri, cfg.tracking.experiment, run_name=f"nightly-{cfg.name}", tags={"config": cfg.name}
+        )
+    else:
+        uri = ""
+        tracker_cm = _null_cm()
+    with tracker_cm as tracker:
+        tracker.log_params(
+            {**cfg.to_params(), "data_dir": str(data_dir), "split_at": str(split_at)}
+        )
+
+        # 1. validate --------------------------------------------------------
+        data_fp = dataset_fingerprint(data_dir) if data_dir.is_dir() else ""
+        if not data_fp:
+            read_dataset(data_dir)  # raises the DataError naming what is missing
+
+        def do_validate(work: Path, _prev: Path | None) -> dict[str, Any]:
+            v = validate_dataset(read_dataset(data_dir))
+            data = Dataset.from_validated(v)
+            synthesized = 0
+            if data.impressions.height == 0:
+                imp = impressions_from_interactions(
+                    data.interactions,
+                    data.items,
+                    negatives=pc.sampled_negatives,
+                    max_impressions=MAX_SAMPLED_IMPRESSIONS,
+                    seed=pc.seed,
+                )
+                synthesized = imp["impression_id"].n_unique()
+                data = Dataset(data.items, data.interactions, imp)
+            for name in (ITEMS, INTERACTIONS, IMPRESSIONS):
+                write_parquet(data.table(name), work / f"{name}.parquet")
+            write_parquet(v.rejects, work / "rejects.parquet")
+            return {
+                "counts": data.counts(),
+                "rejects": v.rejects.height,
+                "reject_reasons": v.reasons().to_dicts(),
+                "synthesized_impressions": synthesized,
+            }
+
+        st = runner.run(
+            "validate",
+            {"data": data_fp, "negatives": pc.sampled_negatives, "seed": pc.seed},
+            do_validate,
+        )
+        data = _read_tables(st.path)
+        if st.summary.get("rejects"):
+            log(f"[validate] {st.summary['rejects']} rows set aside in {st.path}/rejects.parquet")
+
+        # 2. split -----------------------------------------------------------
+        def do_split(work: Path, _prev: Path | None) -> dict[str, Any]:
+            ts = data.impressions["ts"]
+            if ts.len() == 0:
+                raise DataError(f"{data_dir}: no impressions or timed interactions to split")
+            first, last = ts.min(), ts.max()
+            test_at = (
+                _parse_time(split_at)
+                if isinstance(split_at, str)
+                else (split_at or _quantile_time(ts, 1.0 - pc.test_fraction))
+            )
+            before = ts.filter(ts < test_at)
+            if before.len() == 0 or ts.filter(ts >= test_at).len() == 0:
+                raise ConfigError(
+                    f"split at {test_at.isoformat()} leaves an empty "
+                    f"{'train' if before.len() == 0 else 'test'} set: the impressions run from "
+                    f"{first.isoformat()} to {last.isoformat()}; pick --split-at between them"
+                )
+            valid_at = _quantile_time(before, 1.0 - pc.valid_fraction)
+            if before.filter(before < valid_at).len() == 0:
+                raise ConfigError(
+                    f"split at {test_at.isoformat()} leaves no training data before the validation "
+                    f"slice (from {valid_at.isoformat()}); pick a later --split-at"
+                )
+            info = {
+                "valid_at": valid_at.isoformat(),
+                "test_at": test_at.isoformat(),
+                "first": first.isoformat(),
+                "last": last.isoformat(),
+            }
+            write_json(info, work / "split.json")
+            return info
+
+        st_split = runner.run(
+            "split",
+            {
+                "validate": st.fingerprint,
+                "split_at": str(split_at),
+                "fractions": [pc.test_fraction, pc.valid_fraction],
+            },
+            do_split,
+        )
+        valid_at = datetime.fromisoformat(st_split.summary["valid_at"])
+        test_at = datetime.fromisoformat(st_split.summary["test_at"])
+        imp = data.impressions
+        part = (
+            pl.when(pl.col("ts") < valid_at)
+            .then(pl.lit("train"))
+            .when(pl.col("ts") < test_at)
+            .then(pl.lit("valid"))
+            .otherwise(pl.lit("test"))
+        )
+        imp = imp.with_columns(part.alias("split"))
+        log(
+            "[split] "
+            + ", ".join(
+                f"{s}: {imp.filter(pl.col('split') == s).height} rows"
+                for s in ("train", "valid", "test")
+            )
+        )
+
+        # 3. finetune (Ray Train) -------------------------------------------
+        def do_finetune(work: Path, _prev: Path | None) -> dict[str, Any]:
+            from pipelines.finetune import run_finetune
+
+            with tracker.stage("finetune") as t:
+
+                def on_epoch(m: dict[str, Any]) -> None:
+                    step = int(m.get("epoch", 0))
+                    t.log_metrics(
+                        {k: v for k, v in m.items() if isinstance(v, int | float)}, step=step
+                    )
+
+                rep = run_finetune(
+                    _before(data, valid_at),
+                    work / "encoder",
+                    cfg.finetune,
+                    ray_address=ray_address,
+                    on_epoch=on_epoch,
+                )
+            return {
+                "losses": [float(x) for x in rep.losses],
+                "val_metrics": {k: float(v) for k, v in rep.val_metrics.items()},
+                "trainable_params": int(rep.trainable_params),
+                "total_params": int(rep.total_params),
+                "seconds": float(rep.seconds),
+                "device": str(rep.device),
+            }
+
+        st_ft = runner.run(
+            "finetune",
+            {
+                "validate": st.fingerprint,
+                "split": st_split.fingerprint,
+                "finetune": cfg.section("finetune"),
+                "encoder": cfg.section("encoder"),
+            },
+            do_finetune,
+        )
+        encoder_dir = st_ft.path / "encoder"
+
+        # 4. embed (Ray Data; incremental) -----------------------------------
+        def do_embed(work: Path, prev: Path | None) -> dict[str, Any]:
+            from pipelines.embed import run_embed
+
+            summary: dict[str, Any] = {}
+            for name, enc in (("item_vectors", encoder_dir), ("item_vectors_frozen", None)):
+                target = work / f"{name}.parquet"
+                if prev is not None and (prev / f"{name}.parquet").is_file():
+                    shutil.copy2(prev / f"{name}.parquet", target)
+                rep = run_embed(
+                    data.items, enc, target, config=cfg.encoder, ray_address=ray_address
+                )
+                summary[name] = {
+                    "embedded": rep.embedded,
+                    "reused": rep.reused,
+                    "dropped": rep.dropped,
+                    "fallback_texts": rep.fallback_texts,
+                    "seconds": float(rep.seconds),
+                    "device": str(rep.device),
+                    "encoder_id": rep.encoder_id,
+                }
+            return summary
+
+        st_emb = runner.run(
+            "embed",
+            {
+                "items": st.fingerprint,
+                "finetune": st_ft.fingerprint,
+                "encoder": cfg.section("encoder"),
+            },
+            do_embed,
+        )
+        vectors = ItemVectors.from_parquet(st_emb.path / "item_vectors.parquet")
+        frozen = ItemVectors.from_parquet(st_emb.path / "item_vectors_frozen.parquet")
+
+        # 5. features (point in time) ----------------------------------------
+        def do_features(work: Path, _prev: Path | None) -> dict[str, Any]:
+            req = _requests(imp)
+            frame = point_in_time_frame(
+                FeatureSpec(cfg.features, True, pc.max_history, pc.half_life_days),
+                req,
+                data,
+                vectors,
+            )
+            frozen_cos = semantic_only(spec, req, data, frozen)["sem_cos_mean"].alias(
+                "sem_cos_mean_frozen"
+            )
+            frame = frame.with_columns(frozen_cos, imp["clicked"], imp["split"], imp["position"])
+            write_parquet(frame, work / "features.parquet")
+            return {"rows": frame.height, "columns": spec.columns}
+
+        st_feat = runner.run(
+            "features",
+            {
+                "validate": st.fingerprint,
+                "split": st_split.fingerprint,
+                "embed": st_emb.fingerprint,
+                "features": cfg.section("features"),
+                "semantic": [pc.max_history, pc.half_life_days],
+            },
+            do_features,
+        )
+        frame = pl.read_parquet(st_feat.path / "features.parquet")
+        train = frame.filter(pl.col("split") == "train")
+        valid = frame.filter(pl.col("split") == "valid")
+        test = frame.filter(pl.col("split") == "test")
+
+        # 6. rank (LightGBM LambdaRank) --------------------------------------
+        def do_rank(work: Path, _prev: Path | None) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for name, cols in (("lgbm_full", spec.columns), ("lgbm_behavioural", spec.behavioural)):
+                r = train_ranker(train, valid, cols, cfg.ranker, group_col="request_id")
+                r.save(work / name)
+                out[name] = {
+                    "best_iteration": int(r.best_iteration),
+                    "importance": r.feature_importance().to_dicts(),
+                    "history": r.history,
+                }
+            return out
+
+        st_rank = runner.run(
+            "rank",
+            {
+                "features": st_feat.fingerprint,
+                "ranker": cfg.section("ranker"),
+                "columns": spec.columns,
+            },
+            do_rank,
+        )
+        rankers = {n: Ranker.load(st_rank.path / n) for n in ("lgbm_full", "lgbm_behavioural")}
+
+        # 7. evaluate --------------------------------------------------------
+        def do_evaluate(work: Path, _prev: Path | None) -> dict[str, Any]:
+            scores = _score_models(test, rankers, spec, pc.seed)
+            write_parquet(scores, work / "scores.parquet")
+            table = evaluation_table(scores, list(MODELS)).to_dicts()
+            vscores = _score_models(valid, rankers, spec, pc.seed)
+            validation = impression_metrics(vscores.rename({"lgbm_full": "score"}))
+            recall = _candidate_recall(data, vectors, test_at, imp, pc)
+            write_json(
+                {"test": table, "validation": validation, "candidate_recall": recall},
+                work / "evaluation.json",
+            )
+            return {"test": table, "validation": validation, "candidate_recall": recall}
+
+        st_eval = runner.run(
+            "evaluate",
+            {"rank": st_rank.fingerprint, "pipeline": cfg.section("pipeline")},
+            do_evaluate,
+        )
+        shutil.copy2(st_eval.path / "evaluation.json", run_dir / ".evaluation.json.tmp")
+        os.replace(run_dir / ".evaluation.json.tmp", run_dir / "evaluation.json")
+
+        # 8. bundle ----------------------------------------------------------
+        as_of = max(
+            t
+            for t in (data.impressions["ts"].max(), data.interactions["ts"].max())
+            if t is not None
+        ) + timedelta(microseconds=1)
+
+        def do_bundle(work: Path, _prev: Path | None) -> dict[str, Any]:
+            snapshot = build_snapshot(data, as_of, cfg.features)
+            history = data.interactions.select("user_id", "item_id", "ts")
+            popular = _popular(data, as_of, pc.popular_window_days)
+            manifest = {
+                "config": cfg.to_params(),
+                "data_fingerprint": data_fp,
+                "encoder_id": st_emb.summary["item_vectors"]["encoder_id"],
+                "metrics": {
+                    "test": st_eval.summary["test"],
+                    "validation": st_eval.summary["validation"],
+                },
+                "split": st_split.summary,
+                "versions": _versions(),
+                "model_version": f"{cfg.name}-{st_rank.fingerprint[:10]}",
+            }
+            write_bundle(
+                work / "bundle",
+                encoder_dir=encoder_dir,
+                vectors_path=st_emb.path / "item_vectors.parquet",
+                snapshot=snapshot,
+                history=history,
+                popular=popular,
+                ranker=rankers["lgbm_full"] if pc.use_semantic else rankers["lgbm_behavioural"],
+                spec=spec,
+                manifest=manifest,
+            )
+            return {"as_of": as_of.isoformat(), "model_version": manifest["model_version"]}
+
+        st_bundle = runner.run(
+            "bundle", {"evaluate": st_eval.fingerprint, "embed": st_emb.fingerprint}, do_bundle
+        )
+        bundle_dir = st_bundle.path / "bundle"
+
+        # 9. ranked lists ----------------------------------------------------
+        def do_lists(work: Path, _prev: Path | None) -> dict[str, Any]:
+            bundle = Bundle.load(bundle_dir)
+            recs = ranked_lists(bundle, data, pc, log=log)
+            write_parquet(recs, work / "recommendations.parquet")
+            return {"users": recs["user_id"].n_unique(), "rows": recs.height}
+
+        st_lists = runner.run(
+            "lists", {"bundle": st_bundle.fingerprint, "top_n": pc.top_n}, do_lists
+        )
+        recs_path = run_dir / "recommendations.parquet"
+        for target in (recs_path, bundle_dir / "recommendations.parquet"):
+            tmp = target.with_name(f".{target.name}.tmp")
+            shutil.copy2(st_lists.path / "recommendations.parquet", tmp)
+            os.replace(tmp, target)
+
+        # 10. tracking and registry -----------------------------------------
+        result = NightlyResult(
+            run_dir=run_dir,
+            config=cfg,
+            stages=list(runner.results.values()),
+            evaluation=st_eval.summary["test"],
+            validation=st_eval.summary["validation"],
+            candidate_recall=st_eval.summary["candidate_recall"],
+            bundle_dir=bundle_dir,
+            recommendations=recs_path,
+            mlflow_run_id=tracker.run_id,
+        )
+        cost = _cost_report(runner, st_ft, st_emb, encoder_dir)
+        write_json(cost, run_dir / "cost.json")
+        _log_to_tracker(tracker, result, st_ft, st_rank, cost, run_dir)
+        if cfg.tracking.enabled and tracker.run_id:
+            from experiments.registry import register_bundle
+
+            result.registry = register_bundle(
+                uri,
+                cfg.tracking.model_name,
+                bundle_dir,
+                run_id=tracker.run_id,
+                validation=result.validation,
+                validation_key=f"{data_fp}:{st_split.fingerprint}",
+                primary_metric=cfg.tracking.primary_metric,
+                evaluate_champion=lambda path: evaluate_on_split(path, data, imp, "valid"),
+            )
+            tracker.set_tags({"champion_decision": result.registry.get("reason", "")[:5000]})
+            write_json(result.registry, run_dir / "registry.json")
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+class _null_cm:
+    def __enter__(self) -> Tracker:
+        return NullTracker()
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _popularity_column(frame: pl.DataFrame) -> pl.Series:
+    """Popularity baseline: positive interactions (all time) before the impression, then clicks."""
+    pop = frame["item_interactions_all"].fill_null(0).fill_nan(0).cast(pl.Float64)
+    clicks = frame["item_clicks_all"].fill_null(0).fill_nan(0).cast(pl.Float64)
+    return pop + 1e-3 * clicks
+
+
+def _score_models(
+    frame: pl.DataFrame, rankers: dict[str, Ranker], spec: FeatureSpec, seed: int
+) -> pl.DataFrame:
+    """impression_id, user_id, item_id, clicked and one score column per model in MODELS."""
+
+    def cos(col: str) -> pl.Series:
+        return frame[col].cast(pl.Float64).fill_nan(None).fill_null(-1.0)
+
+    return frame.select(
+        pl.col("request_id").alias("impression_id"), "user_id", "item_id", "clicked"
+    ).with_columns(
+        pl.Series("random", RandomScorer(seed=seed).score(frame)),
+        _popularity_column(frame).alias("popularity"),
+        cos("sem_cos_mean_frozen").alias("semantic_frozen"),
+        cos("sem_cos_mean").alias("semantic_tuned"),
+        *(
+            pl.Series(name, r.predict(matrix(frame, list(r.feature_names))))
+            for name, r in rankers.items()
+        ),
+    )
+
+
+def _candidate_recall(
+    data: Dataset, vectors: ItemVectors, test_at: datetime, imp: pl.DataFrame, pc: Any
+) -> dict[str, float]:
+    """Recall of the candidate step on the test split: of the items each user clicked after
+    `test_at`, the share retrieved from the history and popularity known before it."""
+    truth = (
+        imp.filter((pl.col("split") == "test") & pl.col("clicked"))
+        .select("user_id", "item_id")
+        .unique()
+    )
+    if truth.height == 0:
+        return {}
+    before = _before(data, test_at)
+    users = truth["user_id"].unique()
+    history = before.interactions.filter(pl.col("user_id").is_in(users.implode()))
+    uids, umat = user_profile_vectors(history, vectors, max_history=pc.max_history)
+    popular = _popular(before, test_at, pc.popular_window_days)["item_id"].to_list()
+    out = {}
+    for label, k_pop in (("semantic", 0), ("semantic+popular", pc.k_popular)):
+        cands = retrieve_candidates(
+            uids,
+            umat,
+            vectors,
+            k_semantic=pc.k_semantic,
+            popular=popular,
+            k_popular=k_pop,
+            exclude=history.select("user_id", "item_id"),
+        )
+        k = pc.k_semantic + k_pop
+        out[f"recall@{k} ({label})"] = float(candidate_recall(cands, truth))
+    return out
+
+
+def ranked_lists(bundle: Bundle, data: Dataset, pc: Any, *, log: Any = print) -> pl.DataFrame:
+    """Top-N per active user through the bundle (the same loader and features as the API).
+
+    Candidates: semantic top-K from the user's history plus popular recent items, minus what
+    the user already consumed. Users without a usable history get the popularity list.
+    """
+    from tqdm import tqdm
+
+    active = (
+        pl.concat([data.interactions.select("user_id"), data.impressions.select("user_id")])
+        .unique()
+        .sort("user_id")["user_id"]
+    )
+    uids, umat = user_profile_vectors(bundle.history, bundle.vectors, max_history=pc.max_history)
+    popular = bundle.popular["item_id"].to_list()
+    cands = retrieve_candidates(
+        uids,
+        umat,
+        bundle.vectors,
+        k_semantic=pc.k_semantic,
+        popular=popular,
+        k_popular=pc.k_popular,
+        exclude=bundle.history.select("user_id", "item_id"),
+    ).select("user_id", "item_id")
+    # Users with no profile vector: popular items they have not consumed.
+    missing = active.filter(~active.is_in(cands["user_id"].unique().implode()))
+    if missing.len():
+        fallback = (
+            pl.DataFrame({"user_id": missing})
+            .join(pl.DataFrame({"item_id": popular[: pc.k_popular or pc.top_n]}), how="cross")
+            .join(
+                bundle.history.select("user_id", "item_id"), on=["user_id", "item_id"], how="anti"
+            )
+        )
+        cands = pl.concat([cands, fallback])
+    cands = cands.filter(pl.col("user_id").is_in(active.implode()))
+    users = cands["user_id"].unique().sort()
+    parts = []
+    chunk = 200
+    for i in tqdm(
+        range(0, users.len(), chunk), desc="ranked lists", unit="x200 users", disable=None
+    ):
+        sub = cands.filter(pl.col("user_id").is_in(users[i : i + chunk].implode()))
+        parts.append(sub.with_columns(pl.Series("score", bundle.score(sub))))
+    scored = pl.concat(parts) if parts else cands.with_columns(pl.lit(0.0).alias("score"))
+    now = datetime.now(UTC)
+    return (
+        scored.sort(["user_id", "score", "item_id"], descending=[False, True, False])
+        .with_columns((pl.int_range(pl.len()).over("user_id") + 1).cast(pl.Int32).alias("rank"))
+        .filter(pl.col("rank") <= pc.top_n)
+        .select(
+            "user_id",
+            "rank",
+            "item_id",
+            "score",
+            pl.lit(bundle.model_version).alias("model_version"),
+            pl.lit(now, dtype=TS).alias("generated_at"),
+        )
+    )
+
+
+def evaluate_on_split(
+    bundle_path: str | os.PathLike[str], data: Dataset, imp: pl.DataFrame, split: str
+) -> dict[str, float]:
+    """Metrics of a bundle's ranker on one split of `imp` (features point in time)."""
+    bundle = Bundle.load(bundle_path)
+    rows = imp.filter(pl.col("split") == split)
+    frame = point_in_time_frame(
+        bundle.spec, _requests(rows), data, bundle.vectors if bundle.spec.use_semantic else None
+    )
+    scores = bundle.ranker.predict(matrix(frame, bundle.spec.columns))
+    df = rows.select("impression_id", "clicked").with_columns(pl.Series("score", scores))
+    return impression_metrics(df)
+
+
+def evaluate_bundle(
+    data_dir: str | os.PathLike[str],
+    bundle_path: str | os.PathLike[str],
+    *,
+    split_at: str | None = None,
+) -> list[dict[str, Any]]:
+    """The evaluation table of a bundle on a dataset's test split (`recsys evaluate`)."""
+    bundle = Bundle.load(bundle_path)
+    v = validate_dataset(read_dataset(data_dir))
+    data = Dataset.from_validated(v)
+    if data.impressions.height == 0:
+        pc = load_config(None).pipeline
+        data = Dataset(
+            data.items,
+            data.interactions,
+            impressions_from_interactions(
+                data.interactions, data.items, negatives=pc.sampled_negatives,
+                max_impressions=MAX_SAMPLED_IMPRESSIONS, seed=pc.seed,
+            ),
+        )  # fmt: skip
+    test_at = _parse_time(split_at or bundle.manifest["split"]["test_at"])
+    rows = data.impressions.filter(pl.col("ts") >= test_at)
+    if rows.height == 0:
+        raise ConfigError(
+            f"no impressions at or after {test_at.isoformat()} in {data_dir}; pass an earlier "
+            "--split-at"
+        )
+    frame = point_in_time_frame(
+        bundle.spec, _requests(rows), data, bundle.vectors if bundle.spec.use_semantic else None
+    )
+    scores = rows.select("impression_id", "user_id", "item_id", "clicked").with_columns(
+        pl.Series("random", RandomScorer(seed=0).score(frame)),
+        _popularity_column(frame).alias("popularity"),
+        pl.Series("bundle", bundle.ranker.predict(matrix(frame, bundle.spec.columns))),
+    )
+    return evaluation_table(scores, ["random", "popularity", "bundle"]).to_dicts()
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("recsys", "torch", "transformers", "peft", "lightgbm", "polars", "pyarrow", "ray"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def _cost_report(
+    runner: StageRunner, st_ft: StageResult, st_emb: StageResult, encoder_dir: Path
+) -> dict[str, Any]:
+    emb = st_emb.summary.get("item_vectors", {})
+    return {
+        "stages": {
+            name: {
+                "wall_seconds": round(r.seconds, 3),
+                "driver_cpu_seconds": round(r.cpu_seconds, 3),
+                "skipped": r.skipped,
+            }
+            for name, r in runner.results.items()
+        },
+        "gpu_seconds": 0.0
+        if "cuda" not in str(st_ft.summary.get("device", ""))
+        else st_ft.summary.get("seconds", 0.0),
+        "finetune_device": st_ft.summary.get("device"),
+        "trainable_params": st_ft.summary.get("trainable_params"),
+        "total_params": st_ft.summary.get("total_params"),
+        "encoder_dir_mb": round(_dir_mb(encoder_dir), 3),
+        "items_embedded": emb.get("embedded"),
+        "items_reused": emb.get("reused"),
+        "embed_device": emb.get("device"),
+        "note": "driver CPU seconds exclude Ray worker processes; wall seconds are per stage",
+    }
+
+
+def _log_to_tracker(
+    tracker: Tracker,
+    result: NightlyResult,
+    st_ft: StageResult,
+    st_rank: StageResult,
+    cost: dict[str, Any],
+    run_dir: Path,
+) -> None:
+    from experiments.plots import plot_importance, plot_training_curves
+
+    for row in result.evaluation:
+        model = row["model"]
+        tracker.log_metrics({f"test.{model}.{k}": v for k, v in row.items() if k != "model"})
+    tracker.log_metrics({f"valid.{k}": v for k, v in result.validation.items()})
+    tracker.log_metrics({f"candidates.{k.split(' ')[0]}.{k.split('(')[-1].rstrip(')')}": v
+                         for k, v in result.candidate_recall.items()})  # fmt: skip
+    for i, loss in enumerate(st_ft.summary.get("losses", [])):
+        tracker.log_metrics({"finetune.loss": loss}, step=i + 1)
+    hist = st_rank.summary.get("lgbm_full", {}).get("history", {})
+    for metric, values in _flatten_history(hist).items():
+        for i in range(0, len(values), max(1, len(values) // 200)):
+            tracker.log_metrics({f"ranker.{metric}": values[i]}, step=i + 1)
+    for name, r in cost["stages"].items():
+        tracker.log_metrics({f"seconds.{name}": r["wall_seconds"]})
+    art = run_dir / "artifacts"
+    art.mkdir(exist_ok=True)
+    plot_importance(st_rank.summary["lgbm_full"]["importance"], art / "feature_importance.png")
+    plot_training_curves(st_ft.summary.get("losses", []), hist, art / "training_curves.png")
+    write_json(cost, art / "cost_report.json")
+    write_json({"test": result.evaluation, "validation": result.validation,
+                "candidate_recall": result.candidate_recall}, art / "evaluation.json")  # fmt: skip
+    tracker.log_artifact(art)
+    tracker.log_artifact(run_dir / "recommendations.parquet", artifact_path="lists")
+
+
+def _flatten_history(hist: Any) -> dict[str, list[float]]:
+    """LightGBM eval history {dataset: {metric: [..]}} (or {metric: [..]}) -> {name: [..]}."""
+    out: dict[str, list[float]] = {}
+    if not isinstance(hist, dict):
+        return out
+    for k, v in hist.items():
+        if isinstance(v, dict):
+            for m, vals in v.items():
+                out[f"{k}.{m}".replace("@", "_at_")] = [float(x) for x in vals]
+        elif isinstance(v, list):
+            out[str(k).replace("@", "_at_")] = [float(x) for x in v]
+    return out
+
+
+def print_summary(result: NightlyResult, *, show_users: int = 3) -> None:
+    """The short table of results each run ends with."""
+    from recsys.cli import _print_table
+
+    _print_table(
+        [
+            {"stage": s.name, "status": "reused" if s.skipped else "ran", "seconds": s.seconds}
+            for s in result.stages
+        ],
+        f"Nightly run {result.run_dir} ({result.config.name}) in {result.seconds:.1f}s",
+    )
+    _print_table(result.evaluation, "Evaluation on the test split (per impression, averaged)")
+    if result.candidate_recall:
+        _print_table(
+            [{"candidates": k, "recall": v} for k, v in result.candidate_recall.items()],
+            "Candidate retrieval",
+        )
+    if result.registry:
+        print(f"\nRegistry: {result.registry.get('reason')}")
+    recs = pl.read_parquet(result.recommendations)
+    items = pl.read_parquet(result.run_dir / "validate" / "items.parquet").select(
+        "item_id", "title"
+    )
+    users = recs["user_id"].unique(maintain_order=True).head(show_users).to_list()
+    for u in users:
+        rows = recs.filter(pl.col("user_id") == u).head(5).join(items, on="item_id", how="left")
+        _print_table(
+            [
+                {"rank": r["rank"], "item_id": r["item_id"], "score": r["score"],
+                 "title": (r["title"] or "")[:60]}
+                for r in rows.sort("rank").to_dicts()
+            ],
+            f"Top 5 for {u}",
+        )  # fmt: skip
+    print(f"\nRanked lists: {result.recommendations}  bundle: {result.bundle_dir}")
+    if result.mlflow_run_id:
+        print(f"MLflow run: {result.mlflow_run_id} (mlflow ui --backend-store-uri <tracking uri>)")
+    print(json.dumps({"seconds": round(result.seconds, 1)}))

@@ -1,0 +1,197 @@
+"""The model bundle: one folder that the nightly job writes and the batch lists and the API load.
+
+    BUNDLE/manifest.json            versions, data fingerprint, feature names, metrics, as_of
+    BUNDLE/encoder/                 encoder.json + adapter weights (safetensors)
+    BUNDLE/item_vectors.parquet     item_id, vector, text_hash, encoder_id
+    BUNDLE/features/                feature snapshot as of the cut-off (Parquet per table)
+    BUNDLE/history.parquet          user_id, item_id, ts: each user's history before the cut-off
+    BUNDLE/popular.parquet          item_id, score: the popularity prior (cold start, fallback)
+    BUNDLE/ranker/                  LightGBM model (text) + feature names
+    BUNDLE/recommendations.parquet  the nightly ranked lists (added after they are produced)
+
+`write_bundle` builds the folder under a temporary name and renames it into place, so a bundle
+folder is either complete or absent. `Bundle.load` checks every part and raises `DataError`
+naming what is missing or broken.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from features import FeatureConfig, FeatureSnapshot
+from recsys.errors import DataError
+from recsys.featurize import FeatureSpec, matrix, snapshot_frame
+from recsys.io import json_digest, write_json
+from recsys.ranker import Ranker
+from recsys.vectors import ItemVectors
+
+BUNDLE_FORMAT = 1
+MANIFEST = "manifest.json"
+
+
+def write_bundle(
+    out: str | os.PathLike[str],
+    *,
+    encoder_dir: str | os.PathLike[str],
+    vectors_path: str | os.PathLike[str],
+    snapshot: FeatureSnapshot,
+    history: pl.DataFrame,
+    popular: pl.DataFrame,
+    ranker: Ranker,
+    spec: FeatureSpec,
+    manifest: dict[str, Any],
+) -> Path:
+    """Write a complete bundle at `out` atomically (build beside it, then rename)."""
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        shutil.copytree(encoder_dir, tmp / "encoder")
+        shutil.copy2(vectors_path, tmp / "item_vectors.parquet")
+        snapshot.save(tmp / "features")
+        history.select("user_id", "item_id", "ts").write_parquet(tmp / "history.parquet")
+        popular.select("item_id", "score").write_parquet(tmp / "popular.parquet")
+        ranker.save(tmp / "ranker")
+        full = {
+            "bundle_format": BUNDLE_FORMAT,
+            "created_at": datetime.now(UTC).isoformat(),
+            "as_of": snapshot.as_of.isoformat(),
+            "feature_names": spec.columns,
+            "use_semantic": spec.use_semantic,
+            "max_history": spec.max_history,
+            "half_life_days": spec.half_life_days,
+            **manifest,
+        }
+        full.setdefault("model_version", json_digest(full)[:12])
+        write_json(full, tmp / MANIFEST)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+@dataclass
+class Bundle:
+    """A loaded model bundle: everything the batch lists and the API need, in memory."""
+
+    path: Path
+    manifest: dict[str, Any]
+    spec: FeatureSpec
+    ranker: Ranker
+    snapshot: FeatureSnapshot
+    vectors: ItemVectors
+    history: pl.DataFrame
+    popular: pl.DataFrame
+    recommendations: pl.DataFrame | None = None
+    _encoders: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def model_version(self) -> str:
+        return str(self.manifest["model_version"])
+
+    @property
+    def encoder_dir(self) -> Path:
+        return self.path / "encoder"
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Bundle:
+        """Load and check a bundle folder; `DataError` names the missing or broken part."""
+        p = Path(path)
+        mpath = p / MANIFEST
+        if not mpath.is_file():
+            raise DataError(f"{p}: not a model bundle (no {MANIFEST}); run `recsys nightly` first")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"{mpath}: unreadable bundle manifest ({e})") from e
+        if manifest.get("bundle_format") != BUNDLE_FORMAT:
+            raise DataError(
+                f"{mpath}: bundle format {manifest.get('bundle_format')!r}, expected "
+                f"{BUNDLE_FORMAT}; rebuild it with `recsys nightly`"
+            )
+        for part in ("encoder", "item_vectors.parquet", "features", "history.parquet",
+                     "popular.parquet", "ranker"):  # fmt: skip
+            if not (p / part).exists():
+                raise DataError(f"{p / part}: missing from the bundle; rebuild it")
+        try:
+            snapshot = FeatureSnapshot.load(p / "features")
+            ranker = Ranker.load(p / "ranker")
+            vectors = ItemVectors.from_parquet(p / "item_vectors.parquet")
+            history = pl.read_parquet(p / "history.parquet")
+            popular = pl.read_parquet(p / "popular.parquet")
+            recs_path = p / "recommendations.parquet"
+            recs = pl.read_parquet(recs_path) if recs_path.is_file() else None
+        except DataError:
+            raise
+        except Exception as e:  # any broken part: name it, never crash with a trace
+            raise DataError(f"{p}: broken bundle ({type(e).__name__}: {e})") from e
+        spec = FeatureSpec(
+            config=snapshot.config
+            if isinstance(snapshot.config, FeatureConfig)
+            else FeatureConfig(),
+            use_semantic=bool(manifest.get("use_semantic", True)),
+            max_history=int(manifest.get("max_history", 50)),
+            half_life_days=float(manifest.get("half_life_days", 7.0)),
+        )
+        if list(ranker.feature_names) != spec.columns:
+            raise DataError(
+                f"{p}: the ranker's features {ranker.feature_names} differ from the bundle's "
+                f"{spec.columns}; rebuild the bundle"
+            )
+        return cls(p, manifest, spec, ranker, snapshot, vectors, history, popular, recs)
+
+    def featurize(
+        self,
+        requests: pl.DataFrame,
+        *,
+        extra_history: pl.DataFrame | None = None,
+        vectors: ItemVectors | None = None,
+    ) -> pl.DataFrame:
+        """Features of (user_id, item_id) pairs as of the bundle's cut-off."""
+        users = requests["user_id"].unique()
+        history = self.history.filter(pl.col("user_id").is_in(users.implode()))
+        return snapshot_frame(
+            self.spec,
+            self.snapshot,
+            requests,
+            history,
+            (vectors or self.vectors) if self.spec.use_semantic else None,
+            extra_history=extra_history,
+        )
+
+    def score(
+        self,
+        requests: pl.DataFrame,
+        *,
+        extra_history: pl.DataFrame | None = None,
+        vectors: ItemVectors | None = None,
+    ) -> np.ndarray:
+        """Ranker scores (n,) of (user_id, item_id) pairs; higher ranks first."""
+        frame = self.featurize(requests, extra_history=extra_history, vectors=vectors)
+        return self.ranker.predict(matrix(frame, self.spec.columns))
+
+    def encoder(self, quantize: str = "int8") -> Any:
+        """The bundle's text encoder (loaded on first use), for items not in the bundle."""
+        if quantize not in self._encoders:
+            from recsys.encoder import TextEncoder
+
+            self._encoders[quantize] = TextEncoder.load(self.encoder_dir, quantize=quantize)
+        return self._encoders[quantize]
