@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from recsys.data.schema import IMPRESSIONS, conform
+from recsys.data.schema import IMPRESSIONS, ITEMS, conform
 
 
 def impressions_from_interactions(
@@ -31,7 +31,7 @@ def impressions_from_interactions(
     pos = pos.with_row_index("k")
     # Negatives only among items already published at the positive's time (else their age
     # would give them away); items without a publication time count as always there.
-    by_pub = items.select(
+    by_pub = conform(ITEMS, items).select(
         "item_id", pl.col("published_at").dt.epoch("us").fill_null(np.iinfo(np.int64).min)
     ).sort("published_at")
     catalogue = by_pub["item_id"].to_numpy()
