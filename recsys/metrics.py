@@ -1,0 +1,203 @@
+"""Ranking metrics: MIND-style per-impression AUC, MRR and nDCG, and top-k metrics per user.
+
+Impression metrics (`impression_metrics`) follow the MIND benchmark definitions, computed per
+impression and then averaged over impressions:
+
+- AUC: probability that a clicked item scores above a non-clicked one of the same impression;
+- MRR: mean over the clicked items of 1 / rank (rank 1 = highest score);
+- nDCG@k: sum over clicked items in the top k of 1 / log2(rank + 1), divided by the same sum for
+  the ideal order (all clicks first). Gains are binary (2**clicked - 1).
+
+Ties are resolved by their expectation under a uniformly random order of the tied items, so the
+result never depends on row order: AUC uses average ranks (a tied click / non-click pair counts
+1/2); a clicked item in a block of tied scores over ranks a..b gets the mean of 1/r (MRR) and of
+the discount (nDCG) over r = a..b.
+
+Impressions without both a click and a non-click are skipped for every metric (AUC is undefined
+there and nDCG/MRR say nothing about ranking); the count is returned as `n_skipped`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import polars as pl
+
+from recsys.errors import ConfigError, DataError
+
+__all__ = ["evaluation_table", "impression_metrics", "ranking_metrics_at_k"]
+
+
+def _cumulative_discount(n: int, k: int | None) -> np.ndarray:
+    """D[r] = sum_{p=1..r} [p <= k] / log2(p + 1) for r = 0..n (k None: no cutoff)."""
+    p = np.arange(1, n + 1, dtype=np.float64)
+    disc = 1.0 / np.log2(p + 1.0)
+    if k is not None:
+        disc[p > k] = 0.0
+    return np.concatenate([[0.0], np.cumsum(disc)])
+
+
+def _check_columns(df: pl.DataFrame, needed: Sequence[str], what: str) -> None:
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise DataError(f"{what}: missing column(s) {missing}; got {df.columns}")
+
+
+def impression_metrics(
+    df: pl.DataFrame,
+    score_col: str = "score",
+    group_col: str = "impression_id",
+    label_col: str = "clicked",
+    *,
+    ks: Sequence[int] = (5, 10),
+) -> dict[str, float]:
+    """AUC, MRR and nDCG@k per impression, averaged over impressions (see the module docstring).
+
+    df: one row per shown item: `group_col` (impression id), `label_col` (bool or 0/1 click),
+        `score_col` (float; higher = ranked higher; null or NaN is an error).
+    Returns {"auc", "mrr", "ndcg@5", "ndcg@10" (one per k in ks), "n_impressions" (impressions
+    scored), "n_skipped" (impressions without both a click and a non-click)}; the metrics are NaN
+    when no impression qualifies.
+    """
+    _check_columns(df, (group_col, label_col, score_col), "impression_metrics")
+    if any(k < 1 for k in ks):
+        raise ConfigError(f"impression_metrics: every k in ks must be >= 1, got {list(ks)}")
+    d = df.select(
+        pl.col(group_col).alias("g"),
+        (pl.col(label_col).cast(pl.Float64) > 0).cast(pl.Float64).alias("y"),
+        pl.col(score_col).cast(pl.Float64).alias("s"),
+    )
+    bad = d.select((pl.col("s").is_null() | pl.col("s").is_nan()).sum()).item()
+    if bad:
+        raise DataError(
+            f"impression_metrics: {bad} null/NaN values in score column {score_col!r}; fill them "
+            "(e.g. with the lowest score) before evaluating"
+        )
+    if d["y"].null_count():
+        raise DataError(f"impression_metrics: null labels in {label_col!r}; drop those rows")
+    d = d.with_columns(pl.len().over("g").alias("n"), pl.col("y").sum().over("g").alias("n_pos"))
+    n_groups = d["g"].n_unique()
+    d = d.filter((pl.col("n_pos") > 0) & (pl.col("n_pos") < pl.col("n")))
+    d = d.with_columns(
+        pl.col("s").rank("min", descending=True).over("g").alias("r_lo"),
+        pl.col("s").rank("max", descending=True).over("g").alias("r_hi"),
+        pl.col("s").rank("average").over("g").alias("r_auc"),
+    )
+    n_max = int(d["n"].max()) if d.height else 0  # type: ignore[arg-type]
+    lo = d["r_lo"].to_numpy().astype(np.int64)
+    hi = d["r_hi"].to_numpy().astype(np.int64)
+    width = (hi - lo + 1).astype(np.float64)
+    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, n_max + 1))])
+    cols = {"rr": (harmonic[hi] - harmonic[lo - 1]) / width}
+    for k in ks:
+        disc = _cumulative_discount(n_max, k)
+        cols[f"disc{k}"] = (disc[hi] - disc[lo - 1]) / width
+    d = d.with_columns(pl.Series(name, v) for name, v in cols.items())
+
+    y = pl.col("y")
+    per = d.group_by("g").agg(
+        pl.col("n").first(),
+        pl.col("n_pos").first(),
+        (y * pl.col("r_auc")).sum().alias("rank_sum"),
+        (y * pl.col("rr")).sum().alias("rr_sum"),
+        *[(y * pl.col(f"disc{k}")).sum().alias(f"dcg{k}") for k in ks],
+    )
+    n_pos = per["n_pos"].to_numpy()
+    n_neg = per["n"].to_numpy() - n_pos
+    out: dict[str, float] = {}
+    with np.errstate(invalid="ignore"):
+        auc = (per["rank_sum"].to_numpy() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+        out["auc"] = float(np.mean(auc)) if per.height else float("nan")
+        out["mrr"] = (
+            float(np.mean(per["rr_sum"].to_numpy() / n_pos)) if per.height else float("nan")
+        )
+        for k in ks:
+            ideal = _cumulative_discount(n_max, k)[n_pos.astype(np.int64)]
+            ndcg = per[f"dcg{k}"].to_numpy() / ideal
+            out[f"ndcg@{k}"] = float(np.mean(ndcg)) if per.height else float("nan")
+    out["n_impressions"] = float(per.height)
+    out["n_skipped"] = float(n_groups - per.height)
+    return out
+
+
+def evaluation_table(
+    scores: pl.DataFrame,
+    models: Sequence[str],
+    *,
+    group_col: str = "impression_id",
+    label_col: str = "clicked",
+    ks: Sequence[int] = (5, 10),
+) -> pl.DataFrame:
+    """One row per model: model, auc, mrr, ndcg@k..., n_impressions.
+
+    scores: impression_id, clicked and one score column per name in `models` (user_id, item_id
+    and other columns are ignored). Rows keep the order of `models`.
+    """
+    _check_columns(scores, [*models], "evaluation_table")
+    rows = []
+    for m in models:
+        res = impression_metrics(scores, m, group_col, label_col, ks=ks)
+        rows.append(
+            {"model": m, "auc": res["auc"], "mrr": res["mrr"]}
+            | {f"ndcg@{k}": res[f"ndcg@{k}"] for k in ks}
+            | {"n_impressions": int(res["n_impressions"])}
+        )
+    schema = {"model": pl.String, "auc": pl.Float64, "mrr": pl.Float64}
+    schema |= {f"ndcg@{k}": pl.Float64 for k in ks} | {"n_impressions": pl.Int64}
+    return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def ranking_metrics_at_k(
+    ranked: pl.DataFrame, relevant: pl.DataFrame, ks: Sequence[int] = (10, 50)
+) -> dict[str, float]:
+    """nDCG@k and recall@k of top-k lists against held-out relevant items (MovieLens protocol).
+
+    ranked: user_id, item_id, rank (smaller = better; only the order within a user matters,
+        ties broken by item_id).
+    relevant: user_id, item_id (held-out positives).
+    Per user, with R = number of relevant items and hits at positions p (1-based):
+      nDCG@k   = sum_{hits, p <= k} 1/log2(p + 1) / sum_{p=1..min(k, R)} 1/log2(p + 1)
+      recall@k = hits in the top k / min(k, R)      (normalised so a perfect list scores 1)
+    averaged over the users in `relevant` (a user without a ranked list scores 0).
+    Returns {"ndcg@k", "recall@k" for each k, "n_users"}; NaN metrics if `relevant` is empty.
+    """
+    _check_columns(ranked, ("user_id", "item_id", "rank"), "ranking_metrics_at_k: ranked")
+    _check_columns(relevant, ("user_id", "item_id"), "ranking_metrics_at_k: relevant")
+    if any(k < 1 for k in ks):
+        raise ConfigError(f"ranking_metrics_at_k: every k in ks must be >= 1, got {list(ks)}")
+    rel = relevant.select(
+        pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String)
+    ).unique()
+    n_rel = rel.group_by("user_id").agg(pl.len().alias("n_rel"))
+    lists = (
+        ranked.select(
+            pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String), pl.col("rank")
+        )
+        .unique(subset=["user_id", "item_id"], keep="first")
+        .sort("user_id", "rank", "item_id")
+        .with_columns(pl.int_range(1, pl.len() + 1).over("user_id").alias("pos"))
+    )
+    hits = lists.join(rel, on=["user_id", "item_id"], how="inner")
+    k_max = max(ks)
+    disc = _cumulative_discount(k_max, None)
+    out: dict[str, float] = {}
+    for k in ks:
+        per = n_rel.join(
+            hits.filter(pl.col("pos") <= k)
+            .group_by("user_id")
+            .agg(
+                pl.len().alias("hits"),
+                (1.0 / (pl.col("pos").cast(pl.Float64) + 1.0).log(2)).sum().alias("dcg"),
+            ),
+            on="user_id",
+            how="left",
+        ).fill_null(0)
+        cap = np.minimum(per["n_rel"].to_numpy(), k)
+        if per.height:
+            out[f"ndcg@{k}"] = float(np.mean(per["dcg"].to_numpy() / disc[cap]))
+            out[f"recall@{k}"] = float(np.mean(per["hits"].to_numpy() / cap))
+        else:
+            out[f"ndcg@{k}"] = out[f"recall@{k}"] = float("nan")
+    out["n_users"] = float(n_rel.height)
+    return out
