@@ -1,6 +1,6 @@
 """Candidate generation: each user's nearest items by profile vector, plus popular recent items.
 
-Retrieval is an exact matrix product in chunks of users (about 16M scores, 64 MB, per chunk), so
+Retrieval is an exact matrix product in chunks of users (about 8M scores, 32 MB, per chunk), so
 it stays exact up to about a million items without an approximate index. Items the user already
 consumed and items outside `eligible` are never returned.
 """
@@ -17,7 +17,7 @@ from recsys.vectors import ItemVectors
 
 __all__ = ["candidate_recall", "retrieve_candidates"]
 
-_CHUNK_SCORES = 1 << 24  # users per chunk = this // n_items
+_CHUNK_SCORES = 1 << 23  # users per chunk = this // n_items
 
 CANDIDATE_SCHEMA = pl.Schema(
     {"user_id": pl.String, "item_id": pl.String, "source": pl.String, "sem_score": pl.Float32}
@@ -138,7 +138,7 @@ def retrieve_candidates(
 
         k = min(k_semantic, n_items)
         if k:
-            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (b, k) unordered
+            top = np.argpartition(scores, n_items - k, axis=1)[:, n_items - k :]  # (b, k) unordered
             top_s = np.take_along_axis(scores, top, axis=1)
             ok = np.isfinite(top_s)
             uu = np.broadcast_to(np.arange(lo, hi)[:, None], top.shape)

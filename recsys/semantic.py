@@ -123,14 +123,17 @@ def _history_windows(
 def _gather_windows(
     win: _Windows, vectors: ItemVectors, cidx: np.ndarray, m: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Padded windows of contexts `cidx` (B,): vectors (B, m, d), mask (B, m), times (B, m)."""
+    """Padded windows of contexts `cidx` (B,): vectors (B, m, d), mask (B, m), times (B, m).
+
+    Padding slots hold an arbitrary real vector (not zeros, to save a pass over the tensor):
+    callers give them weight 0 or mask them out.
+    """
     slots = np.arange(m)
     pos = win.begin[cidx, None] + slots[None, :]
     mask = slots[None, :] < win.length[cidx, None]
     pos = np.where(mask, pos, 0)
     rows = np.where(mask, win.hist_rows[pos], 0)
-    hv = vectors.matrix[rows]
-    hv[~mask] = 0.0
+    hv = np.take(vectors.matrix, rows, axis=0)
     ts = np.where(mask, win.hist_ts[pos], np.nan)
     return hv, mask, ts
 
@@ -230,17 +233,18 @@ def semantic_features(
         cmask = slots[None, :] < k[cidx, None]  # (B, K)
         req = order[np.where(cmask, first[cidx, None] + slots[None, :], 0)]  # request row ids
         cmask &= cand_found[req]
-        cv = vectors.matrix[np.where(cmask, cand_rows[req], 0)]  # (B, K, d)
+        cv = np.take(vectors.matrix, np.where(cmask, cand_rows[req], 0), axis=0)  # (B, K, d)
         sims = np.matmul(cv, hv.transpose(0, 2, 1))  # (B, K, M) cosines
 
         for slot, w in (
             (0, hmask.astype(np.float64)),
             (3, _recency_weights(hmask, hts, half_life_days)),
         ):
-            centre = np.einsum("bm,bmd->bd", w.astype(np.float32), hv)
+            w32 = w.astype(np.float32)  # (B, M), 0 on padding
+            centre = np.einsum("bm,bmd->bd", w32, hv)  # (B, d)
             norm = np.linalg.norm(centre, axis=1)  # 0 only if history vectors cancel out
             with np.errstate(invalid="ignore", divide="ignore"):
-                cos = np.einsum("bkm,bm->bk", sims, w.astype(np.float32)) / norm[:, None]
+                cos = np.einsum("bkm,bm->bk", sims, w32) / norm[:, None]  # (B, K)
             out[slot, req[cmask]] = cos[cmask]
 
         masked = np.where(hmask[:, None, :], sims, -np.inf)
@@ -283,8 +287,8 @@ def user_profile_vectors(
     step = max(1, _CHUNK_SLOTS // max(m, 1))
     for i in range(0, keep.size, step):
         cidx = keep[i : i + step]
-        hv, _, _ = _gather_windows(win, vectors, cidx, m)
-        centre = hv.sum(axis=1)
+        hv, mask, _ = _gather_windows(win, vectors, cidx, m)
+        centre = np.einsum("bm,bmd->bd", mask.astype(np.float32), hv)
         norm = np.linalg.norm(centre, axis=1, keepdims=True)
         with np.errstate(invalid="ignore", divide="ignore"):
             out[i : i + step] = centre / norm
