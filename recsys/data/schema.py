@@ -18,8 +18,14 @@ INTERACTIONS = "interactions"
 IMPRESSIONS = "impressions"
 TABLES = (ITEMS, INTERACTIONS, IMPRESSIONS)
 
+
+def _schema(columns: dict[str, pl.DataType | type[pl.DataType]]) -> pl.Schema:
+    # A typed parameter: mypy would join dtype classes and instances in a bare literal to `object`.
+    return pl.Schema(columns)
+
+
 SCHEMAS: dict[str, pl.Schema] = {
-    ITEMS: pl.Schema(
+    ITEMS: _schema(
         {
             "item_id": pl.String,
             "title": pl.String,
@@ -29,10 +35,10 @@ SCHEMAS: dict[str, pl.Schema] = {
             "published_at": TS,
         }
     ),
-    INTERACTIONS: pl.Schema(
+    INTERACTIONS: _schema(
         {"user_id": pl.String, "item_id": pl.String, "ts": TS, "weight": pl.Float64}
     ),
-    IMPRESSIONS: pl.Schema(
+    IMPRESSIONS: _schema(
         {
             "impression_id": pl.String,
             "user_id": pl.String,
@@ -95,9 +101,9 @@ def conform(table: str, df: pl.DataFrame) -> pl.DataFrame:
     for name, dtype in schema.items():
         if name not in df.columns:
             exprs.append(pl.lit(None, dtype=dtype).alias(name))
-        elif dtype == TS and isinstance(df.schema[name], pl.Datetime):
+        elif dtype == TS and isinstance(source := df.schema[name], pl.Datetime):
             col = pl.col(name)
-            if df.schema[name].time_zone is None:  # type: ignore[union-attr]
+            if source.time_zone is None:
                 col = col.dt.replace_time_zone("UTC")
             exprs.append(col.dt.convert_time_zone("UTC").dt.cast_time_unit("us").alias(name))
         else:

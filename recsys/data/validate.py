@@ -70,6 +70,27 @@ def _split(
     return kept, make_rejects(table, rejected, reason)
 
 
+def _first_occurrence(df: pl.DataFrame, keys: list[str]) -> pl.Series:
+    """Mask (length `df.height`): True where the row's `keys` occur for the first time in frame
+    order.
+
+    Hash first: when all key hashes differ (clean data) that settles it with one hash and one
+    `n_unique`; only rows whose hash repeats are compared exactly. A hash-table pass over every
+    row (`is_first_distinct`, or a window rank) grows slow on MIND-sized impression tables
+    (tens of millions of rows): 13 s and 33 s on 18.5M rows against about 1 s.
+    """
+    key = pl.struct(keys) if len(keys) > 1 else pl.col(keys[0])
+    h = df.select(key.hash(seed=0)).to_series()
+    first = pl.repeat(True, df.height, dtype=pl.Boolean, eager=True)
+    if h.n_unique() == df.height:
+        return first
+    ordered = h.sort()
+    repeated = ordered.filter(ordered == ordered.shift(1))
+    idx = h.is_in(repeated.implode()).arg_true()
+    exact = df[idx].select(key.is_first_distinct()).to_series()
+    return first.scatter(idx, exact)
+
+
 def _validate_table(
     table: str, df: pl.DataFrame, known_items: pl.Series | None
 ) -> tuple[pl.DataFrame, list[pl.DataFrame]]:
@@ -78,6 +99,10 @@ def _validate_table(
         df = conform(table, df).with_columns(df[_ROW].cast(pl.Int64))
     else:
         df = conform(table, df).with_row_index(_ROW).with_columns(pl.col(_ROW).cast(pl.Int64))
+    # Rows sharing a source row (one MIND impression list) keep their given order: sort stably
+    # once; the filters and windows below preserve the order.
+    if not df[_ROW].is_sorted():
+        df = df.sort(_ROW, maintain_order=True)
     # 1. Nulls in required columns (reason names the first null column).
     null_reason = pl.coalesce(
         [
@@ -100,10 +125,10 @@ def _validate_table(
     # 4. Duplicate keys: the first occurrence stays.
     if table in UNIQUE_KEYS:
         keys = list(UNIQUE_KEYS[table])
-        dup = pl.int_range(pl.len()).over(keys, order_by=_ROW) > 0
-        df, rej = _split(table, df, dup, f"duplicate {'+'.join(keys)}")
+        dup = ~_first_occurrence(df, keys)
+        df, rej = _split(table, df, pl.lit(dup), f"duplicate {'+'.join(keys)}")
         rejects.append(rej)
-    return df.sort(_ROW).drop(_ROW), rejects
+    return df.drop(_ROW), rejects
 
 
 def validate(
