@@ -1,0 +1,558 @@
+"""The ranking API: FastAPI over one loaded model bundle, swapped atomically on reload.
+
+    create_app(settings, model=None) -> FastAPI       (routes below; OpenAPI at /docs)
+    serve(bundle, model_uri, host, port, workers, tracking_uri)   (what `recsys serve` runs)
+
+Routes
+    POST /v1/rank                       rank candidates for a user / a history / cold start
+    GET  /v1/recommendations/{user_id}  the nightly list, or popular items (`fallback: true`)
+    GET  /healthz                       the process is up
+    GET  /readyz                        200 once a bundle serves, else 503 with the reason
+    GET  /metrics                       Prometheus text (serving/metrics.py)
+    POST /v1/admin/reload               bearer RECSYS_ADMIN_TOKEN; loads a bundle beside the old
+                                        one, then swaps one reference (off without a token)
+
+Every error is compact JSON `{"error": "...", "detail": [{"loc", "msg"}]}`: 4xx saying what to
+fix for bad input, 413 above RECSYS_MAX_BODY_BYTES, 503 before a bundle is loaded, and a 500
+without a trace (counted in `recsys_unhandled_errors_total`) for bugs.
+
+A request reads the model reference once and uses that object to the end, so a reload never
+changes the model under a request in flight; the old model is freed when the last one finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from recsys.bundle import Bundle
+from recsys.errors import ConfigError, DataError, RecsysError
+from serving.metrics import CONTENT_TYPE, Metrics
+from serving.ranking import ServingModel
+from serving.schemas import (
+    ErrorResponse,
+    Health,
+    RankRequest,
+    RankResponse,
+    RecommendationsResponse,
+    ReloadRequest,
+    ReloadResponse,
+)
+from serving.settings import Settings
+
+logger = logging.getLogger("serving")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": what}
+    for code, what in (
+        (413, "request body too large"),
+        (422, "invalid request: the message says what to fix"),
+        (503, "no model bundle loaded yet"),
+    )
+}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def resolve_source(source: str, tracking_uri: str | None = None) -> Path:
+    """A local bundle folder for `source`: a path as is, or a registered model
+    (`models:/NAME@ALIAS`, `models:/NAME/VERSION`) or other MLflow artifact URI, downloaded.
+    The registry is looked up at `tracking_uri` (None: MLflow's default). Download errors
+    become a `DataError`."""
+    if "://" not in source and not source.startswith(("models:/", "runs:/")):
+        return Path(source)
+    try:
+        return Path(_download(source, tracking_uri))
+    except Exception as e:
+        raise DataError(
+            f"{source}: could not download the bundle from MLflow ({type(e).__name__}: "
+            f"{str(e)[:300]}); check the model name and alias and --tracking-uri "
+            f"({tracking_uri or 'default'})"
+        ) from e
+
+
+def _download(uri: str, tracking_uri: str | None) -> str:
+    import mlflow
+
+    if uri.startswith("models:/"):
+        # Resolve the version here: download_artifacts alone would ask the default registry.
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        name, at, alias = uri.removeprefix("models:/").partition("@")
+        if at:
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, version = name.partition("/")
+            if not version.isdigit():
+                raise DataError(f"{uri}: give models:/NAME@ALIAS or models:/NAME/VERSION")
+            mv = client.get_model_version(name, version)
+        uri = client.get_model_version_download_uri(mv.name, mv.version)
+    return str(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
+
+
+def load_model(source: str, settings: Settings) -> ServingModel:
+    """Load, prepare and self-check a bundle; `DataError` if it is missing, broken or skewed."""
+    bundle = Bundle.load(resolve_source(source, settings.tracking_uri))
+    try:
+        return ServingModel.from_bundle(
+            bundle,
+            preload_encoder=settings.preload_encoder,
+            predict_threads=settings.predict_threads,
+        )
+    except RecsysError:
+        raise
+    except Exception as e:  # a bundle whose parts load but do not fit together
+        raise DataError(
+            f"{source}: bundle failed its serving checks ({type(e).__name__}: {e})"
+        ) from e
+
+
+class AppState:
+    """What the routes share: settings, metrics and the one model reference."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.model: ServingModel | None = None
+        self.source: str | None = settings.source
+        self.status = "no bundle"
+        self.detail: str | None = (
+            "no bundle configured; set RECSYS_BUNDLE or RECSYS_MODEL_URI, or POST /v1/admin/reload"
+        )
+        self.reload_lock = asyncio.Lock()
+
+    def swap(self, model: ServingModel, source: str | None) -> ServingModel | None:
+        old, self.model = self.model, model  # the single reference swap
+        self.source, self.status, self.detail = source, "ready", None
+        self.metrics.model_loaded(model.model_version)
+        return old
+
+
+def _state(request: Request) -> AppState:
+    return request.app.state.serving  # type: ignore[no-any-return]
+
+
+def _model(request: Request) -> ServingModel:
+    model = _state(request).model
+    if model is None:
+        st = _state(request)
+        raise StarletteHTTPException(503, f"not ready ({st.status}): {st.detail}")
+    return model
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _loc(loc: tuple[Any, ...] | list[Any]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _details(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
+    out = []
+    for e in errors:
+        msg = str(e.get("msg", "invalid"))
+        if e.get("type") == "json_invalid":
+            pos = e.get("loc", ("body", None))[-1]
+            msg = f"malformed JSON ({e.get('ctx', {}).get('error', 'decode error')}"
+            msg += f" at character {pos})" if isinstance(pos, int) else ")"
+            out.append({"loc": "body", "msg": msg + "; send a JSON object"})
+            continue
+        if e.get("type") == "missing":
+            msg = "field required"
+        elif e.get("type") == "extra_forbidden":
+            msg = "unknown field; remove it (see /docs for the fields)"
+        msg = msg.removeprefix("Value error, ")
+        out.append({"loc": _loc(e.get("loc", ())), "msg": msg})
+    return out
+
+
+def _error(status: int, message: str, detail: list[dict[str, str]] | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
+    return JSONResponse({"error": message, "detail": detail or []}, status, headers=headers)
+
+
+def _invalid(detail: list[dict[str, str]]) -> JSONResponse:
+    summary = "; ".join(f"{d['loc']}: {d['msg']}" for d in detail[:3])
+    more = f" (and {len(detail) - 3} more)" if len(detail) > 3 else ""
+    return _error(422, f"invalid request: {summary}{more}", detail)
+
+
+def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    async def on_validation(_r: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError | ValidationError)
+        return _invalid(_details(list(exc.errors())))  # type: ignore[arg-type]
+
+    async def on_http(_r: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        headers = dict(exc.headers) if exc.headers else None
+        if exc.status_code == 404 and exc.detail == "Not Found":
+            return _error(404, "no such route; see /docs for the API", headers=headers)
+        if exc.status_code == 405:
+            return _error(405, "method not allowed on this route; see /docs", headers=headers)
+        return _error(exc.status_code, str(exc.detail), headers=headers)
+
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(ValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+
+
+# --------------------------------------------------------------------------- middleware
+
+
+class EdgeMiddleware:
+    """Body size limit (413 before the app reads it), per-route metrics, a Server-Timing
+    header (`app;dur=<ms>`: time from receiving the request to the response start) and the
+    catch-all for bugs: an unexpected exception is logged with its trace, counted, and
+    answered with a 500 JSON message that carries no trace (the connection stays usable)."""
+
+    def __init__(self, app: Any, metrics: Metrics, max_body_bytes: int, paths: set[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body = max_body_bytes
+        self.paths = paths  # route paths, to label requests refused before routing
+
+    @staticmethod
+    async def _send_error(send: Send, status: int, message: str) -> None:
+        body = json.dumps({"error": message, "detail": []}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())],
+            }
+        )  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
+
+    async def _too_large(self, send: Send) -> None:
+        await self._send_error(
+            send,
+            413,
+            f"request body larger than {self.max_body} bytes; send fewer candidates or items "
+            "(the limit is RECSYS_MAX_BODY_BYTES)",
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+        started = False
+        method = scope.get("method", "GET")
+
+        def label() -> str:
+            route = scope.get("route")
+            if route is not None and hasattr(route, "path"):
+                return str(route.path)
+            return scope["path"] if scope["path"] in self.paths else "unmatched"
+
+        try:
+            length = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)
+            if length is not None and length.isdigit() and int(length) > self.max_body:
+                status = 413
+                await self._too_large(send)
+                return
+            if method in ("POST", "PUT", "PATCH"):
+                chunks, size, more = [], 0, True
+                while more:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return  # the client went away
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.max_body:
+                        status = 413
+                        await self._too_large(send)
+                        return
+                    chunks.append(chunk)
+                    more = message.get("more_body", False)
+                body, replayed = b"".join(chunks), False
+
+                async def replay() -> Message:
+                    nonlocal replayed
+                    if not replayed:
+                        replayed = True
+                        return {"type": "http.request", "body": body, "more_body": False}
+                    return await receive()
+
+                receive = replay
+
+            async def timed_send(message: Message) -> None:
+                nonlocal status, started
+                if message["type"] == "http.response.start":
+                    status, started = int(message["status"]), True
+                    ms = (time.perf_counter() - t0) * 1e3
+                    message["headers"] = [
+                        *message.get("headers", ()),
+                        (b"server-timing", f"app;dur={ms:.3f}".encode()),
+                    ]
+                await send(message)
+
+            try:
+                await self.app(scope, receive, timed_send)
+            except Exception as exc:
+                self.metrics.unhandled_error()
+                logger.exception("unhandled error on %s %s", method, scope.get("path"))
+                if started:
+                    raise  # too late for a clean answer; the server closes the connection
+                status = 500
+                await self._send_error(
+                    send,
+                    500,
+                    f"internal error ({type(exc).__name__}); it was logged, please report it",
+                )
+        finally:
+            self.metrics.observe(label(), method, status, time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def create_app(settings: Settings | None = None, *, model: ServingModel | None = None) -> FastAPI:
+    """The ranking API for `settings` (default: from the environment).
+
+    `model`: an already loaded bundle to serve from the start (as `serve` does); without it
+    the configured source loads during start-up, before connections are accepted. If that
+    fails the process stays up and /readyz answers 503 with the error (a reload can fix it).
+    """
+    settings = settings or Settings()
+    metrics = Metrics()
+    state = AppState(settings, metrics)
+    if model is not None:
+        state.swap(model, settings.source)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if state.model is None and state.source is not None:
+            await _initial_load(state)  # before the worker accepts connections
+        yield
+
+    app = FastAPI(
+        title="recsys ranking API",
+        version="1",
+        description="Ranks candidate items for a user with the nightly model bundle "
+        "(text encoder + behavioural features + LightGBM LambdaRank).",
+        lifespan=lifespan,
+    )
+    app.state.serving = state
+    _install_error_handlers(app, metrics)
+    paths: set[str] = set()
+    app.add_middleware(
+        EdgeMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes, paths=paths
+    )
+
+    @app.post("/v1/rank", response_model=RankResponse, response_model_exclude_none=True,
+              responses=_ERRORS, tags=["ranking"])  # fmt: skip
+    async def rank(body: RankRequest, request: Request) -> RankResponse:
+        """Rank `candidates` (1 to 1,000 distinct ids) and return the top `k`.
+
+        A user the bundle knows is ranked with their stored profile, extended by `history`; an
+        unknown user with a `history` with that history; with neither, by the popularity prior.
+        Candidates the bundle does not know but whose text is in `items` are embedded on the
+        spot; unknown ones without text get the model's prior for an unseen item and are listed
+        in `unknown_items`. `explain` adds each item's top feature contributions.
+        """
+        model = _model(request)  # read the reference once: a reload cannot change it under us
+        new = None
+        if body.items and model.strategy(body.user_id, body.history) != "popularity":
+            needed = set(body.candidates) | set(body.history)
+            if any(i.item_id in needed and i.item_id not in model.vectors.index
+                   for i in body.items):  # fmt: skip
+                new = await run_in_threadpool(model.embed, body.items, needed)
+        return model.rank(body, new)
+
+    @app.get("/v1/recommendations/{user_id}", response_model=RecommendationsResponse,
+             responses=_ERRORS, tags=["ranking"])  # fmt: skip
+    async def recommendations(
+        request: Request,
+        user_id: str = PathParam(min_length=1, max_length=256),
+        k: int = Query(10, ge=1, le=1000, description="list length"),
+    ) -> RecommendationsResponse:
+        """The user's nightly ranked list (top k), or popular items marked `fallback`."""
+        return _model(request).recommendations(user_id, k)
+
+    @app.get("/healthz", response_model=Health, response_model_exclude_none=True,
+             tags=["operations"])  # fmt: skip
+    async def healthz() -> Health:
+        """The process is up (says nothing about the model)."""
+        return Health(status="ok")
+
+    @app.get("/readyz", response_model=Health, response_model_exclude_none=True,
+             tags=["operations"],
+             responses={503: {"model": Health, "description": "not ready"}})  # fmt: skip
+    async def readyz() -> Any:
+        """200 once a bundle serves; 503 while loading, with no bundle, or after a failed load."""
+        if state.model is not None:
+            return Health(status="ready", model_version=state.model.model_version)
+        return JSONResponse(
+            Health(status=state.status, detail=state.detail).model_dump(exclude_none=True), 503
+        )
+
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    async def prometheus() -> Response:
+        """Prometheus text: requests, latency histogram, model version, reloads, errors."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post(
+        "/v1/admin/reload",
+        response_model=ReloadResponse,
+        tags=["operations"],
+        responses={
+            401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
+            404: {"model": ErrorResponse, "description": "admin is off (no RECSYS_ADMIN_TOKEN)"},
+            409: {"model": ErrorResponse, "description": "another reload is running"},
+            422: {"model": ErrorResponse, "description": "the new bundle failed; old one serves"},
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": False,
+                "content": {"application/json": {"schema": ReloadRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def reload(request: Request) -> Any:
+        """Load a bundle (body `{bundle}` or `{model_uri}`, default: the current source) beside
+        the serving one and swap them; on any failure the old bundle keeps serving."""
+        _authorize(request, settings)
+        raw = await request.body()
+        try:
+            body = ReloadRequest.model_validate_json(raw) if raw.strip() else ReloadRequest()
+        except ValidationError as e:
+            return _invalid(_details(list(e.errors())))  # type: ignore[arg-type]
+        source = body.bundle or body.model_uri or state.source
+        if source is None:
+            return _error(422, 'nothing to load: give {"bundle": PATH} or {"model_uri": URI}')
+        if state.reload_lock.locked():
+            return _error(409, "another reload is running; retry when it has finished")
+        async with state.reload_lock:
+            previous = state.model.model_version if state.model is not None else None
+            t0 = time.perf_counter()
+            try:
+                new = await run_in_threadpool(load_model, source, settings)
+            except (DataError, ConfigError) as e:
+                metrics.reload(ok=False)
+                return _error(422, f"reload failed, still serving {previous}: {e}")
+            except Exception as e:  # anything else: report it, keep serving the old bundle
+                metrics.reload(ok=False)
+                logger.exception("reload of %s failed", source)
+                return _error(
+                    500, f"reload failed ({type(e).__name__}: {e}), still serving {previous}"
+                )
+            state.swap(new, source)
+            metrics.reload(ok=True)
+            logger.info("reloaded %s: %s -> %s", source, previous, new.model_version)
+        return ReloadResponse(
+            model_version=new.model_version,
+            previous_model_version=previous,
+            source=source,
+            seconds=round(time.perf_counter() - t0, 3),
+        )
+
+    paths.update(getattr(r, "path", "") for r in app.routes)
+    return app
+
+
+def _authorize(request: Request, settings: Settings) -> None:
+    if settings.admin_token is None:
+        raise StarletteHTTPException(
+            404, "the admin API is off; set RECSYS_ADMIN_TOKEN on the server to enable it"
+        )
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    expected = settings.admin_token.get_secret_value().encode()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+        raise StarletteHTTPException(
+            401,
+            "missing or wrong admin token; send 'Authorization: Bearer <RECSYS_ADMIN_TOKEN>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+async def _initial_load(state: AppState) -> None:
+    source = state.source
+    assert source is not None
+    state.status, state.detail = "loading", f"loading {source}"
+    try:
+        model = await run_in_threadpool(load_model, source, state.settings)
+    except Exception as e:  # keep the process up: /readyz says why, a reload can fix it
+        logger.error("could not load %s: %s", source, e)
+        state.status, state.detail = "failed", f"could not load {source}: {e}"
+        return
+    if state.model is None:  # an admin reload may have won the race
+        state.swap(model, source)
+
+
+def app_from_env() -> FastAPI:
+    """The app of one uvicorn worker (`--workers N`): settings from the environment."""
+    return create_app(Settings())
+
+
+def serve(
+    bundle: str | os.PathLike[str] | None = None,
+    model_uri: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+    tracking_uri: str | None = None,
+) -> None:
+    """Load the bundle (a folder, or a registered MLflow model) and serve it until stopped.
+
+    The bundle is loaded and checked before the server starts, so a bad one is a one-line
+    error. With workers > 1 each worker process loads its own copy (and keeps its own metrics;
+    an admin reload reaches the one worker that answers it).
+    """
+    import uvicorn
+
+    if (bundle is None) == (model_uri is None):
+        raise ConfigError("give exactly one of --bundle PATH or --model-uri models:/NAME@ALIAS")
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    try:
+        settings = Settings(
+            bundle=Path(bundle) if bundle is not None else None,  # type: ignore[call-arg]
+            model_uri=model_uri,
+            tracking_uri=tracking_uri or os.environ.get("RECSYS_TRACKING_URI"),
+        )
+    except ValidationError as e:
+        raise ConfigError(f"server settings: {_details(list(e.errors()))}") from e  # type: ignore[arg-type]
+    source = settings.source
+    assert source is not None
+    model = load_model(source, settings)
+    print(f"serving {model.model_version} from {source} on http://{host}:{port} (docs: /docs)")
+    log_level = os.environ.get("RECSYS_LOG_LEVEL", "info").lower()
+    access_log = os.environ.get("RECSYS_ACCESS_LOG", "true").lower() not in ("0", "false", "no")
+    if workers == 1:
+        uvicorn.run(create_app(settings, model=model), host=host, port=port,
+                    log_level=log_level, access_log=access_log)  # fmt: skip
+        return
+    del model
+    os.environ["RECSYS_BUNDLE" if bundle is not None else "RECSYS_MODEL_URI"] = source
+    os.environ.pop("RECSYS_MODEL_URI" if bundle is not None else "RECSYS_BUNDLE", None)
+    if settings.tracking_uri:
+        os.environ["RECSYS_TRACKING_URI"] = settings.tracking_uri
+    uvicorn.run("serving.app:app_from_env", factory=True, host=host, port=port,
+                workers=workers, log_level=log_level, access_log=access_log)  # fmt: skip

@@ -1,0 +1,491 @@
+"""The per-request hot path: rank one user's candidates with arrays prepared once per bundle.
+
+`ServingModel.from_bundle(bundle)` does all the slow work at load time: the feature snapshot's
+numpy index (`features.fast`), each user's history as rows of the item-vector matrix, the
+popularity prior and the nightly lists as dicts. A request then costs dict lookups, a few small
+array gathers, one (K, d) x (d, M) product for the semantic features and one LightGBM call on the
+whole candidate batch.
+
+The feature matrix equals `bundle.featurize` (the polars path shared with training and the
+nightly lists) for the same request: the behavioural block is `features.snapshot_features_numpy`
+and the semantic block repeats, for one context, the array operations of
+`recsys.semantic.semantic_features` in the same shapes and dtypes. `ServingModel.self_check`
+compares the two on probe requests whenever a bundle is loaded, and tests/test_serving.py does so
+on many random requests; a difference refuses the bundle rather than serving skewed scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from features import snapshot_features_numpy
+from recsys.bundle import Bundle
+from recsys.errors import DataError
+from recsys.featurize import matrix
+from recsys.semantic import SEMANTIC_FEATURES, _recency_weights
+from recsys.vectors import ItemVectors
+from serving.schemas import (
+    EXPLAIN_TOP,
+    Contribution,
+    ItemText,
+    RankedItem,
+    RankRequest,
+    RankResponse,
+    RecommendationsResponse,
+    RecommendedItem,
+)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+ANONYMOUS = "\x00anonymous"  # the user id a request without a known user has in the polars path
+
+
+def _epoch_us(t: datetime) -> int:
+    return (t - _EPOCH) // _US
+
+
+@dataclass(frozen=True)
+class NewItems:
+    """Vectors of items embedded for one request: ids (m,), matrix (m, d) float32 unit rows."""
+
+    ids: list[str]
+    matrix: np.ndarray
+
+    @property
+    def index(self) -> dict[str, int]:
+        return {i: n for n, i in enumerate(self.ids)}
+
+
+@dataclass(frozen=True)
+class _Histories:
+    """Every user's stored history in the order `semantic_features` windows it.
+
+    Rows sorted by (user, ts with nulls first, row of bundle.history); user u owns rows
+    ptr[u] = (lo, hi). item_ids (H,) str, vrow (H,) int64 row of the vector matrix or -1,
+    ts (H,) float64 epoch microseconds (NaN: no time). Only rows before the snapshot's as_of.
+    """
+
+    ptr: dict[str, tuple[int, int]]
+    item_ids: np.ndarray
+    vrow: np.ndarray
+    ts: np.ndarray
+
+    @classmethod
+    def build(cls, history: pl.DataFrame, vectors: ItemVectors, as_of: datetime) -> _Histories:
+        ts = (
+            pl.col("ts").dt.epoch("us")
+            if "ts" in history.columns and isinstance(history.schema["ts"], pl.Datetime)
+            else pl.lit(None, dtype=pl.Int64)
+        )
+        h = (
+            history.select(
+                pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String), ts.alias("t")
+            )
+            .with_row_index("__h")
+            .filter(pl.col("user_id").is_not_null() & pl.col("item_id").is_not_null())
+            .filter(pl.col("t").is_null() | (pl.col("t") < _epoch_us(as_of)))
+            .sort(["user_id", "t", "__h"], nulls_last=False)
+        )
+        item_ids = h["item_id"].to_numpy().astype(object)
+        vrow = np.fromiter((vectors.index.get(i, -1) for i in item_ids), np.int64, len(item_ids))
+        bounds = (
+            h.select("user_id")
+            .with_row_index("__r")
+            .group_by("user_id", maintain_order=True)
+            .agg(pl.col("__r").min().alias("lo"), pl.len().alias("n"))
+        )
+        ptr = {
+            u: (int(lo), int(lo) + int(n))
+            for u, lo, n in zip(
+                bounds["user_id"].to_list(),
+                bounds["lo"].to_list(),
+                bounds["n"].to_list(),
+                strict=True,
+            )
+        }
+        return cls(ptr, item_ids, vrow, h["t"].cast(pl.Float64).fill_null(np.nan).to_numpy())
+
+
+@dataclass(frozen=True)
+class _Lists:
+    """The nightly lists: user u's rows are lo:hi of item_ids / scores, in rank order."""
+
+    ptr: dict[str, tuple[int, int]]
+    item_ids: list[str]
+    scores: np.ndarray
+    generated_at: str | None
+
+    @classmethod
+    def build(cls, recs: pl.DataFrame | None) -> _Lists:
+        if recs is None or recs.height == 0:
+            return cls({}, [], np.zeros(0), None)
+        r = recs.sort(["user_id", "rank"]).with_row_index("__r")
+        b = r.group_by("user_id", maintain_order=True).agg(
+            pl.col("__r").min().alias("lo"), pl.len().alias("n")
+        )
+        ptr = {
+            u: (int(lo), int(lo) + int(n))
+            for u, lo, n in zip(
+                b["user_id"].to_list(), b["lo"].to_list(), b["n"].to_list(), strict=True
+            )
+        }
+        gen = r["generated_at"].max() if "generated_at" in r.columns else None
+        return cls(
+            ptr,
+            r["item_id"].to_list(),
+            r["score"].cast(pl.Float64).to_numpy(),
+            gen.isoformat() if isinstance(gen, datetime) else None,
+        )
+
+
+class ServingModel:
+    """A loaded bundle plus the lookups of the hot path. Immutable after construction, so a
+    reference to it can be swapped atomically and requests in flight finish on the one they got.
+    """
+
+    def __init__(
+        self, bundle: Bundle, *, preload_encoder: bool = True, predict_threads: int = 1
+    ) -> None:
+        self.bundle = bundle
+        self.model_version = bundle.model_version
+        self.spec = bundle.spec
+        self.columns = list(bundle.spec.columns)
+        self.n_behavioural = len(bundle.spec.behavioural)
+        self.predict_threads = predict_threads
+        self.vectors = bundle.vectors
+        snap = bundle.snapshot
+        self.index = snap.index()  # builds the numpy lookups once (cached on the snapshot)
+        self.as_of_us = _epoch_us(snap.as_of)
+        self.histories = _Histories.build(bundle.history, bundle.vectors, snap.as_of)
+        self.known_users = set(self.index.user_row) | set(self.histories.ptr)
+        pop = bundle.popular.select(
+            pl.col("item_id").cast(pl.String), pl.col("score").cast(pl.Float64)
+        )
+        self.popular_ids: list[str] = pop["item_id"].to_list()
+        self.popular_scores = pop["score"].to_numpy()
+        self.popularity = dict(zip(self.popular_ids, self.popular_scores.tolist(), strict=True))
+        self.known_items = set(self.index.item_row) | set(self.vectors.index)
+        self.lists = _Lists.build(bundle.recommendations)
+        self.encoder: Any = bundle.encoder("int8") if preload_encoder else None
+
+    @classmethod
+    def from_bundle(
+        cls, bundle: Bundle, *, preload_encoder: bool = True, predict_threads: int = 1
+    ) -> ServingModel:
+        """Prepare `bundle` for serving and check its fast path against `bundle.featurize`."""
+        model = cls(bundle, preload_encoder=preload_encoder, predict_threads=predict_threads)
+        model.self_check()
+        return model
+
+    # ------------------------------------------------------------------ features
+
+    def features(
+        self,
+        user_id: str | None,
+        candidates: Sequence[str],
+        history: Sequence[str] = (),
+        new: NewItems | None = None,
+    ) -> np.ndarray:
+        """The ranker's feature matrix (len(candidates), len(columns)) float64, NaN = missing.
+
+        Equals `matrix(bundle.featurize(requests, extra_history=..., vectors=...), columns)` for
+        rows (user_id or ANONYMOUS, c) and extra history (user, h) for h in `history`, with
+        `vectors` the bundle's plus `new` appended.
+        """
+        out = np.empty((len(candidates), len(self.columns)))
+        out[:, : self.n_behavioural] = snapshot_features_numpy(
+            self.bundle.snapshot, user_id, candidates, extra_history=history
+        )
+        if self.spec.use_semantic:
+            out[:, self.n_behavioural :] = self._semantic(user_id, candidates, history, new)
+        return out
+
+    def _semantic(
+        self,
+        user_id: str | None,
+        candidates: Sequence[str],
+        history: Sequence[str],
+        new: NewItems | None,
+    ) -> np.ndarray:
+        """The SEMANTIC_FEATURES block (K, 5) of one context, as `semantic_features` computes it
+        for a chunk of that single context (B = 1): same gathers, products and reductions."""
+        vec = self.vectors
+        nb = len(vec.ids)
+        new_index = new.index if new is not None else {}
+
+        def row_of(item: str) -> int:
+            r = vec.index.get(item, -1)
+            if r < 0 and item in new_index:
+                r = nb + new_index[item]
+            return r
+
+        def take(rows: np.ndarray) -> np.ndarray:  # rows of the virtual [bundle; new] matrix
+            if new is None:
+                return vec.matrix[rows]
+            out = np.empty((rows.size, vec.dim), dtype=np.float32)
+            base = rows < nb
+            out[base] = vec.matrix[rows[base]]
+            out[~base] = new.matrix[rows[~base] - nb]
+            return out
+
+        # The window: the user's stored history then the request's history (at as_of - 1us),
+        # items without a vector skipped, the last max_history kept.
+        h = self.histories
+        lo, hi = h.ptr.get(user_id, (0, 0)) if user_id is not None else (0, 0)
+        rows = h.vrow[lo:hi]
+        if new is not None and (rows < 0).any():
+            rows = rows.copy()
+            missing = np.flatnonzero(rows < 0)
+            rows[missing] = [row_of(i) for i in h.item_ids[lo:hi][missing]]
+        ts = h.ts[lo:hi]
+        if history:
+            extra = np.fromiter((row_of(i) for i in history), np.int64, len(history))
+            rows = np.concatenate([rows, extra])
+            ts = np.concatenate([ts, np.full(len(history), float(self.as_of_us - 1))])
+        keep = rows >= 0
+        rows, ts = rows[keep][-self.spec.max_history :], ts[keep][-self.spec.max_history :]
+        m, k = rows.size, len(candidates)
+
+        out = np.full((4, k), np.nan, dtype=np.float32)  # mean, max, top3, recency
+        if m and k and vec.dim:
+            cand = np.fromiter((row_of(c) for c in candidates), np.int64, k)
+            cmask = (cand >= 0)[None, :]  # (1, K)
+            cv = take(np.where(cmask[0], cand, 0)).reshape(1, k, vec.dim)  # (1, K, d)
+            hv = take(rows).reshape(1, m, vec.dim)  # (1, M, d)
+            hmask = np.ones((1, m), dtype=bool)
+            hts = ts.reshape(1, m)
+            sims = np.matmul(cv, hv.transpose(0, 2, 1))  # (1, K, M) cosines
+            for slot, w in (
+                (0, hmask.astype(np.float64)),
+                (3, _recency_weights(hmask, hts, self.spec.half_life_days)),
+            ):
+                centre = np.einsum("bm,bmd->bd", w.astype(np.float32), hv)
+                norm = np.linalg.norm(centre, axis=1)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    cos = np.einsum("bkm,bm->bk", sims, w.astype(np.float32)) / norm[:, None]
+                out[slot, cmask[0]] = cos[cmask]
+            masked = np.where(hmask[:, None, :], sims, -np.inf)
+            top = -np.sort(-masked, axis=2)[:, :, :3]  # (1, K, <=3) largest first
+            n_top = np.minimum(np.array([m]), 3)[:, None]  # (1, 1)
+            top_valid = np.arange(top.shape[2])[None, None, :] < n_top[:, :, None]
+            top3 = np.where(top_valid, top, 0.0).sum(axis=2) / n_top
+            out[1, cmask[0]] = top[:, :, 0][cmask]
+            out[2, cmask[0]] = top3[cmask]
+        block = np.empty((k, len(SEMANTIC_FEATURES)))
+        block[:, :4] = out.T  # float32 -> float64, as matrix() casts the Float32 columns
+        block[:, 4] = float(m)
+        return block
+
+    # ------------------------------------------------------------------ requests
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Ranker scores (n,) of feature rows x (n, F); the same numbers as `ranker.predict`."""
+        r = self.bundle.ranker
+        if x.shape[0] == 0:
+            return np.zeros(0)
+        return np.asarray(
+            r.booster.predict(x, num_iteration=r.best_iteration, num_threads=self.predict_threads)
+        )
+
+    def embed(self, items: Sequence[ItemText], needed: set[str]) -> NewItems | None:
+        """Vectors of the `items` the bundle has no vector for and that `needed` names.
+
+        Text is built by `recsys.encoder.item_texts` with the bundle encoder's template and
+        embedded by its int8 encoder; rows are normalised as `ItemVectors.from_arrays` does."""
+        todo = [i for i in items if i.item_id in needed and i.item_id not in self.vectors.index]
+        if not todo or not self.spec.use_semantic:
+            return None
+        from recsys.encoder import item_texts
+
+        encoder = self.encoder if self.encoder is not None else self.bundle.encoder("int8")
+        frame = pl.DataFrame(
+            [i.model_dump() for i in todo],
+            schema={c: pl.String for c in ("item_id", "title", "description", "category",
+                                           "subcategory")},
+        )  # fmt: skip
+        texts, _ = item_texts(frame, encoder.template)
+        emb = encoder.embed(texts)
+        fresh = ItemVectors.from_arrays([i.item_id for i in todo], emb)
+        return NewItems(fresh.ids, fresh.matrix)
+
+    def strategy(self, user_id: str | None, history: Sequence[str]) -> str:
+        known = user_id is not None and user_id in self.known_users
+        if known and history:
+            return "profile+history"
+        if known:
+            return "profile"
+        return "history" if history else "popularity"
+
+    def rank(self, req: RankRequest, new: NewItems | None = None) -> RankResponse:
+        """Rank `req.candidates` (see serving/app.py for the API contract)."""
+        cands = req.candidates
+        k = min(req.k or len(cands), len(cands))
+        with_text = {i.item_id for i in req.items}
+        unknown = [c for c in cands if c not in self.known_items and c not in with_text]
+        strategy = self.strategy(req.user_id, req.history)
+        if strategy == "popularity":
+            scores = np.fromiter((self.popularity.get(c, 0.0) for c in cands), np.float64)
+            order = np.argsort(-scores, kind="stable")[:k]
+            items = []
+            for r, i in enumerate(order.tolist()):
+                s = float(scores[i])
+                why = [Contribution(feature="popularity", value=s, contribution=s)]
+                items.append(
+                    RankedItem(item_id=cands[i], score=s, rank=r + 1,
+                               explanation=why if req.explain else None)
+                )  # fmt: skip
+        else:
+            user = req.user_id if strategy != "history" else None
+            x = self.features(user, cands, req.history, new)
+            scores = self.predict(x)
+            if not np.isfinite(scores).all():
+                raise DataError("the ranker returned a non-finite score; the bundle is broken")
+            order = np.argsort(-scores, kind="stable")[:k]
+            expl = self.explain(x[order]) if req.explain else None
+            items = [
+                RankedItem(
+                    item_id=cands[i],
+                    score=float(scores[i]),
+                    rank=r + 1,
+                    explanation=expl[r] if expl is not None else None,
+                )
+                for r, i in enumerate(order.tolist())
+            ]
+        return RankResponse(
+            model_version=self.model_version,
+            strategy=strategy,  # type: ignore[arg-type]
+            items=items,
+            unknown_items=unknown,
+        )
+
+    def explain(self, x: np.ndarray, top: int = EXPLAIN_TOP) -> list[list[Contribution]]:
+        """Each row's `top` features by |contribution| (LightGBM pred_contrib, bias left out)."""
+        contrib = self.bundle.ranker.contributions(x)[:, :-1]  # (n, F)
+        order = np.argsort(-np.abs(contrib), axis=1, kind="stable")[:, :top]
+        out = []
+        for row, cols in enumerate(order.tolist()):
+            out.append(
+                [
+                    Contribution(
+                        feature=self.columns[c],
+                        value=None if np.isnan(x[row, c]) else float(x[row, c]),
+                        contribution=float(contrib[row, c]),
+                    )
+                    for c in cols
+                ]
+            )
+        return out
+
+    def recommendations(self, user_id: str, k: int) -> RecommendationsResponse:
+        """The nightly list of `user_id` (top k), else the popular items the user has not
+        consumed, marked `fallback`."""
+        span = self.lists.ptr.get(user_id)
+        if span is not None:
+            lo, hi = span
+            hi = min(hi, lo + k)
+            items = [
+                RecommendedItem(item_id=self.lists.item_ids[j], score=float(self.lists.scores[j]),
+                                rank=j - lo + 1)
+                for j in range(lo, hi)
+            ]  # fmt: skip
+            return RecommendationsResponse(
+                model_version=self.model_version,
+                user_id=user_id,
+                fallback=False,
+                generated_at=self.lists.generated_at,
+                items=items,
+            )
+        lo, hi = self.histories.ptr.get(user_id, (0, 0))
+        seen = set(self.histories.item_ids[lo:hi].tolist())
+        items = []
+        for j, item in enumerate(self.popular_ids):
+            if len(items) == k:
+                break
+            if item not in seen:
+                items.append(
+                    RecommendedItem(
+                        item_id=item, score=float(self.popular_scores[j]), rank=len(items) + 1
+                    )
+                )
+        return RecommendationsResponse(
+            model_version=self.model_version,
+            user_id=user_id,
+            fallback=True,
+            generated_at=None,
+            items=items,
+        )
+
+    # ------------------------------------------------------------------ checks
+
+    def reference_features(
+        self,
+        user_id: str | None,
+        candidates: Sequence[str],
+        history: Sequence[str] = (),
+        new: NewItems | None = None,
+    ) -> np.ndarray:
+        """The same matrix through the shared polars featurisation (`bundle.featurize`)."""
+        user = user_id if user_id is not None else ANONYMOUS
+        req = pl.DataFrame(
+            {"user_id": [user] * len(candidates), "item_id": list(candidates)},
+            schema={"user_id": pl.String, "item_id": pl.String},
+        )
+        extra = (
+            pl.DataFrame(
+                {"user_id": [user] * len(history), "item_id": list(history)},
+                schema={"user_id": pl.String, "item_id": pl.String},
+            )
+            if history
+            else None
+        )
+        vectors = None
+        if new is not None and new.ids:
+            v = self.vectors
+            ids = [*v.ids, *new.ids]
+            vectors = ItemVectors(
+                ids=ids,
+                matrix=np.vstack([v.matrix, new.matrix]),
+                index={i: n for n, i in enumerate(ids)},
+            )
+        frame = self.bundle.featurize(req, extra_history=extra, vectors=vectors)
+        return matrix(frame, self.columns)
+
+    def self_check(self, tol: float = 1e-9) -> None:
+        """Compare `features` with `reference_features` on probe requests (a stored user, an
+        anonymous history, cold start); a difference is a DataError and the bundle is refused."""
+        items = [*self.popular_ids[:50], "\x00unknown-item"]
+        users = sorted(self.histories.ptr)[:1]
+        probes: list[tuple[str | None, list[str]]] = [(None, []), (None, items[:3])]
+        probes += [(u, []) for u in users] + [(u, items[3:5]) for u in users]
+        for user, hist in probes:
+            fast = self.features(user, items, hist)
+            ref = self.reference_features(user, items, hist)
+            diffs = [_max_diff(fast[:, j], ref[:, j]) for j in range(len(self.columns))]
+            worst = int(np.argmax(diffs))
+            if not diffs[worst] <= tol:
+                raise DataError(
+                    f"serving features differ from bundle.featurize by {diffs[worst]:.3g} in "
+                    f"{self.columns[worst]!r} for user {user!r}; refusing the bundle: the fast "
+                    "path in serving/ranking.py must be fixed"
+                )
+            scores = self.predict(fast)
+            if not np.isfinite(scores).all():
+                raise DataError("the bundle's ranker gives non-finite scores on probe requests")
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest |a - b| where both are numbers; inf where only one is NaN or shapes differ."""
+    if a.shape != b.shape:
+        return float("inf")
+    nan_a, nan_b = np.isnan(a), np.isnan(b)
+    if (nan_a != nan_b).any():
+        return float("inf")
+    if a.size == 0 or nan_a.all():
+        return 0.0
+    return float(np.max(np.abs(a[~nan_a] - b[~nan_b])))

@@ -1,0 +1,184 @@
+"""Request and response models of the ranking API (the OpenAPI schema at /docs comes from here).
+
+Requests are strict: unknown fields, wrong JSON types (a string for `k`, a number for an item id)
+and out-of-range values are rejected with a message naming the field; nothing is coerced.
+Responses are separate models so the wire format of answers is documented and tested on its own.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+MAX_CANDIDATES = 1000
+MAX_HISTORY = 1000
+MAX_NEW_ITEMS = 100  # items embedded per request (the int8 encoder costs ~ms per item)
+MAX_K = 1000
+EXPLAIN_TOP = 5
+
+ItemId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+Text = Annotated[str, StringConstraints(max_length=10_000)]
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+def _duplicates(values: list[str]) -> list[str]:
+    seen: set[str] = set()
+    dup: dict[str, None] = {}
+    for v in values:
+        if v in seen:
+            dup[v] = None
+        seen.add(v)
+    return list(dup)
+
+
+class ItemText(BaseModel):
+    """Text of an item the bundle may not know; embedded on the spot when it does not."""
+
+    model_config = _STRICT
+
+    item_id: ItemId
+    title: Annotated[str, StringConstraints(min_length=1, max_length=2_000)]
+    description: Text | None = None
+    category: Annotated[str, StringConstraints(max_length=256)] | None = None
+    subcategory: Annotated[str, StringConstraints(max_length=256)] | None = None
+
+
+class RankRequest(BaseModel):
+    """Candidates to rank for a user (stored profile), a history, both, or neither (cold start)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": "u1",
+                    "history": ["i3"],
+                    "candidates": ["i1", "i2", "new-1"],
+                    "k": 2,
+                    "explain": True,
+                    "items": [{"item_id": "new-1", "title": "A telescope finds a comet"}],
+                }
+            ]
+        },
+    )
+
+    user_id: ItemId | None = Field(
+        default=None,
+        description="a user id; a user the bundle knows is ranked with their stored profile",
+    )
+    history: list[ItemId] = Field(
+        default_factory=list,
+        max_length=MAX_HISTORY,
+        description="item ids the user consumed, most recent last; they extend the stored profile",
+    )
+    candidates: list[ItemId] = Field(
+        min_length=1,
+        max_length=MAX_CANDIDATES,
+        description=f"distinct item ids to rank (1 to {MAX_CANDIDATES})",
+    )
+    k: int | None = Field(
+        default=None, ge=1, le=MAX_K, description="how many to return (default: all candidates)"
+    )
+    explain: bool = Field(
+        default=False,
+        description=f"add each returned item's top {EXPLAIN_TOP} feature contributions",
+    )
+    items: list[ItemText] = Field(
+        default_factory=list,
+        max_length=MAX_NEW_ITEMS,
+        description="text of candidates (or history items) the bundle may not know",
+    )
+
+    @model_validator(mode="after")
+    def _distinct(self) -> RankRequest:
+        dup = _duplicates(self.candidates)
+        if dup:
+            raise ValueError(
+                f"candidates must be distinct; repeated: {dup[:10]}; send each item id once"
+            )
+        dup = _duplicates([i.item_id for i in self.items])
+        if dup:
+            raise ValueError(f"items must have distinct item_id; repeated: {dup[:10]}")
+        return self
+
+
+class Contribution(BaseModel):
+    feature: str
+    value: float | None = Field(description="the feature's value (null: missing)")
+    contribution: float = Field(description="its additive share of the score (SHAP-style)")
+
+
+class RankedItem(BaseModel):
+    item_id: str
+    score: float
+    rank: int
+    explanation: list[Contribution] | None = None
+
+
+Strategy = Literal["profile", "history", "profile+history", "popularity"]
+
+
+class RankResponse(BaseModel):
+    model_version: str
+    strategy: Strategy = Field(
+        description="profile: the stored user; history: the given history; popularity: neither"
+    )
+    items: list[RankedItem]
+    unknown_items: list[str] = Field(
+        description="candidates the bundle does not know and that came without text"
+    )
+
+
+class RecommendedItem(BaseModel):
+    item_id: str
+    score: float
+    rank: int
+
+
+class RecommendationsResponse(BaseModel):
+    model_version: str
+    user_id: str
+    fallback: bool = Field(description="true: no nightly list for this user; popular items")
+    generated_at: str | None = Field(default=None, description="when the nightly list was made")
+    items: list[RecommendedItem]
+
+
+class ReloadRequest(BaseModel):
+    """Where to load the new bundle from; empty = the source the server started with."""
+
+    model_config = _STRICT
+
+    bundle: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = None
+    model_uri: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ReloadRequest:
+        if self.bundle is not None and self.model_uri is not None:
+            raise ValueError("give bundle or model_uri, not both")
+        return self
+
+
+class ReloadResponse(BaseModel):
+    model_version: str
+    previous_model_version: str | None
+    source: str
+    seconds: float
+
+
+class ErrorDetail(BaseModel):
+    loc: str
+    msg: str
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    detail: list[ErrorDetail] = Field(default_factory=list)
+
+
+class Health(BaseModel):
+    status: str
+    model_version: str | None = None
+    detail: str | None = None

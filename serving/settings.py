@@ -1,0 +1,46 @@
+"""Server settings from the environment (prefix `RECSYS_`), validated when built.
+
+RECSYS_BUNDLE=/path/to/bundle          a bundle folder, or
+RECSYS_MODEL_URI=models:/recsys@champion   a registered MLflow model (downloaded at start)
+RECSYS_TRACKING_URI=sqlite:///mlflow.db    MLflow tracking URI for RECSYS_MODEL_URI
+RECSYS_ADMIN_TOKEN=...                  bearer token of POST /v1/admin/reload (unset: admin off)
+RECSYS_MAX_BODY_BYTES=1048576           larger request bodies get 413
+RECSYS_PRELOAD_ENCODER=true             load the int8 encoder at start (new-item embedding)
+RECSYS_PREDICT_THREADS=1                LightGBM threads per prediction (1: workers scale)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore", frozen=True)
+
+    bundle: Path | None = None
+    model_uri: str | None = None
+    tracking_uri: str | None = None
+    admin_token: SecretStr | None = None
+    max_body_bytes: int = Field(default=1_048_576, ge=1_024, le=64 * 1_048_576)
+    preload_encoder: bool = True
+    predict_threads: int = Field(default=1, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Settings:
+        if self.bundle is not None and self.model_uri is not None:
+            raise ValueError(
+                "set RECSYS_BUNDLE or RECSYS_MODEL_URI, not both (the bundle to serve)"
+            )
+        if self.admin_token is not None and len(self.admin_token.get_secret_value()) < 8:
+            raise ValueError("RECSYS_ADMIN_TOKEN must be at least 8 characters (or unset)")
+        return self
+
+    @property
+    def source(self) -> str | None:
+        """The configured bundle source as one string (a path or a models:/ URI), or None."""
+        if self.bundle is not None:
+            return str(self.bundle)
+        return self.model_uri

@@ -1,0 +1,632 @@
+# ruff: noqa: F811  (pytest fixtures imported from conftest_serving are re-bound as arguments)
+"""The ranking API against real uvicorn servers on 127.0.0.1.
+
+Fast tests use a server with no bundle (validation, limits, errors, admin off, metrics) and pure
+units (metrics text, settings). Slow tests build a small real bundle once per session with the
+nightly pipeline (tests/conftest_serving.py) and check: the API's scores equal the batch scores,
+the numpy fast path equals `bundle.featurize` on many random requests, fuzzed requests never
+give a 5xx, reloads under load lose no request, a corrupt bundle keeps the old one serving.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import polars as pl
+import pytest
+from conftest_serving import (  # noqa: F401  (fixtures)
+    TOKEN,
+    LiveServer,
+    bundle_dir,
+    client,
+    corrupt_bundle,
+    empty_server,
+    live_server,
+    second_bundle,
+    server,
+    serving_model,
+    serving_run,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from recsys.errors import DataError
+from serving.metrics import Metrics, histogram_quantile, parse_histogram
+from serving.ranking import ANONYMOUS, NewItems, ServingModel
+from serving.schemas import RankResponse, RecommendationsResponse
+from serving.settings import Settings
+
+FUZZ = settings(
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _error_body(r: httpx.Response) -> dict[str, Any]:
+    body = r.json()
+    assert set(body) == {"error", "detail"}, body
+    assert isinstance(body["error"], str) and body["error"]
+    assert "Traceback" not in r.text
+    return body
+
+
+# --------------------------------------------------------------------------- units (fast)
+
+
+def test_metrics_text_and_quantiles():
+    m = Metrics(buckets=(0.001, 0.01, 0.1))
+    for s in (0.0005, 0.0005, 0.005, 0.05):
+        m.observe("/v1/rank", "POST", 200, s)
+    m.observe("/v1/rank", "POST", 422, 0.0001)
+    m.model_loaded('v"1')
+    m.reload(ok=True)
+    m.reload(ok=False)
+    m.unhandled_error()
+    text = m.render()
+    assert 'recsys_http_requests_total{route="/v1/rank",method="POST",status="200"} 4' in text
+    assert 'recsys_http_requests_total{route="/v1/rank",method="POST",status="422"} 1' in text
+    assert 'recsys_model_info{model_version="v\\"1"} 1' in text
+    assert 'recsys_model_reloads_total{result="ok"} 1' in text
+    assert 'recsys_model_reloads_total{result="error"} 1' in text
+    assert "recsys_unhandled_errors_total 1" in text
+    assert "recsys_model_loaded 1" in text
+    buckets = parse_histogram(text, "recsys_http_request_duration_seconds", {"route": "/v1/rank"})
+    assert buckets == [(0.001, 3), (0.01, 4), (0.1, 5), (math.inf, 5)]
+    # 5 observations: the median (rank 2.5) lies in the first bucket, p90 (rank 4.5) in the 3rd
+    assert histogram_quantile(buckets, 0.5) == pytest.approx(0.001 * 2.5 / 3)
+    assert histogram_quantile(buckets, 0.9) == pytest.approx(0.01 + 0.09 * 0.5)
+    assert math.isnan(histogram_quantile([], 0.5))
+
+
+def test_settings_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("RECSYS_BUNDLE", str(tmp_path))
+    monkeypatch.setenv("RECSYS_ADMIN_TOKEN", "secret-token")
+    monkeypatch.setenv("RECSYS_MAX_BODY_BYTES", "2048")
+    s = Settings()
+    assert s.bundle == tmp_path and s.source == str(tmp_path) and s.max_body_bytes == 2048
+    assert s.admin_token is not None and s.admin_token.get_secret_value() == "secret-token"
+    assert "secret-token" not in repr(s)
+    monkeypatch.setenv("RECSYS_MODEL_URI", "models:/recsys@champion")
+    with pytest.raises(ValidationError, match="not both"):
+        Settings()
+    monkeypatch.delenv("RECSYS_MODEL_URI")
+    monkeypatch.setenv("RECSYS_ADMIN_TOKEN", "short")
+    with pytest.raises(ValidationError, match="at least 8 characters"):
+        Settings()
+    monkeypatch.setenv("RECSYS_ADMIN_TOKEN", "secret-token")
+    monkeypatch.setenv("RECSYS_MAX_BODY_BYTES", "10")
+    with pytest.raises(ValidationError, match="max_body_bytes"):
+        Settings()
+
+
+# --------------------------------------------------------------------------- no bundle (fast)
+
+
+def test_health_and_readiness_without_bundle(empty_server, client):
+    assert client.get(f"{empty_server.url}/healthz").json() == {"status": "ok"}
+    r = client.get(f"{empty_server.url}/readyz")
+    assert r.status_code == 503
+    assert r.json()["status"] == "no bundle" and "RECSYS_BUNDLE" in r.json()["detail"]
+    r = client.post(f"{empty_server.url}/v1/rank", json={"candidates": ["a"]})
+    assert r.status_code == 503 and "not ready" in _error_body(r)["error"]
+    r = client.get(f"{empty_server.url}/v1/recommendations/u1")
+    assert r.status_code == 503
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "loc", "message"),
+    [
+        ({}, 422, "body.candidates", "field required"),
+        ({"candidates": []}, 422, "body.candidates", "at least 1 item"),
+        ({"candidates": ["a", "b", "a"]}, 422, "body", "candidates must be distinct.*'a'"),
+        ({"candidates": [str(i) for i in range(1001)]}, 422, "body.candidates",
+         "at most 1000 items"),
+        ({"candidates": ["a"], "k": 0}, 422, "body.k", "greater than or equal to 1"),
+        ({"candidates": ["a"], "k": 1001}, 422, "body.k", "less than or equal to 1000"),
+        ({"candidates": ["a"], "k": "5"}, 422, "body.k", "valid integer"),
+        ({"candidates": ["a"], "k": 2.5}, 422, "body.k", "valid integer"),
+        ({"candidates": "a"}, 422, "body.candidates", "valid list"),
+        ({"candidates": [1, 2]}, 422, r"body.candidates\[0\]", "valid string"),
+        ({"candidates": [""]}, 422, r"body.candidates\[0\]", "at least 1 character"),
+        ({"candidates": ["a"], "explain": "yes"}, 422, "body.explain", "valid boolean"),
+        ({"candidates": ["a"], "user": "u1"}, 422, "body.user", "unknown field"),
+        ({"candidates": ["a"], "items": [{"item_id": "a"}]}, 422, r"body.items\[0\].title",
+         "field required"),
+        ({"candidates": ["a"], "items": [{"item_id": "a", "title": "t", "x": 1}]}, 422,
+         r"body.items\[0\].x", "unknown field"),
+        ([1, 2], 422, "body", "valid dictionary"),
+    ],
+)  # fmt: skip
+def test_invalid_requests_say_what_to_fix(empty_server, client, body, status, loc, message):
+    r = client.post(f"{empty_server.url}/v1/rank", json=body)
+    assert r.status_code == status, r.text
+    err = _error_body(r)
+    assert err["error"].startswith("invalid request: ")
+    assert any(
+        __import__("re").fullmatch(loc, d["loc"]) and __import__("re").search(message, d["msg"])
+        for d in err["detail"]
+    ), err
+
+
+def test_malformed_json_and_body_limit(empty_server, client):
+    url = f"{empty_server.url}/v1/rank"
+    r = client.post(url, content=b'{"candidates": [', headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert "malformed JSON" in _error_body(r)["error"]
+    big = json.dumps({"candidates": [f"item-{i:06d}" for i in range(1000)]}).encode()
+    assert len(big) > 10_000  # the empty server's limit
+    r = client.post(url, content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "RECSYS_MAX_BODY_BYTES" in _error_body(r)["error"]
+
+    def chunks():  # no content-length: the limit still holds while streaming
+        for i in range(0, len(big), 1000):
+            yield big[i : i + 1000]
+
+    r = client.post(url, content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    r = client.get(f"{empty_server.url}/v2/nothing")
+    assert r.status_code == 404 and "/docs" in _error_body(r)["error"]
+    r = client.delete(url)
+    assert r.status_code == 405
+
+
+def test_admin_is_off_without_token(empty_server, client):
+    r = client.post(f"{empty_server.url}/v1/admin/reload", json={}, headers=AUTH)
+    assert r.status_code == 404
+    assert "RECSYS_ADMIN_TOKEN" in _error_body(r)["error"]
+
+
+def test_openapi_documents_the_api(empty_server, client):
+    spec = client.get(f"{empty_server.url}/openapi.json").json()
+    assert {"/v1/rank", "/v1/recommendations/{user_id}", "/healthz", "/readyz", "/metrics",
+            "/v1/admin/reload"} <= set(spec["paths"])  # fmt: skip
+    rank = spec["components"]["schemas"]["RankRequest"]
+    assert rank["additionalProperties"] is False
+    assert rank["properties"]["candidates"]["maxItems"] == 1000
+    assert client.get(f"{empty_server.url}/docs").status_code == 200
+
+
+def test_metrics_count_requests_by_route(empty_server, client):
+    client.get(f"{empty_server.url}/healthz")
+    client.post(f"{empty_server.url}/v1/rank", json={"candidates": []})
+    client.get(f"{empty_server.url}/v1/recommendations/someone")
+    text = client.get(f"{empty_server.url}/metrics").text
+    assert 'route="/healthz",method="GET",status="200"' in text
+    assert 'route="/v1/rank",method="POST",status="422"' in text
+    assert 'route="/v1/recommendations/{user_id}",method="GET",status="503"' in text
+    assert 'recsys_http_request_duration_seconds_count{route="/healthz"}' in text
+    assert "recsys_model_loaded 0" in text
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@FUZZ
+@given(body=json_values)
+def test_fuzzed_bodies_never_5xx_without_bundle(empty_server, body):
+    """Arbitrary JSON: never a 5xx other than 503 (no bundle), always a JSON error."""
+    r = httpx.post(f"{empty_server.url}/v1/rank", json=body, timeout=30)
+    assert r.status_code in (422, 503), r.text
+    _error_body(r)
+
+
+# --------------------------------------------------------------------------- with a bundle
+
+
+@pytest.mark.slow
+def test_fixture_bundle_build_time(serving_run):
+    """The session's nightly run (reported, so a slow fixture is noticed)."""
+    print(f"\nserving fixture: nightly run took {serving_run.fixture_seconds:.1f}s")
+    assert Path(serving_run.bundle_dir, "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_api_scores_equal_batch_scores(server, serving_run, client):
+    """Each user's nightly list re-scored by the API: same scores (1e-6), same order."""
+    recs = pl.read_parquet(serving_run.recommendations).sort("user_id", "rank")
+    users = recs["user_id"].unique().sort().to_list()
+    rng = random.Random(0)
+    for user in rng.sample(users, min(25, len(users))):
+        mine = recs.filter(pl.col("user_id") == user)
+        cands = mine["item_id"].to_list()
+        rng.shuffle(cands)
+        r = client.post(f"{server.url}/v1/rank", json={"user_id": user, "candidates": cands})
+        assert r.status_code == 200, r.text
+        body = RankResponse.model_validate(r.json())
+        assert body.strategy == "profile" and body.model_version == server.state.model.model_version
+        got = {i.item_id: i.score for i in body.items}
+        want = dict(zip(mine["item_id"].to_list(), mine["score"].to_list(), strict=True))
+        assert got.keys() == want.keys()
+        for item, score in want.items():
+            assert abs(got[item] - score) <= 1e-6, (user, item, got[item], score)
+        assert [i.rank for i in body.items] == list(range(1, len(cands) + 1))
+
+
+@pytest.mark.slow
+def test_api_scores_equal_bundle_score_for_history_and_cold_users(server, serving_model, client):
+    b = serving_model.bundle
+    items = b.vectors.ids
+    user = sorted(serving_model.histories.ptr)[3]
+    cands, hist = items[:40], items[50:55]
+    for body, frame_user, extra in (
+        ({"user_id": user, "history": hist}, user, hist),
+        ({"user_id": "never-seen", "history": hist}, ANONYMOUS, hist),
+        ({"history": hist}, ANONYMOUS, hist),
+    ):
+        r = client.post(f"{server.url}/v1/rank", json={**body, "candidates": cands})
+        assert r.status_code == 200, r.text
+        got = {i["item_id"]: i["score"] for i in r.json()["items"]}
+        req = pl.DataFrame({"user_id": [frame_user] * len(cands), "item_id": cands})
+        eh = pl.DataFrame({"user_id": [frame_user] * len(extra), "item_id": extra})
+        want = b.score(req, extra_history=eh)
+        np.testing.assert_allclose([got[c] for c in cands], want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_strategies_known_user_history_and_cold_start(server, serving_model, client):
+    b = serving_model.bundle
+    user = sorted(serving_model.histories.ptr)[0]
+    cands = b.vectors.ids[100:130]
+    url = f"{server.url}/v1/rank"
+    known = client.post(url, json={"user_id": user, "candidates": cands}).json()
+    both = client.post(url, json={"user_id": user, "history": cands[:3], "candidates": cands})
+    hist = client.post(url, json={"history": cands[:3], "candidates": cands}).json()
+    cold = client.post(url, json={"user_id": "nobody", "candidates": cands, "k": 10}).json()
+    assert known["strategy"] == "profile"
+    assert both.json()["strategy"] == "profile+history"
+    assert hist["strategy"] == "history"
+    assert cold["strategy"] == "popularity"
+    assert [i["score"] for i in known["items"]] != [i["score"] for i in both.json()["items"]]
+    # cold start: the bundle's popularity prior, in its order (ties: request order)
+    pop = dict(zip(b.popular["item_id"].to_list(), b.popular["score"].to_list(), strict=True))
+    want = sorted(cands, key=lambda c: (-pop.get(c, 0.0), cands.index(c)))[:10]
+    assert [i["item_id"] for i in cold["items"]] == want
+    assert [i["score"] for i in cold["items"]] == [pop.get(c, 0.0) for c in want]
+
+
+@pytest.mark.slow
+def test_unknown_items_with_and_without_text(server, serving_run, serving_model, client):
+    b = serving_model.bundle
+    items = pl.read_parquet(Path(serving_run.run_dir) / "validate" / "items.parquet")
+    twin_of = items.row(7, named=True)
+    user = sorted(serving_model.histories.ptr)[1]
+    cands = [*b.vectors.ids[:20], "new-twin", "new-mystery"]
+    text = {
+        "item_id": "new-twin",
+        "title": twin_of["title"],
+        "description": twin_of["description"],
+        "category": twin_of["category"],
+    }
+    r = client.post(
+        f"{server.url}/v1/rank",
+        json={"user_id": user, "candidates": cands, "items": [text], "explain": True},
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["unknown_items"] == ["new-mystery"]
+    scores = {i["item_id"]: i["score"] for i in body["items"]}
+    assert set(scores) == set(cands) and all(math.isfinite(s) for s in scores.values())
+    # the embedded twin is semantically where its original is: its semantic features match
+    new = serving_model.embed([_item(text)], {"new-twin"})
+    assert new is not None and new.ids == ["new-twin"]
+    x = serving_model.features(user, [twin_of["item_id"], "new-twin", "new-mystery"], (), new)
+    sem = [serving_model.columns.index(c) for c in ("sem_cos_mean", "sem_cos_max")]
+    np.testing.assert_allclose(x[1, sem], x[0, sem], atol=0.05)
+    assert np.isnan(x[2, sem]).all()  # no text: no vector, the unseen-item prior
+    # and the API used the embedding: the twin's explanation shows finite semantic values
+    twin = next(i for i in body["items"] if i["item_id"] == "new-twin")
+    assert len(twin["explanation"]) == 5
+
+
+def _item(d: dict[str, Any]) -> Any:
+    from serving.schemas import ItemText
+
+    return ItemText.model_validate(d)
+
+
+@pytest.mark.slow
+def test_explanations_are_the_top_contributions(server, serving_model, client):
+    user = sorted(serving_model.histories.ptr)[2]
+    cands = serving_model.bundle.vectors.ids[:15]
+    r = client.post(
+        f"{server.url}/v1/rank",
+        json={"user_id": user, "candidates": cands, "k": 4, "explain": True},
+    )
+    items = r.json()["items"]
+    assert len(items) == 4
+    x = serving_model.features(user, [i["item_id"] for i in items])
+    contrib = serving_model.bundle.ranker.contributions(x)
+    for row, item in enumerate(items):
+        ex = item["explanation"]
+        assert len(ex) == 5
+        mags = [abs(e["contribution"]) for e in ex]
+        assert mags == sorted(mags, reverse=True)
+        assert mags[-1] >= np.sort(np.abs(contrib[row, :-1]))[-5] - 1e-12
+        for e in ex:
+            j = serving_model.columns.index(e["feature"])
+            assert e["contribution"] == pytest.approx(contrib[row, j], abs=1e-12)
+            assert (e["value"] is None and np.isnan(x[row, j])) or e["value"] == x[row, j]
+        assert contrib[row].sum() == pytest.approx(item["score"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_recommendations_nightly_list_and_fallback(server, serving_run, serving_model, client):
+    recs = pl.read_parquet(serving_run.recommendations)
+    user = recs["user_id"][0]
+    mine = recs.filter(pl.col("user_id") == user).sort("rank")
+    r = client.get(f"{server.url}/v1/recommendations/{user}", params={"k": 5})
+    body = RecommendationsResponse.model_validate(r.json())
+    assert not body.fallback and body.generated_at is not None
+    assert [i.item_id for i in body.items] == mine["item_id"].head(5).to_list()
+    assert [i.score for i in body.items] == mine["score"].head(5).to_list()
+    r = client.get(f"{server.url}/v1/recommendations/stranger", params={"k": 7})
+    body = RecommendationsResponse.model_validate(r.json())
+    assert body.fallback and [i.item_id for i in body.items] == serving_model.popular_ids[:7]
+    for k in (0, 1001, "x"):
+        r = client.get(f"{server.url}/v1/recommendations/{user}", params={"k": k})
+        assert r.status_code == 422 and _error_body(r)["detail"][0]["loc"] == "query.k"
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_fast_path_equals_bundle_featurize(serving_model, data):
+    """Random requests: the serving feature matrix equals the shared polars path to 1e-9."""
+    m = serving_model
+    ids = m.bundle.vectors.ids
+    users = sorted(m.histories.ptr)
+    pool = st.sampled_from(ids) | st.sampled_from(["ghost-1", "ghost-2", "new-a", "new-b"])
+    user = data.draw(st.none() | st.sampled_from(users) | st.just("unknown-user"))
+    cands = data.draw(st.lists(pool, min_size=1, max_size=60, unique=True))
+    history = data.draw(st.lists(pool, max_size=8))
+    new = None
+    if data.draw(st.booleans()):
+        rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
+        mat = rng.standard_normal((2, m.vectors.dim)).astype(np.float32)
+        mat /= np.linalg.norm(mat, axis=1, keepdims=True)
+        new = NewItems(["new-a", "new-b"], mat)
+    fast = m.features(user, cands, history, new)
+    ref = m.reference_features(user, cands, history, new)
+    assert fast.shape == ref.shape == (len(cands), len(m.columns))
+    np.testing.assert_array_equal(np.isnan(fast), np.isnan(ref))
+    np.testing.assert_allclose(np.nan_to_num(fast), np.nan_to_num(ref), rtol=0, atol=1e-9)
+
+
+candidate_ids = st.text(min_size=1, max_size=12) | st.sampled_from(["x1", "x2", "x3"])
+rank_bodies = st.fixed_dictionaries(
+    {"candidates": st.lists(candidate_ids, min_size=0, max_size=30)},
+    optional={
+        "user_id": st.none() | st.text(max_size=10) | st.integers(),
+        "history": st.lists(candidate_ids, max_size=5) | st.text(max_size=3),
+        "k": st.none() | st.integers(-5, 1200) | st.floats(allow_nan=False),
+        "explain": st.booleans() | st.integers(0, 2),
+        "items": st.lists(
+            st.fixed_dictionaries(
+                {"item_id": candidate_ids, "title": st.text(max_size=20)},
+                optional={"description": st.none() | st.text(max_size=20)},
+            ),
+            max_size=2,
+        ),
+        "bogus": st.integers(),
+    },
+)
+
+
+@pytest.mark.slow
+@FUZZ
+@given(body=rank_bodies, known=st.lists(st.integers(0, 299), max_size=10))
+def test_fuzzed_rank_requests_never_5xx(server, serving_model, body, known):
+    """Near-valid requests (mixing known item ids in): a 200 with a consistent ranking, or a
+    4xx with a JSON message; never a 5xx."""
+    ids = serving_model.bundle.vectors.ids
+    if isinstance(body.get("candidates"), list):
+        body["candidates"] = body["candidates"] + [ids[i % len(ids)] for i in known]
+    r = httpx.post(f"{server.url}/v1/rank", json=body, timeout=60)
+    assert r.status_code < 500, r.text
+    if r.status_code != 200:
+        _error_body(r)
+        return
+    out = RankResponse.model_validate(r.json())
+    cands = body["candidates"]
+    k = body.get("k") or len(cands)
+    assert len(out.items) == min(k, len(cands))
+    assert [i.rank for i in out.items] == list(range(1, len(out.items) + 1))
+    scores = [i.score for i in out.items]
+    assert scores == sorted(scores, reverse=True)
+    assert {i.item_id for i in out.items} <= set(cands)
+    with_text = {i["item_id"] for i in body.get("items", [])}
+    assert set(out.unknown_items) == {
+        c for c in cands if c not in serving_model.known_items and c not in with_text
+    }
+
+
+@pytest.mark.slow
+@FUZZ
+@given(user=st.text(min_size=1, max_size=40), k=st.integers(-3, 1500) | st.text(max_size=4))
+def test_fuzzed_recommendation_requests_never_5xx(server, user, k):
+    path = urllib.parse.quote(user, safe="")
+    r = httpx.get(f"{server.url}/v1/recommendations/{path}", params={"k": k}, timeout=30)
+    assert r.status_code < 500, r.text
+
+
+@pytest.mark.slow
+def test_reload_under_load_loses_no_request(server, second_bundle, bundle_dir, serving_model):
+    """A client hammers /v1/rank while the bundle is swapped twice: every answer is a 200."""
+    user = sorted(serving_model.histories.ptr)[0]
+    body = {"user_id": user, "candidates": serving_model.bundle.vectors.ids[:100]}
+    statuses: list[int] = []
+    versions: set[str] = set()
+    stop = threading.Event()
+
+    def hammer() -> None:
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                r = c.post(f"{server.url}/v1/rank", json=body)
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    versions.add(r.json()["model_version"])
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.3)
+        r = httpx.post(f"{server.url}/v1/admin/reload", json={"bundle": str(second_bundle)},
+                       headers=AUTH, timeout=300)  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert r.json()["model_version"] == "second-v2"
+        assert r.json()["previous_model_version"] == serving_model.model_version
+        time.sleep(0.3)
+        assert httpx.get(f"{server.url}/readyz").json()["model_version"] == "second-v2"
+    finally:
+        # swap back (empty body would reload the second bundle: give the first explicitly)
+        r2 = httpx.post(f"{server.url}/v1/admin/reload", json={"bundle": str(bundle_dir)},
+                        headers=AUTH, timeout=300)  # fmt: skip
+        time.sleep(0.2)
+        stop.set()
+        for t in threads:
+            t.join()
+    assert r2.status_code == 200, r2.text
+    assert len(statuses) > 20 and set(statuses) == {200}, set(statuses)
+    assert {"second-v2", serving_model.model_version} <= versions
+    text = httpx.get(f"{server.url}/metrics").text
+    assert 'recsys_model_reloads_total{result="ok"}' in text
+    assert f'recsys_model_info{{model_version="{serving_model.model_version}"}} 1' in text
+
+
+@pytest.mark.slow
+def test_corrupt_bundle_keeps_the_old_one(server, corrupt_bundle, tmp_path, client):
+    before = client.get(f"{server.url}/readyz").json()["model_version"]
+    url = f"{server.url}/v1/admin/reload"
+    for source, words in (
+        ({"bundle": str(corrupt_bundle)}, "broken bundle|ranker"),
+        ({"bundle": str(tmp_path / "nowhere")}, "not a model bundle"),
+        ({"model_uri": "models:/no-such-model@champion"}, "could not download"),
+    ):
+        r = client.post(url, json=source, headers=AUTH)
+        assert r.status_code == 422, r.text
+        err = _error_body(r)["error"]
+        assert err.startswith("reload failed, still serving") and before in err
+        assert __import__("re").search(words, err), err
+    assert client.get(f"{server.url}/readyz").json()["model_version"] == before
+    r = client.post(f"{server.url}/v1/rank", json={"candidates": ["a", "b"], "history": ["c"]})
+    assert r.status_code == 200 and r.json()["model_version"] == before
+    assert client.post(url, json={}).status_code == 401
+    r = client.post(url, json={}, headers={"Authorization": "Bearer wrong-token"})
+    assert r.status_code == 401 and "Bearer" in r.headers["www-authenticate"]
+    r = client.post(url, json={"bundle": "a", "model_uri": "b"}, headers=AUTH)
+    assert r.status_code == 422 and "not both" in _error_body(r)["error"]
+    text = client.get(f"{server.url}/metrics").text
+    assert 'recsys_model_reloads_total{result="error"}' in text
+
+
+@pytest.mark.slow
+def test_unexpected_error_is_a_500_without_trace(server, monkeypatch, client):
+    def boom(*a: Any, **k: Any) -> Any:
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(server.state.model, "rank", boom)
+    r = client.post(f"{server.url}/v1/rank", json={"candidates": ["a"], "history": ["b"]})
+    assert r.status_code == 500
+    err = _error_body(r)["error"]
+    assert "RuntimeError" in err and "secret internals" not in err
+    assert "recsys_unhandled_errors_total 1" in client.get(f"{server.url}/metrics").text
+
+
+@pytest.mark.slow
+def test_app_loads_configured_bundle_at_start(bundle_dir, tmp_path, client):
+    from serving.app import create_app
+
+    good = Settings(bundle=bundle_dir, preload_encoder=False)  # type: ignore[call-arg]
+    for srv in live_server(create_app(good)):
+        r = client.get(f"{srv.url}/readyz")
+        assert r.status_code == 200 and r.json()["status"] == "ready"
+    bad = Settings(bundle=tmp_path / "missing")  # type: ignore[call-arg]
+    for srv in live_server(create_app(bad)):
+        r = client.get(f"{srv.url}/readyz")
+        assert r.status_code == 503 and "not a model bundle" in r.json()["detail"]
+
+
+@pytest.mark.slow
+def test_recsys_serve_command(bundle_dir, tmp_path):
+    """`recsys serve` in a subprocess: ready, answers, stops; a bad bundle is a one-line error."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "recsys.cli", "serve", "--port", str(port)]
+    proc = subprocess.Popen([*cmd, "--bundle", str(bundle_dir)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/rank", json={"candidates": ["x"]})
+        assert r.status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    out = subprocess.run([*cmd, "--bundle", str(tmp_path / "nope")], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2
+    assert "not a model bundle" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_model_uri_from_the_registry(bundle_dir, tmp_path):
+    """A bundle registered in MLflow (sqlite store) loads through models:/NAME@champion."""
+    import mlflow
+
+    from serving.app import load_model, resolve_source
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)  # no global tracking URI: serving must pass it on
+    exp = client.create_experiment("serving-test", artifact_location=str(tmp_path / "art"))
+    run = client.create_run(exp)
+    client.log_artifacts(run.info.run_id, str(bundle_dir), artifact_path="bundle")
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model("serving-test")
+    mv = client.create_model_version(
+        "serving-test", source=f"{run.info.artifact_uri}/bundle", run_id=run.info.run_id
+    )
+    client.set_registered_model_alias("serving-test", "champion", mv.version)
+    path = resolve_source("models:/serving-test@champion", uri)
+    assert (path / "manifest.json").is_file()
+    settings = Settings(model_uri="models:/serving-test@champion", tracking_uri=uri,  # type: ignore[call-arg]
+                        preload_encoder=False)  # fmt: skip
+    model = load_model(settings.source or "", settings)
+    assert isinstance(model, ServingModel)
+    assert (resolve_source("models:/serving-test/1", uri) / "manifest.json").is_file()
+    with pytest.raises(DataError, match="could not download"):
+        resolve_source("models:/serving-test@nope", uri)
