@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from experiments.tracking import _quiet_mlflow
+from experiments.tracking import _metric_key, _quiet_mlflow
 
 logger = logging.getLogger(__name__)
 ALIAS = "champion"
@@ -44,7 +44,7 @@ def register_bundle(
     except MlflowException:
         client.create_registered_model(model_name, description="recsys model bundles (nightly)")
     ours = float(validation[primary_metric])
-    tags = {f"valid.{k}": str(v) for k, v in validation.items()}
+    tags = {_metric_key(f"valid.{k}"): str(v) for k, v in validation.items()}
     tags["validation_key"] = validation_key
     mv = client.create_model_version(
         model_name, source=f"{run.info.artifact_uri}/bundle", run_id=run_id, tags=tags
@@ -60,7 +60,7 @@ def register_bundle(
     else:
         theirs = None
         if champ.tags.get("validation_key") == validation_key:
-            theirs = float(champ.tags.get(f"valid.{primary_metric}", "nan"))
+            theirs = float(champ.tags.get(_metric_key(f"valid.{primary_metric}"), "nan"))
             how = "its recorded validation metrics"
         else:
             try:

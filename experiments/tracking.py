@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -143,5 +144,6 @@ class MlflowTracker:
 
 
 def _metric_key(key: str) -> str:
-    """MLflow metric names allow [A-Za-z0-9_-. /]; map '@' (as in ndcg@10) to '_at_'."""
-    return key.replace("@", "_at_")
+    """MLflow metric names allow [A-Za-z0-9_-. :/]: '@' (as in ndcg@10) becomes '_at_', any
+    other character '_'."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", key.replace("@", "_at_"))

@@ -64,6 +64,7 @@ class NightlyResult:
     recommendations: Path
     registry: dict[str, Any] = field(default_factory=dict)
     mlflow_run_id: str | None = None
+    tracking_uri: str = ""
     seconds: float = 0.0
 
 
@@ -489,6 +490,7 @@ def run_nightly(
             bundle_dir=bundle_dir,
             recommendations=recs_path,
             mlflow_run_id=tracker.run_id,
+            tracking_uri=uri,
         )
         cost = _cost_report(runner, st_ft, st_emb, encoder_dir)
         write_json(cost, run_dir / "cost.json")
@@ -751,8 +753,7 @@ def _log_to_tracker(
         model = row["model"]
         tracker.log_metrics({f"test.{model}.{k}": v for k, v in row.items() if k != "model"})
     tracker.log_metrics({f"valid.{k}": v for k, v in result.validation.items()})
-    tracker.log_metrics({f"candidates.{k.split(' ')[0]}.{k.split('(')[-1].rstrip(')')}": v
-                         for k, v in result.candidate_recall.items()})  # fmt: skip
+    tracker.log_metrics({f"candidates.{k}": v for k, v in result.candidate_recall.items()})
     for i, loss in enumerate(st_ft.summary.get("losses", [])):
         tracker.log_metrics({"finetune.loss": loss}, step=i + 1)
     hist = st_rank.summary.get("lgbm_full", {}).get("history", {})
@@ -797,7 +798,9 @@ def print_summary(result: NightlyResult, *, show_users: int = 3) -> None:
         ],
         f"Nightly run {result.run_dir} ({result.config.name}) in {result.seconds:.1f}s",
     )
-    _print_table(result.evaluation, "Evaluation on the test split (per impression, averaged)")
+    order = ["model", "auc", "mrr", "ndcg@5", "ndcg@10", "n_impressions"]
+    rows = [{k: r[k] for k in order if k in r} for r in result.evaluation]
+    _print_table(rows, "Evaluation on the test split (per impression, averaged)")
     if result.candidate_recall:
         _print_table(
             [{"candidates": k, "recall": v} for k, v in result.candidate_recall.items()],
@@ -822,5 +825,8 @@ def print_summary(result: NightlyResult, *, show_users: int = 3) -> None:
         )  # fmt: skip
     print(f"\nRanked lists: {result.recommendations}  bundle: {result.bundle_dir}")
     if result.mlflow_run_id:
-        print(f"MLflow run: {result.mlflow_run_id} (mlflow ui --backend-store-uri <tracking uri>)")
+        print(
+            f"MLflow run {result.mlflow_run_id}: "
+            f"mlflow ui --backend-store-uri {result.tracking_uri}"
+        )
     print(json.dumps({"seconds": round(result.seconds, 1)}))

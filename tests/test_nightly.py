@@ -1,0 +1,167 @@
+"""The nightly pipeline end to end on generated data: real local Ray, real MLflow (sqlite).
+
+The generator's known answer: clicks depend on the topic (only in the text) and on behaviour
+(quality, freshness), so LightGBM over both must beat each side alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import polars as pl
+import pytest
+
+from experiments.config import config_from_dict
+from pipelines.nightly import run_nightly
+from recsys.data import write_dataset
+from recsys.errors import ConfigError, DataError
+from recsys.generate import GeneratorConfig, generate
+
+GEN = GeneratorConfig(n_items=800, n_users=500, n_shown=16_000, seed=7)
+FAST = {
+    "finetune": {"method": "lora", "max_steps": 8, "batch_size": 8},
+    "ranker": {"n_estimators": 300, "num_threads": 2},
+}
+
+
+def _config(extra: dict | None = None, name: str = "test"):
+    raw = {k: dict(v) for k, v in FAST.items()}
+    for k, v in (extra or {}).items():
+        raw.setdefault(k, {}).update(v)
+    return config_from_dict(raw, name=name)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("nightly") / "data"
+    data, _ = generate(GEN)
+    write_dataset(d, data)
+    return d
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir):
+    """One complete, uninterrupted run (tracking on, sqlite store beside it)."""
+    out = data_dir.parent / "ref"
+    uri = f"sqlite:///{data_dir.parent / 'mlflow.db'}"
+    result = run_nightly(data_dir, out, config=_config(), tracking_uri=uri, log=lambda s: None)
+    return result, uri
+
+
+def _lists(path: Path) -> pl.DataFrame:
+    return (
+        pl.read_parquet(path).select("user_id", "rank", "item_id", "score").sort("user_id", "rank")
+    )
+
+
+@pytest.mark.slow
+def test_outputs_and_known_answer(reference):
+    result, _ = reference
+    rows = {r["model"]: r for r in result.evaluation}
+    assert set(rows) == {
+        "random", "popularity", "semantic_frozen", "semantic_tuned", "lgbm_behavioural", "lgbm_full"
+    }  # fmt: skip
+    full = rows["lgbm_full"]["ndcg@10"]
+    for other in ("lgbm_behavioural", "semantic_tuned", "semantic_frozen", "popularity", "random"):
+        assert full > rows[other]["ndcg@10"], (other, rows)
+    recs = pl.read_parquet(result.recommendations)
+    assert recs.columns == ["user_id", "rank", "item_id", "score", "model_version", "generated_at"]
+    assert recs.group_by("user_id").len()["len"].max() <= 20
+    assert recs.filter(pl.col("rank") == 1)["user_id"].n_unique() == recs["user_id"].n_unique()
+    # lists exclude what the user already consumed
+    seen = pl.read_parquet(result.run_dir / "validate" / "interactions.parquet")
+    assert recs.join(seen, on=["user_id", "item_id"], how="semi").height == 0
+    scores = pl.read_parquet(result.run_dir / "evaluate" / "scores.parquet")
+    assert {"impression_id", "user_id", "item_id", "clicked", "lgbm_full"} <= set(scores.columns)
+    saved = json.loads((result.run_dir / "evaluation.json").read_text())
+    assert saved["test"] == result.evaluation
+    assert result.candidate_recall and all(0 <= v <= 1 for v in result.candidate_recall.values())
+    cost = json.loads((result.run_dir / "cost.json").read_text())
+    assert cost["trainable_params"] < 0.01 * cost["total_params"]
+    assert cost["items_embedded"] + cost["items_reused"] == GEN.n_items
+
+
+@pytest.mark.slow
+def test_mlflow_run_and_champion(reference, data_dir):
+    result, uri = reference
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.params["finetune.method"] == "lora"
+    assert "test.lgbm_full.ndcg_at_10" in run.data.metrics
+    arts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "artifacts")}
+    assert {"artifacts/feature_importance.png", "artifacts/training_curves.png",
+            "artifacts/cost_report.json", "artifacts/evaluation.json"} <= arts  # fmt: skip
+    assert result.registry["promoted"] is True
+    champ = client.get_model_version_by_alias("recsys", "champion")
+    assert champ.version == result.registry["version"]
+    # A worse model on the same validation data does not take the alias; the reason is recorded.
+    worse = run_nightly(
+        data_dir,
+        data_dir.parent / "worse",
+        config=_config({"pipeline": {"use_semantic": False}, "finetune": {"method": "none"}}),
+        tracking_uri=uri,
+        log=lambda s: None,
+    )
+    assert worse.registry["promoted"] is False, worse.registry
+    assert "does not become champion" in worse.registry["reason"]
+    assert client.get_model_version_by_alias("recsys", "champion").version == champ.version
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_with_identical_lists(reference, data_dir, tmp_path):
+    result, _ = reference
+    out = tmp_path / "killed"
+    cfg_file = tmp_path / "fast.toml"
+    cfg_file.write_text(
+        "[finetune]\nmethod = 'lora'\nmax_steps = 8\nbatch_size = 8\n"
+        "[ranker]\nn_estimators = 300\nnum_threads = 2\n[tracking]\nenabled = false\n"
+    )
+    cmd = [sys.executable, "-m", "recsys.cli", "nightly", "--data", str(data_dir), "--out",
+           str(out), "--config", str(cfg_file)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.time() + 600
+    # kill it in the middle of the features stage (its temporary folder exists)
+    while time.time() < deadline and proc.poll() is None:
+        if any(p.name.startswith(".features.") for p in out.glob(".*")):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "features" / "_stage.json").exists()
+    assert (out / "embed" / "_stage.json").exists()
+    assert not (out / "recommendations.parquet").exists()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "[embed] unchanged inputs" in done.stdout
+    assert not list(out.glob(".*.tmp"))  # no partial folders left behind
+    assert _lists(out / "recommendations.parquet").equals(_lists(result.recommendations))
+
+
+def test_split_that_empties_a_side_names_the_dates(tmp_path):
+    data, _ = generate(GeneratorConfig(n_items=60, n_users=30, n_shown=400, seed=1))
+    write_dataset(tmp_path / "d", data)
+    cfg = config_from_dict({"tracking": {"enabled": False}})
+    with pytest.raises(ConfigError, match=r"empty train set.*impressions run from 2026-01-0"):
+        run_nightly(tmp_path / "d", tmp_path / "r", config=cfg, split_at="2020-01-01",
+                    log=lambda s: None)  # fmt: skip
+    with pytest.raises(ConfigError, match="empty test set"):
+        run_nightly(tmp_path / "d", tmp_path / "r", config=cfg, split_at="2030-01-01T00:00:00Z",
+                    log=lambda s: None)  # fmt: skip
+    with pytest.raises(ConfigError, match="not an ISO time"):
+        run_nightly(tmp_path / "d", tmp_path / "r", config=cfg, split_at="yesterday",
+                    log=lambda s: None)  # fmt: skip
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    cfg = config_from_dict({"tracking": {"enabled": False}})
+    with pytest.raises(DataError, match=r"items\.parquet"):
+        run_nightly(tmp_path / "nope", tmp_path / "r", config=cfg, log=lambda s: None)
