@@ -1,0 +1,193 @@
+"""The `embed` job: the catalogue through the encoder on a Ray Data actor pool.
+
+    report = run_embed(items, "out/encoder", "out/item_vectors.parquet")
+
+Incremental: the existing file at `out_path` supplies the previous vectors; an item keeps its
+vector when its text hash and the encoder id are unchanged, so only new or changed items go to
+Ray (none at all: Ray is not even started). Items gone from the catalogue are dropped. The file
+is replaced atomically.
+
+Actors: one per GPU when Ray sees GPUs (fp16 unless `EncoderConfig.quantize` says otherwise),
+else CPU actors with the CPU form ("auto" = int8), each using its share of the CPUs as torch
+threads. The job's own logic (what to embed, assembling the table) is `recsys.encoder.vectors`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import ray
+
+from pipelines.ray_utils import cluster_cpus, cluster_gpus, init_ray
+from recsys.encoder import EncoderConfig, encoder_id_for
+from recsys.encoder.vectors import (
+    EmbedPlan,
+    assemble,
+    empty_vectors,
+    plan_embedding,
+    read_item_vectors,
+    vectors_frame,
+)
+from recsys.errors import DataError
+from recsys.io import write_parquet
+
+RAY_BATCH = 1024  # texts per Ray Data batch; the encoder length-sorts within it
+
+
+@dataclass
+class EmbedReport:
+    """What one embedding run did; `device` says where the new vectors were computed."""
+
+    embedded: int
+    reused: int
+    dropped: int
+    fallback_texts: int
+    seconds: float
+    device: str
+    encoder_id: str
+    out_path: Path
+    actors: int = 0
+
+
+class EmbedActor:
+    """A Ray Data actor holding one loaded encoder; called with batches of item texts."""
+
+    def __init__(
+        self,
+        encoder_path: str | None,
+        quantize: str,
+        max_length: int,
+        template: str,
+        batch_size: int,
+        threads: int,
+        expected_id: str,
+    ) -> None:
+        import torch
+
+        from recsys.encoder import TextEncoder
+
+        use_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+        if not use_gpu:
+            torch.set_num_threads(max(1, threads))
+        self.encoder = TextEncoder.load(
+            encoder_path,
+            quantize=quantize,
+            device="cuda" if use_gpu else "cpu",
+            max_length=max_length,
+            template=template,
+        )
+        if self.encoder.encoder_id != expected_id:
+            raise RuntimeError(
+                f"encoder at {encoder_path} changed during the run "
+                f"(id {self.encoder.encoder_id[:12]}, expected {expected_id[:12]})"
+            )
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        vectors = self.encoder.embed([str(t) for t in batch["text"]], batch_size=self.batch_size)
+        return {"item_id": batch["item_id"], "text_hash": batch["text_hash"], "vector": vectors}
+
+
+def _previous(out_path: Path) -> pl.DataFrame | None:
+    return read_item_vectors(out_path) if out_path.is_file() else None
+
+
+def _embed_on_ray(
+    plan: EmbedPlan,
+    encoder_path: str | None,
+    config: EncoderConfig,
+    encoder_id: str,
+    num_actors: int | None,
+) -> tuple[pl.DataFrame, str, int]:
+    """(fresh vectors table, device description, actors) for `plan.todo` on the Ray cluster."""
+    gpus = cluster_gpus()
+    if gpus:
+        actors = num_actors or gpus
+        num_gpus, num_cpus, threads = 1, 1, 1
+        quantize = "fp16" if config.quantize in ("auto", "int8") else config.quantize
+        device = f"cuda x{actors} ({quantize})"
+    else:
+        cpus = cluster_cpus()
+        actors = num_actors or max(1, cpus // 4)  # a few threads per actor beats many actors
+        threads = max(1, cpus // actors)
+        num_gpus, num_cpus = 0, threads
+        quantize = "int8" if config.quantize in ("auto", "fp16") else config.quantize
+        device = f"cpu x{actors} ({'fp32' if quantize == 'none' else quantize})"
+    todo = plan.todo.select("item_id", "text", "text_hash")
+    ds = ray.data.from_arrow(todo.to_arrow())
+    out = ds.map_batches(
+        EmbedActor,
+        fn_constructor_kwargs={
+            "encoder_path": encoder_path,
+            "quantize": quantize,
+            "max_length": config.max_length,
+            "template": config.template,
+            "batch_size": config.batch_size,
+            "threads": threads,
+            "expected_id": encoder_id,
+        },
+        batch_size=RAY_BATCH,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+    )
+    ids: list[str] = []
+    hashes: list[str] = []
+    vectors: list[np.ndarray] = []
+    for batch in out.iter_batches(batch_format="numpy", batch_size=None):
+        ids.extend(str(x) for x in batch["item_id"])
+        hashes.extend(str(x) for x in batch["text_hash"])
+        vectors.append(np.asarray(batch["vector"], dtype=np.float32))
+    if len(ids) != todo.height:
+        raise RuntimeError(f"embedding returned {len(ids)} rows for {todo.height} items")
+    return vectors_frame(ids, np.concatenate(vectors), hashes, encoder_id), device, actors
+
+
+def run_embed(
+    items: pl.DataFrame,
+    encoder_dir: str | os.PathLike[str] | None,
+    out_path: str | os.PathLike[str],
+    *,
+    config: EncoderConfig = EncoderConfig(),  # noqa: B008 - frozen, so a shared default is safe
+    ray_address: str | None = None,
+    num_actors: int | None = None,
+) -> EmbedReport:
+    """Embed `items` (canonical items table) into `out_path` (item_vectors.parquet).
+
+    encoder_dir: an encoder directory or base model folder; None = `config.model_path`, and
+        when that is None too, the packaged MiniLM.
+    ray_address: a Ray cluster; None = a local Ray (started only if something needs embedding).
+    num_actors: actor pool size; None = one per GPU, or one per 4 CPUs (at least one).
+    """
+    t0 = time.perf_counter()
+    if "item_id" not in items.columns:
+        raise DataError("items: no item_id column; pass the canonical items table")
+    out = Path(out_path)
+    path = encoder_dir if encoder_dir is not None else config.model_path
+    encoder_path = str(path) if path is not None else None
+    encoder_id = encoder_id_for(encoder_path, config.max_length, config.template)
+    plan = plan_embedding(items, config.template, encoder_id, _previous(out))
+    fresh, device, actors = empty_vectors(), "none (all reused)", 0
+    if plan.todo.height:
+        init_ray(ray_address)
+        fresh, device, actors = _embed_on_ray(plan, encoder_path, config, encoder_id, num_actors)
+    table = assemble(plan, fresh)
+    write_parquet(table, out)
+    return EmbedReport(
+        embedded=plan.todo.height,
+        reused=plan.reused.height,
+        dropped=plan.dropped,
+        fallback_texts=plan.fallback_texts,
+        seconds=time.perf_counter() - t0,
+        device=device,
+        encoder_id=encoder_id,
+        out_path=out,
+        actors=actors,
+    )

@@ -1,0 +1,171 @@
+"""The embed and finetune jobs: incremental embedding (pure and on Ray), Ray Train fine-tuning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from test_finetune import topic_dataset
+
+from recsys.encoder import (
+    DEFAULT_TEMPLATE,
+    FinetuneConfig,
+    TextEncoder,
+    embed_catalogue,
+    load_item_vectors,
+    read_item_vectors,
+    read_manifest,
+)
+from recsys.errors import ConfigError
+
+
+def catalogue(n: int = 12) -> pl.DataFrame:
+    words = [
+        "red",
+        "apple",
+        "blue",
+        "ocean",
+        "green",
+        "leaf",
+        "tree",
+        "sky",
+        "sea",
+        "rose",
+        "lime",
+        "wave",
+    ]
+    return pl.DataFrame(
+        {
+            "item_id": [f"i{k}" for k in range(n)],
+            "title": [f"{words[k % 12]} {words[(k * 5) % 12]}" for k in range(n)],
+            "category": ["fruit"] * n,
+            "description": [None if k % 3 else "a long story about the sea" for k in range(n)],
+        }
+    )
+
+
+def edited(items: pl.DataFrame) -> pl.DataFrame:
+    """i1's text changes, i2 leaves the catalogue, i99 arrives (no text but a subcategory)."""
+    changed = items.with_columns(
+        pl.when(pl.col("item_id") == "i1")
+        .then(pl.lit("green moss"))
+        .otherwise("title")
+        .alias("title")
+    ).filter(pl.col("item_id") != "i2")
+    new = pl.DataFrame({"item_id": ["i99"], "title": [""], "subcategory": ["orchard"]})
+    return pl.concat([changed, new], how="diagonal_relaxed")
+
+
+def test_incremental_embedding_skips_unchanged_items(tiny_model_dir: Path) -> None:
+    enc = TextEncoder.load(tiny_model_dir)
+    calls: list[list[str]] = []
+
+    def embed(texts: list[str]) -> np.ndarray:
+        calls.append(texts)
+        return enc.embed(texts)
+
+    items = catalogue()
+    first, plan = embed_catalogue(embed, items, DEFAULT_TEMPLATE, enc.encoder_id)
+    assert plan.todo.height == 12 and first["item_id"].to_list() == items["item_id"].to_list()
+    second, plan2 = embed_catalogue(embed, edited(items), DEFAULT_TEMPLATE, enc.encoder_id, first)
+    assert calls[1] == ["green moss. fruit", "orchard"]  # only the changed and the new item
+    assert (plan2.reused.height, plan2.dropped, plan2.fallback_texts) == (10, 1, 1)
+    assert second["item_id"].to_list() == edited(items)["item_id"].to_list()
+    keep = [f"i{k}" for k in range(12) if k not in (1, 2)]
+    old = first.filter(pl.col("item_id").is_in(keep))["vector"].to_numpy()
+    new = second.filter(pl.col("item_id").is_in(keep))["vector"].to_numpy()
+    np.testing.assert_array_equal(old, new)  # identical, not recomputed
+    # A different encoder id re-embeds everything.
+    _, plan3 = embed_catalogue(embed, edited(items), DEFAULT_TEMPLATE, "other", second)
+    assert plan3.todo.height == 12 and plan3.reused.height == 0
+
+
+# --- Ray jobs (a real local Ray) ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_embed_job_on_ray_is_incremental(tmp_path: Path, tiny_model_dir: Path, ray_local) -> None:
+    from pipelines.embed import run_embed
+
+    out = tmp_path / "item_vectors.parquet"
+    items = catalogue()
+    r1 = run_embed(items, tiny_model_dir, out)
+    assert (r1.embedded, r1.reused, r1.dropped) == (12, 0, 0) and r1.device.startswith("cpu")
+    ids, v1 = load_item_vectors(out)
+    assert ids == items["item_id"].to_list() and v1.shape == (12, 32) and v1.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(v1, axis=1), 1.0, atol=1e-5)
+    table = read_item_vectors(out)
+    assert table.columns == ["item_id", "vector", "text_hash", "encoder_id"]
+    assert table["encoder_id"].unique().to_list() == [r1.encoder_id]
+    # int8 actors by default: close to the fp32 encoder in process.
+    fp32 = TextEncoder.load(tiny_model_dir).embed(["red apple. fruit. a long story about the sea"])
+    assert float(v1[0] @ fp32[0]) > 0.99
+
+    r2 = run_embed(edited(items), tiny_model_dir, out)
+    assert (r2.embedded, r2.reused, r2.dropped, r2.fallback_texts) == (2, 10, 1, 1)
+    ids2, v2 = load_item_vectors(out)
+    assert ids2 == edited(items)["item_id"].to_list()
+    same = [ids.index(i) for i in ids2 if i not in ("i1", "i99")]
+    np.testing.assert_array_equal(v1[same], v2[[ids2.index(ids[k]) for k in same]])
+    assert not np.allclose(v1[ids.index("i1")], v2[ids2.index("i1")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["item_vectors.parquet"]  # atomic
+
+    r3 = run_embed(edited(items), tiny_model_dir, out)  # nothing to do: Ray is not needed
+    assert (r3.embedded, r3.reused, r3.actors) == (0, 12, 0)
+
+
+@pytest.mark.slow
+def test_finetune_job_on_ray_train(tmp_path: Path, tiny_model_dir: Path, ray_local) -> None:
+    from pipelines.embed import run_embed
+    from pipelines.finetune import run_finetune
+
+    cfg = FinetuneConfig(max_steps=24, epochs=2, batch_size=8, lr=2e-2, lora_r=4, val_fraction=0.2)
+    seen: list[dict] = []
+    report = run_finetune(
+        topic_dataset(), tmp_path / "enc", cfg, base_model=tiny_model_dir, on_epoch=seen.append
+    )
+    assert [m["epoch"] for m in seen] == [1, 2] and len(report.losses) == 2
+    assert len(report.step_losses) == 24 and report.device == "cpu x1"
+    assert report.val_metrics["val_auc"] > 0.9 and 0 < report.val_metrics["val_mrr"] <= 1
+    assert report.trainable_params == 2 * 2 * (4 * 32 + 32 * 4) < report.total_params
+    manifest = read_manifest(report.encoder_dir)
+    assert manifest["method"] == "lora" and (report.encoder_dir / "adapter").is_dir()
+    # Downstream: the embed job takes the encoder directory.
+    r = run_embed(catalogue(), report.encoder_dir, tmp_path / "v.parquet")
+    base_id = TextEncoder.load(tiny_model_dir).encoder_id
+    assert r.embedded == 12 and r.encoder_id != base_id
+
+
+def test_finetune_none_writes_a_reference_dir_without_ray(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from pipelines.finetune import run_finetune
+
+    report = run_finetune(
+        topic_dataset(n_users=6),
+        tmp_path / "enc",
+        FinetuneConfig(method="none"),
+        base_model=tiny_model_dir,
+    )
+    assert read_manifest(report.encoder_dir)["method"] == "none" and report.losses == []
+    assert (
+        TextEncoder.load(report.encoder_dir).encoder_id
+        == TextEncoder.load(tiny_model_dir).encoder_id
+    )
+
+
+def test_jobs_name_a_bad_model_folder(tmp_path: Path) -> None:
+    from pipelines.embed import run_embed
+    from pipelines.finetune import run_finetune
+
+    with pytest.raises(ConfigError, match="nowhere: no such model folder"):
+        run_finetune(
+            topic_dataset(n_users=6),
+            tmp_path / "enc",
+            FinetuneConfig(),
+            base_model=tmp_path / "nowhere",
+        )
+    with pytest.raises(ConfigError, match="nowhere: no such model folder"):
+        run_embed(catalogue(), tmp_path / "nowhere", tmp_path / "v.parquet")

@@ -1,0 +1,231 @@
+"""The text encoder: item texts, embedding contract, quantisation, encoder ids, bad folders."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from recsys.encoder import (
+    DEFAULT_TEMPLATE,
+    EncoderConfig,
+    TextEncoder,
+    default_model_path,
+    encoder_id_for,
+    item_texts,
+    load_item_vectors,
+    mean_pool,
+    text_hash,
+    vectors_frame,
+)
+from recsys.encoder.model import Int8Linear, quantize_int8, resolve_precision, tokenize
+from recsys.errors import ConfigError, DataError
+
+TEXTS = [
+    "red apple",
+    "blue ocean sky sea lake river wave sapphire navy cobalt ice water and the long text",
+    "",
+    "green",
+    "a movie about the sea and a story with a dress, a shirt and a hat",
+    "red apple",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: Path) -> TextEncoder:
+    return TextEncoder.load(tiny_model_dir)
+
+
+# --- item texts ---------------------------------------------------------------------------------
+
+
+def test_item_texts_template_skips_empty_fields_and_counts_fallbacks() -> None:
+    items = pl.DataFrame(
+        {
+            "item_id": ["a", "b", "c", "d"],
+            "title": ["Red  apple", "Blue sky", "", "  "],
+            "category": ["fruit", None, None, ""],
+            "subcategory": [None, None, "orchard", None],
+            "description": ["Sweet\nand crisp.", "Clear", None, None],
+        }
+    )
+    texts, fallbacks = item_texts(items, DEFAULT_TEMPLATE)
+    assert texts == ["Red apple. fruit. Sweet and crisp.", "Blue sky. Clear", "orchard", "item d"]
+    assert fallbacks == 2  # c: only a subcategory (not in the template); d: nothing at all
+
+
+def test_item_texts_missing_columns_count_as_empty() -> None:
+    texts, fallbacks = item_texts(pl.DataFrame({"item_id": ["x"], "title": ["Hat"]}))
+    assert (texts, fallbacks) == (["Hat"], 0)
+
+
+def test_template_with_unknown_field_is_a_config_error() -> None:
+    items = pl.DataFrame({"item_id": ["a"], "title": ["t"]})
+    with pytest.raises(ConfigError, match=r"unknown field \{price\}.*\{title\}"):
+        item_texts(items, "{title} {price}")
+    with pytest.raises(ConfigError, match="names no field"):
+        EncoderConfig(template="just words")
+
+
+def test_text_hash_is_stable_and_content_sensitive() -> None:
+    assert text_hash("red apple") == "ac5b7eb9485bac6a8f2b9a0842249698"
+    assert text_hash("red apple") != text_hash("red apple ")
+
+
+def test_encoder_config_validation_names_key_and_allowed_values() -> None:
+    with pytest.raises(ConfigError, match=r"encoder.quantize must be one of auto, none, int8"):
+        EncoderConfig(quantize="int4")
+    with pytest.raises(ConfigError, match=r"encoder.max_length must be in \[8, 512\]"):
+        EncoderConfig(max_length=4)
+
+
+# --- embedding contract -------------------------------------------------------------------------
+
+
+def test_embed_unit_float32_rows_in_input_order(tiny: TextEncoder) -> None:
+    vecs = tiny.embed(TEXTS, batch_size=2)  # length-sorted batches of 2
+    assert vecs.shape == (len(TEXTS), tiny.dim) and vecs.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    one_by_one = np.stack([tiny.embed([t], batch_size=1)[0] for t in TEXTS])
+    np.testing.assert_allclose(vecs, one_by_one, atol=1e-5)  # order and padding do not matter
+    np.testing.assert_array_equal(vecs[0], vecs[5])  # same text, same vector
+    assert not np.allclose(vecs[0], vecs[1])
+
+
+def test_embed_empty_input(tiny: TextEncoder) -> None:
+    assert tiny.embed([]).shape == (0, tiny.dim)
+
+
+def test_long_text_is_truncated_to_max_length(tiny_model_dir: Path) -> None:
+    enc = TextEncoder.load(tiny_model_dir, max_length=16)
+    long = "red apple " * 5000
+    assert len(tokenize(enc.tokenizer, [long], 16)[0]) == 16
+    a, b = enc.embed([long, "red apple " * 20 + "blue ocean " * 100])
+    np.testing.assert_allclose(a, b, atol=1e-6)  # only the first 16 tokens count
+
+
+def test_mean_pool_ignores_padding() -> None:
+    hidden = torch.tensor([[[1.0, 3.0], [3.0, 5.0], [100.0, 100.0]]])
+    mask = torch.tensor([[1, 1, 0]])
+    assert mean_pool(hidden, mask).tolist() == [[2.0, 4.0]]
+
+
+def test_int8_close_to_fp32(tiny_model_dir: Path, tiny: TextEncoder) -> None:
+    q = TextEncoder.load(tiny_model_dir, quantize="int8")
+    assert q.precision == "int8" and any(isinstance(m, Int8Linear) for m in q.model.modules())
+    cos = (q.embed(TEXTS) * tiny.embed(TEXTS)).sum(1)
+    assert cos.min() > 0.995
+    assert q.encoder_id == tiny.encoder_id  # the same weights: interchangeable vectors
+
+
+def test_int8_linear_matches_float_linear() -> None:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(3, 7, 64)
+    x[0, 0] *= 50  # one outlier token must not spoil the others (per-token scales)
+    q = quantize_int8(torch.nn.Sequential(lin))
+    rel = (q(x) - lin(x)).norm(dim=-1) / lin(x).norm(dim=-1)
+    assert rel.max() < 0.03
+
+
+def test_precision_choice() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "int8"
+    assert resolve_precision("none", cpu) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    with pytest.raises(ConfigError, match="fp16' needs a CUDA device"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(ConfigError, match="int8' is a CPU form"):
+        resolve_precision("int8", torch.device("cuda"))
+
+
+def test_encoder_id_depends_on_weights_max_length_and_template(
+    tiny_model_dir: Path, tiny: TextEncoder
+) -> None:
+    assert encoder_id_for(tiny_model_dir, 64) == tiny.encoder_id  # no model load needed
+    assert encoder_id_for(tiny_model_dir, 32) != tiny.encoder_id
+    assert encoder_id_for(tiny_model_dir, 64, "{title}") != tiny.encoder_id
+    assert TextEncoder.load(tiny_model_dir).encoder_id == tiny.encoder_id
+
+
+# --- bad model folders --------------------------------------------------------------------------
+
+
+def test_missing_model_folder_is_one_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ConfigError, match=r"no-such-model: no such model folder; expected a Hug"):
+        TextEncoder.load(missing)
+
+
+def test_folder_that_is_not_a_model(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ConfigError, match=r"not a model folder \(missing config.json, model"):
+        TextEncoder.load(tmp_path)
+    with pytest.raises(ConfigError, match="is a file, not a model folder"):
+        TextEncoder.load(tmp_path / "notes.txt")
+
+
+def test_broken_model_files(tmp_path: Path, tiny_model_dir: Path) -> None:
+    for f in tiny_model_dir.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(ConfigError, match=r"cannot load as a model"):
+        TextEncoder.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    with pytest.raises(ConfigError, match=str(tmp_path)):
+        TextEncoder.load(tmp_path)
+
+
+# --- item vectors file --------------------------------------------------------------------------
+
+
+def test_load_item_vectors_round_trip(tmp_path: Path) -> None:
+    vecs = np.eye(3, 4, dtype=np.float32)
+    vectors_frame(["a", "b", "c"], vecs, ["h1", "h2", "h3"], "E").write_parquet(tmp_path / "v.pq")
+    ids, loaded = load_item_vectors(tmp_path / "v.pq")
+    assert ids == ["a", "b", "c"] and loaded.dtype == np.float32
+    np.testing.assert_array_equal(loaded, vecs)
+    with pytest.raises(DataError, match="no item vectors file; run `recsys embed`"):
+        load_item_vectors(tmp_path / "missing.parquet")
+    pl.DataFrame({"item_id": ["a"]}).write_parquet(tmp_path / "bad.pq")
+    with pytest.raises(
+        DataError, match=r"lacks column\(s\) \['vector', 'text_hash', 'encoder_id'\]"
+    ):
+        load_item_vectors(tmp_path / "bad.pq")
+
+
+# --- the packaged model -------------------------------------------------------------------------
+
+
+def test_core_imports_no_ray_mlflow_or_web() -> None:
+    code = (
+        "import sys, recsys.encoder, recsys.encoder.finetune, recsys.encoder.store;"
+        "bad = [m for m in ('ray', 'mlflow', 'fastapi', 'uvicorn') if m in sys.modules];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_packaged_minilm_int8_matches_fp32() -> None:
+    assert (default_model_path() / "config.json").is_file()
+    texts = [
+        "Slim-fit jersey dress with short sleeves. Dress. Soft cotton jersey.",
+        "Galaxy telescope and comet: what comes next",
+        "Recipe for sourdough bread, baking in a hot oven",
+        "",
+    ]
+    fp32 = TextEncoder.load()
+    int8 = TextEncoder.load(quantize="int8")
+    assert fp32.dim == 384
+    cos = (fp32.embed(texts) * int8.embed(texts)).sum(1)
+    assert cos.mean() >= 0.99 and cos.min() >= 0.98
+    sims = fp32.embed(["a recipe for pasta", "cooking spaghetti at home", "stock market crash"])
+    assert sims[0] @ sims[1] > sims[0] @ sims[2]  # the model means something

@@ -1,0 +1,313 @@
+"""Fine-tuning: examples, loss, the plain loop on a tiny BERT, encoder directories."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from recsys.data import Dataset, conform
+from recsys.encoder import (
+    FinetuneConfig,
+    TextEncoder,
+    build_examples,
+    read_manifest,
+    save_encoder,
+    split_by_time,
+    train_encoder,
+)
+from recsys.encoder.finetune import build_model, contrastive_loss, count_params, user_vectors
+from recsys.errors import ConfigError, DataError
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+TOPICS = {
+    "red": ["red", "apple", "cherry", "strawberry", "tomato", "ruby", "rose", "crimson"],
+    "blue": ["blue", "ocean", "sky", "sea", "lake", "river", "wave", "sapphire"],
+    "green": ["green", "forest", "grass", "leaf", "tree", "moss", "jungle", "lime"],
+}
+
+
+def hours(h: float) -> datetime:
+    return T0 + timedelta(hours=h)
+
+
+def make_dataset(items: list[dict], inter: list[tuple], imp: list[tuple]) -> Dataset:
+    return Dataset(
+        conform("items", pl.DataFrame(items)),
+        conform(
+            "interactions",
+            pl.DataFrame(inter, schema=["user_id", "item_id", "ts", "weight"], orient="row"),
+        ),
+        conform(
+            "impressions",
+            pl.DataFrame(
+                imp,
+                schema=["impression_id", "user_id", "ts", "item_id", "clicked", "position"],
+                orient="row",
+            ),
+        ),
+    )
+
+
+def topic_dataset(n_users: int = 60, seed: int = 0) -> Dataset:
+    """Three colour topics, 20 items each; every user reads and clicks one topic only, and is
+    shown one item of their topic among four of the others. The right ranking is obvious."""
+    rng = np.random.default_rng(seed)
+    items = [
+        {"item_id": f"{t}{k}", "title": " ".join(rng.choice(w, 3)), "category": "thing"}
+        for t, w in TOPICS.items()
+        for k in range(20)
+    ]
+    inter, imp = [], []
+    for u in range(n_users):
+        topic = list(TOPICS)[u % 3]
+        own = [f"{topic}{k}" for k in range(20)]
+        others = [f"{o}{k}" for o in TOPICS if o != topic for k in range(20)]
+        for j in range(4):
+            inter.append((f"u{u}", str(rng.choice(own)), hours(u * 10 + j), 1.0))
+        for j in range(3):
+            shown = [str(rng.choice(own)), *map(str, rng.choice(others, 4, replace=False))]
+            for p, item in enumerate(shown):
+                imp.append((f"u{u}-{j}", f"u{u}", hours(u * 10 + 5 + j), item, p == 0, p))
+    return make_dataset(items, inter, imp)
+
+
+# --- examples -----------------------------------------------------------------------------------
+
+
+def small_items() -> list[dict]:
+    return [{"item_id": f"i{k}", "title": f"item {k}"} for k in range(8)]
+
+
+def test_examples_from_impressions_known_answer() -> None:
+    data = make_dataset(
+        small_items(),
+        [
+            ("u1", "i0", None, 1.0),  # history from before the log: oldest
+            ("u1", "i1", hours(1), 1.0),
+            ("u1", "i2", hours(2), 1.0),
+            ("u1", "i3", hours(5), 1.0),  # at the impression's time: not history
+            ("u2", "i4", hours(9), 1.0),  # after u2's impression
+        ],
+        [
+            ("s1", "u1", hours(5), "i3", True, 0),
+            ("s1", "u1", hours(5), "i5", False, 1),
+            ("s1", "u1", hours(5), "i6", False, 2),
+            ("s2", "u2", hours(6), "i7", True, 0),  # u2 has no earlier interaction
+            ("s2", "u2", hours(6), "i1", False, 1),
+        ],
+    )
+    ex = build_examples(data, history_len=2)
+    assert ex.source == "impressions" and len(ex) == 1 and ex.without_history == 1
+    assert ex.history.tolist() == [[1, 2]]  # the two latest before 5h: i1, i2
+    assert ex.positive.tolist() == [3]
+    assert sorted(ex.shown[0][ex.shown[0] >= 0].tolist()) == [5, 6]
+    assert build_examples(data, history_len=5).history.tolist() == [[0, 1, 2, -1, -1]]
+
+
+def test_examples_from_interactions_when_no_clicks() -> None:
+    data = make_dataset(
+        small_items(),
+        [
+            ("u1", "i2", hours(3), 1.0),
+            ("u1", "i0", hours(1), 1.0),
+            ("u1", "i1", hours(2), 1.0),
+            ("u2", "i5", hours(1), 1.0),  # a single interaction: no example
+        ],
+        [],
+    )
+    ex = build_examples(data, history_len=5)
+    assert ex.source == "interactions" and len(ex) == 2
+    assert ex.positive.tolist() == [1, 2]
+    assert ex.history.tolist() == [[0, -1, -1, -1, -1], [0, 1, -1, -1, -1]]
+    assert (ex.shown < 0).all()  # negatives will be sampled
+
+
+def test_split_by_time_holds_out_the_latest_slice() -> None:
+    ex = build_examples(topic_dataset(n_users=30))
+    train, val = split_by_time(ex, 0.2)
+    assert len(train) + len(val) == len(ex) and 0 < len(val) < len(ex) / 2
+    assert train.ts.max() < val.ts.min()
+
+
+def test_dataset_without_history_is_a_clear_error(tiny_model_dir: Path) -> None:
+    data = make_dataset(small_items(), [("u1", "i1", hours(1), 1.0)], [])
+    with pytest.raises(DataError, match="no training examples"):
+        train_encoder(FinetuneConfig(), data, base_model=tiny_model_dir)
+
+
+# --- loss ---------------------------------------------------------------------------------------
+
+
+def test_contrastive_loss_prefers_the_positive_and_masks_duplicates() -> None:
+    users = torch.eye(2, 3)
+    cands = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [0, 0, 1.0]])
+    items = torch.tensor([10, 11, 12, 13])
+    good = contrastive_loss(users, cands, items, torch.tensor([10, 11]), 0.05)
+    assert good.item() < 1e-6
+    swapped = contrastive_loss(users, cands[[1, 0, 2, 3]], items, torch.tensor([10, 11]), 0.05)
+    assert swapped.item() > 10
+    # Both rows clicked item 10; each row's other copy of it is masked, not a negative. Row 0
+    # (user e0): logits 20 vs 0, 0. Row 1 (user e1, its positive e0): logits 0 vs 0, 0.
+    both = contrastive_loss(
+        users, cands[[0, 0, 2, 3]], torch.tensor([10, 10, 12, 13]), torch.tensor([10, 10]), 0.05
+    )
+    expected = (np.log(1 + 2 * np.exp(-20)) + np.log(3)) / 2
+    assert both.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_user_vectors_average_valid_history_only() -> None:
+    items = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    u = user_vectors(items, torch.tensor([[0, 1, -1], [2, -1, -1]]))
+    s = 2**-0.5
+    assert torch.allclose(u, torch.tensor([[s, s], [s, s]]))
+
+
+def test_finetune_config_validation() -> None:
+    with pytest.raises(ConfigError, match=r"finetune\.method must be one of lora, full, none"):
+        FinetuneConfig(method="qlora")
+    with pytest.raises(ConfigError, match=r"finetune\.batch_size must be >= 1"):
+        FinetuneConfig(batch_size=0)
+    with pytest.raises(ConfigError, match=r"finetune.lora_dropout must be in \[0, 1\)"):
+        FinetuneConfig(lora_dropout=1.5)
+    with pytest.raises(ConfigError, match="unknown field"):
+        FinetuneConfig(template="{name}")
+
+
+# --- the loop learns ----------------------------------------------------------------------------
+
+
+def test_full_finetuning_learns_the_toy_topics(tiny_model_dir: Path) -> None:
+    data = topic_dataset()
+    frozen = train_encoder(
+        FinetuneConfig(method="none", val_fraction=0.2), data, base_model=tiny_model_dir
+    )
+    cfg = FinetuneConfig(
+        method="full", max_steps=80, epochs=10, batch_size=8, lr=1e-3, val_fraction=0.2
+    )
+    steps: list[dict] = []
+    tuned = train_encoder(cfg, data, base_model=tiny_model_dir, on_step=steps.append)
+    assert len(tuned.losses) == len(steps) == 80
+    assert np.mean(tuned.losses[-10:]) < np.mean(tuned.losses[:10]) - 0.2
+    assert tuned.trainable_params == tuned.total_params
+    # Known answer: after training, the clicked (same-topic) item outranks the other topics.
+    assert tuned.val_metrics["val_auc"] >= 0.97
+    assert tuned.val_metrics["val_auc"] > frozen.val_metrics["val_auc"] + 0.05
+    assert tuned.val_metrics["val_mrr"] >= 0.9
+
+
+def test_lora_trains_only_the_adapter(tiny_model_dir: Path) -> None:
+    data = topic_dataset()
+    cfg = FinetuneConfig(max_steps=60, epochs=10, batch_size=8, lr=2e-2, lora_r=4)
+    before, _ = build_model(FinetuneConfig(method="none"), tiny_model_dir)
+    result = train_encoder(cfg, data, base_model=tiny_model_dir)
+    assert np.mean(result.losses[-10:]) < np.mean(result.losses[:10]) - 0.2
+    assert result.val_metrics["val_auc"] >= 0.95
+    # 2 layers x (query, value) x (A: 4x32 + B: 32x4)
+    assert result.trainable_params == 2 * 2 * (4 * 32 + 32 * 4)
+    base = result.model.get_base_model()
+    w0 = before.encoder.layer[0].attention.self.query.weight
+    assert torch.equal(base.encoder.layer[0].attention.self.query.base_layer.weight, w0)
+
+
+def test_history_without_gradient_still_trains_the_item_side(tiny_model_dir: Path) -> None:
+    cfg = FinetuneConfig(max_steps=5, batch_size=8, lr=1e-2, lora_r=4, history_grad=False)
+    result = train_encoder(cfg, topic_dataset(n_users=15), base_model=tiny_model_dir)
+    assert len(result.losses) == 5
+    lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
+    assert all(float(p.detach().abs().sum()) > 0 for p in lora_b)  # B starts at zero: it moved
+
+
+def test_lora_layers_limits_the_adapter_to_the_last_layers(tiny_model_dir: Path) -> None:
+    model, _ = build_model(FinetuneConfig(lora_layers=1, lora_r=4), tiny_model_dir)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(".layer.1." in n for n in names)
+    assert count_params(model)[0] == 2 * (4 * 32 + 32 * 4)
+
+
+# --- encoder directories ------------------------------------------------------------------------
+
+TEXTS = ["red apple cherry", "blue ocean", "green leaf tree", ""]
+
+
+@pytest.fixture(scope="module")
+def lora_result(tiny_model_dir: Path):
+    cfg = FinetuneConfig(max_steps=20, epochs=5, batch_size=8, lr=5e-3, max_length=32)
+    return train_encoder(cfg, topic_dataset(n_users=30), base_model=tiny_model_dir)
+
+
+def test_lora_dir_holds_the_adapter_only_and_loads_merged(tmp_path: Path, lora_result) -> None:
+    out = save_encoder(lora_result, tmp_path / "enc", max_length=32)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert "encoder.json" in files and "adapter/adapter_model.safetensors" in files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl"))]
+    assert not (out / "model").exists()  # not the full weights
+    m = read_manifest(out)
+    assert m["method"] == "lora" and m["config"]["lora_r"] == 8 and m["max_length"] == 32
+    loaded = TextEncoder.load(out, max_length=32)
+    assert loaded.encoder_id == m["encoder_id"]
+    assert not any("lora" in n for n, _ in loaded.model.named_parameters())  # merged
+    np.testing.assert_allclose(loaded.embed(TEXTS), lora_result.encoder.embed(TEXTS), atol=1e-5)
+    base = TextEncoder.load(lora_result.base_model, max_length=32)
+    assert loaded.encoder_id != base.encoder_id
+    assert not np.allclose(loaded.embed(TEXTS), base.embed(TEXTS), atol=1e-4)
+
+
+def test_saving_again_replaces_the_directory(tmp_path: Path, lora_result) -> None:
+    out = tmp_path / "enc"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    save_encoder(lora_result, out)
+    assert not (out / "stale.txt").exists() and (out / "encoder.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["enc"]  # no temporary folders left
+
+
+def test_full_and_frozen_dirs(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = topic_dataset(n_users=15)
+    full = train_encoder(
+        FinetuneConfig(method="full", max_steps=3, lr=1e-3), data, base_model=tiny_model_dir
+    )
+    out = save_encoder(full, tmp_path / "full")
+    assert (out / "model" / "model.safetensors").is_file() and read_manifest(out)[
+        "method"
+    ] == "full"
+    np.testing.assert_allclose(
+        TextEncoder.load(out, max_length=48).embed(TEXTS), full.encoder.embed(TEXTS), atol=1e-5
+    )
+
+    frozen = save_encoder(None, tmp_path / "none", base_model=tiny_model_dir)
+    assert sorted(p.name for p in frozen.iterdir()) == ["encoder.json"]
+    assert TextEncoder.load(frozen).encoder_id == TextEncoder.load(tiny_model_dir).encoder_id
+
+
+def test_encoder_dir_with_changed_base_or_missing_adapter(
+    tmp_path: Path, tiny_model_dir: Path, lora_result
+) -> None:
+    out = save_encoder(lora_result, tmp_path / "enc")
+    manifest = json.loads((out / "encoder.json").read_text())
+    manifest["base_model"]["weights_digest"] = "0" * 64
+    (out / "encoder.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        ConfigError, match="other weights than the ones this encoder was trained on"
+    ):
+        TextEncoder.load(out)
+    manifest["base_model"]["path"] = str(tmp_path / "gone")
+    (out / "encoder.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"its base model .*gone is missing"):
+        TextEncoder.load(out)
+    good = save_encoder(lora_result, tmp_path / "enc2")
+    (good / "adapter" / "adapter_model.safetensors").unlink()
+    with pytest.raises(DataError, match="holds no safetensors; the directory is incomplete"):
+        TextEncoder.load(good)
+
+
+@pytest.mark.slow
+def test_lora_on_minilm_trains_under_one_percent() -> None:
+    model, _ = build_model(FinetuneConfig())
+    trainable, total = count_params(model)
+    assert 0 < trainable <= 0.01 * total
