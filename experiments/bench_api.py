@@ -15,7 +15,9 @@ the CPU, since client and server share the machine). Per step it prints the achi
 client-side p50/p95/p99, the server-side p50/p95/p99 (the `Server-Timing: app;dur=` header each
 response carries: time inside the app from request to response start), the same from the
 /metrics histogram (interpolated in buckets; with several workers a scrape sees one of them), and
-the number of errors (non-200 or connection failures).
+the number of errors (non-200 or connection failures), and the CPU milliseconds per request
+spent by the server (all its processes) and by the load generator, and the cores the server
+used on average: on a shared machine these say how much of a latency figure is the machine.
 
 Targets (2 cores): server-side p99 <= 5 ms and >= 1,000 req/s with zero errors.
 """
@@ -85,6 +87,7 @@ async def _drive(
     server_ms: list[float] = []
     errors = 0
     t_start = time.perf_counter()
+    cpu_start = time.process_time()
     t_end = t_start + seconds
 
     async def worker(i: int) -> None:
@@ -139,6 +142,7 @@ async def _drive(
     await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - t_start
     return {
+        "client_cpu": time.process_time() - cpu_start,
         "completed": len(client_ms),
         "elapsed": elapsed,
         "client_ms": client_ms,
@@ -174,6 +178,24 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process `pid` and its children."""
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+    except psutil.NoSuchProcess:
+        pass
+    return total
 
 
 def _get(port: int, path: str) -> tuple[int, str]:
@@ -279,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         for rate in steps:
             # the histogram is per process: with several workers a scrape sees one of them
             before = _rank_buckets(port) if args.workers == 1 else []
+            cpu0 = _tree_cpu(server.pid)
             res = run_step(port, bodies, rate, args.seconds, args.connections)
+            server_cpu = _tree_cpu(server.pid) - cpu0
             hist = _step_quantiles(before, _rank_buckets(port)) if args.workers == 1 else "n/a"
             row = {
                 "offered": "max" if rate is None else f"{rate:.0f}",
@@ -292,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                 "srv p99": _pct(res["server_ms"], 99),
                 "hist p50/95/99": hist,
                 "errors": res["errors"],
+                "srv cpu/req": server_cpu * 1e3 / max(res["completed"], 1),
+                "cli cpu/req": res["client_cpu"] * 1e3 / max(res["completed"], 1),
+                "srv cores": server_cpu / res["elapsed"],
                 "load1": os.getloadavg()[0],
             }
             rows.append(row)

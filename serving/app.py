@@ -115,11 +115,7 @@ def load_model(source: str, settings: Settings) -> ServingModel:
     """Load, prepare and self-check a bundle; `DataError` if it is missing, broken or skewed."""
     bundle = Bundle.load(resolve_source(source, settings.tracking_uri))
     try:
-        return ServingModel.from_bundle(
-            bundle,
-            preload_encoder=settings.preload_encoder,
-            predict_threads=settings.predict_threads,
-        )
+        return ServingModel.from_bundle(bundle, preload_encoder=settings.preload_encoder)
     except RecsysError:
         raise
     except Exception as e:  # a bundle whose parts load but do not fit together
@@ -193,6 +189,13 @@ def _details(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
 def _error(status: int, message: str, detail: list[dict[str, str]] | None = None,
            headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
     return JSONResponse({"error": message, "detail": detail or []}, status, headers=headers)
+
+
+def _json(content: Any) -> Response:
+    """A JSON response from plain dicts and lists (the hot path skips pydantic models: the
+    shapes are the documented response models, checked against them in the tests)."""
+    body = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return Response(body.encode(), media_type="application/json")
 
 
 def _invalid(detail: list[dict[str, str]]) -> JSONResponse:
@@ -348,9 +351,13 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        restore = limit_native_threads(settings.native_threads)
         if state.model is None and state.source is not None:
             await _initial_load(state)  # before the worker accepts connections
-        yield
+        try:
+            yield
+        finally:
+            restore()
 
     app = FastAPI(
         title="recsys ranking API",
@@ -368,7 +375,7 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
 
     @app.post("/v1/rank", response_model=RankResponse, response_model_exclude_none=True,
               responses=_ERRORS, tags=["ranking"])  # fmt: skip
-    async def rank(body: RankRequest, request: Request) -> RankResponse:
+    async def rank(body: RankRequest, request: Request) -> Response:
         """Rank `candidates` (1 to 1,000 distinct ids) and return the top `k`.
 
         A user the bundle knows is ranked with their stored profile, extended by `history`; an
@@ -384,7 +391,7 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
             if any(i.item_id in needed and i.item_id not in model.vectors.index
                    for i in body.items):  # fmt: skip
                 new = await run_in_threadpool(model.embed, body.items, needed)
-        return model.rank(body, new)
+        return _json(model.rank(body, new))
 
     @app.get("/v1/recommendations/{user_id}", response_model=RecommendationsResponse,
              responses=_ERRORS, tags=["ranking"])  # fmt: skip
@@ -392,9 +399,9 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
         request: Request,
         user_id: str = PathParam(min_length=1, max_length=256),
         k: int = Query(10, ge=1, le=1000, description="list length"),
-    ) -> RecommendationsResponse:
+    ) -> Response:
         """The user's nightly ranked list (top k), or popular items marked `fallback`."""
-        return _model(request).recommendations(user_id, k)
+        return _json(_model(request).recommendations(user_id, k))
 
     @app.get("/healthz", response_model=Health, response_model_exclude_none=True,
              tags=["operations"])  # fmt: skip
@@ -477,6 +484,22 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
     return app
 
 
+def limit_native_threads(n: int) -> Callable[[], None]:
+    """Cap this process's BLAS (numpy) and OpenMP (LightGBM, torch) threads at `n`; returns
+    the undo. Per-request work is small, extra threads do not speed it up, and idle OpenBLAS /
+    OpenMP threads busy-wait: measured, a spinning BLAS thread used a whole core beside each
+    worker. Needs `threadpoolctl`; without it a warning says to set OMP_NUM_THREADS and
+    OPENBLAS_NUM_THREADS before start (`serve` sets them for its worker processes)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        logger.warning("threadpoolctl is not installed: native threads not limited; set "
+                       "OMP_NUM_THREADS=%d OPENBLAS_NUM_THREADS=%d before start", n, n)  # fmt: skip
+        return lambda: None
+    limiter = threadpool_limits(limits=n)
+    return limiter.restore_original_limits  # type: ignore[no-any-return]
+
+
 def _authorize(request: Request, settings: Settings) -> None:
     if settings.admin_token is None:
         raise StarletteHTTPException(
@@ -550,6 +573,8 @@ def serve(
                     log_level=log_level, access_log=access_log)  # fmt: skip
         return
     del model
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(settings.native_threads))  # read as workers start
     os.environ["RECSYS_BUNDLE" if bundle is not None else "RECSYS_MODEL_URI"] = source
     os.environ.pop("RECSYS_MODEL_URI" if bundle is not None else "RECSYS_BUNDLE", None)
     if settings.tracking_uri:

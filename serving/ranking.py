@@ -30,16 +30,7 @@ from recsys.errors import DataError
 from recsys.featurize import matrix
 from recsys.semantic import SEMANTIC_FEATURES, _recency_weights
 from recsys.vectors import ItemVectors
-from serving.schemas import (
-    EXPLAIN_TOP,
-    Contribution,
-    ItemText,
-    RankedItem,
-    RankRequest,
-    RankResponse,
-    RecommendationsResponse,
-    RecommendedItem,
-)
+from serving.schemas import EXPLAIN_TOP, ItemText, RankRequest
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
@@ -149,15 +140,12 @@ class ServingModel:
     reference to it can be swapped atomically and requests in flight finish on the one they got.
     """
 
-    def __init__(
-        self, bundle: Bundle, *, preload_encoder: bool = True, predict_threads: int = 1
-    ) -> None:
+    def __init__(self, bundle: Bundle, *, preload_encoder: bool = True) -> None:
         self.bundle = bundle
         self.model_version = bundle.model_version
         self.spec = bundle.spec
         self.columns = list(bundle.spec.columns)
         self.n_behavioural = len(bundle.spec.behavioural)
-        self.predict_threads = predict_threads
         self.vectors = bundle.vectors
         snap = bundle.snapshot
         self.index = snap.index()  # builds the numpy lookups once (cached on the snapshot)
@@ -175,11 +163,9 @@ class ServingModel:
         self.encoder: Any = bundle.encoder("int8") if preload_encoder else None
 
     @classmethod
-    def from_bundle(
-        cls, bundle: Bundle, *, preload_encoder: bool = True, predict_threads: int = 1
-    ) -> ServingModel:
+    def from_bundle(cls, bundle: Bundle, *, preload_encoder: bool = True) -> ServingModel:
         """Prepare `bundle` for serving and check its fast path against `bundle.featurize`."""
-        model = cls(bundle, preload_encoder=preload_encoder, predict_threads=predict_threads)
+        model = cls(bundle, preload_encoder=preload_encoder)
         model.self_check()
         return model
 
@@ -285,13 +271,9 @@ class ServingModel:
     # ------------------------------------------------------------------ requests
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Ranker scores (n,) of feature rows x (n, F); the same numbers as `ranker.predict`."""
-        r = self.bundle.ranker
-        if x.shape[0] == 0:
-            return np.zeros(0)
-        return np.asarray(
-            r.booster.predict(x, num_iteration=r.best_iteration, num_threads=self.predict_threads)
-        )
+        """Ranker scores (n,) of feature rows x (n, F): the batch job's `ranker.predict`.
+        (Threads: the server caps OpenMP at one per worker, see serving/app.py.)"""
+        return self.bundle.ranker.predict(x)
 
     def embed(self, items: Sequence[ItemText], needed: set[str]) -> NewItems | None:
         """Vectors of the `items` the bundle has no vector for and that `needed` names.
@@ -322,104 +304,106 @@ class ServingModel:
             return "profile"
         return "history" if history else "popularity"
 
-    def rank(self, req: RankRequest, new: NewItems | None = None) -> RankResponse:
-        """Rank `req.candidates` (see serving/app.py for the API contract)."""
+    def rank(self, req: RankRequest, new: NewItems | None = None) -> dict[str, Any]:
+        """Rank `req.candidates`; returns the `RankResponse` wire format as plain dicts and
+        lists (built without pydantic objects: this is the hot path; the app encodes it and the
+        tests validate it against `RankResponse`). See serving/app.py for the contract."""
         cands = req.candidates
         k = min(req.k or len(cands), len(cands))
         with_text = {i.item_id for i in req.items}
-        unknown = [c for c in cands if c not in self.known_items and c not in with_text]
+        known = self.known_items
+        unknown = [c for c in cands if c not in known and c not in with_text]
         strategy = self.strategy(req.user_id, req.history)
+        items: list[dict[str, Any]]
         if strategy == "popularity":
-            scores = np.fromiter((self.popularity.get(c, 0.0) for c in cands), np.float64)
-            order = np.argsort(-scores, kind="stable")[:k]
-            items = []
-            for r, i in enumerate(order.tolist()):
-                s = float(scores[i])
-                why = [Contribution(feature="popularity", value=s, contribution=s)]
-                items.append(
-                    RankedItem(item_id=cands[i], score=s, rank=r + 1,
-                               explanation=why if req.explain else None)
-                )  # fmt: skip
+            pop = self.popularity
+            scores = np.fromiter((pop.get(c, 0.0) for c in cands), np.float64, len(cands))
+            order = np.argsort(-scores, kind="stable")[:k].tolist()
+            items = [
+                {"item_id": cands[i], "score": float(scores[i]), "rank": r + 1}
+                for r, i in enumerate(order)
+            ]
+            if req.explain:
+                for it in items:
+                    s = it["score"]
+                    it["explanation"] = [{"feature": "popularity", "value": s, "contribution": s}]
         else:
             user = req.user_id if strategy != "history" else None
             x = self.features(user, cands, req.history, new)
             scores = self.predict(x)
             if not np.isfinite(scores).all():
                 raise DataError("the ranker returned a non-finite score; the bundle is broken")
-            order = np.argsort(-scores, kind="stable")[:k]
-            expl = self.explain(x[order]) if req.explain else None
+            top = np.argsort(-scores, kind="stable")[:k]
+            order = top.tolist()
             items = [
-                RankedItem(
-                    item_id=cands[i],
-                    score=float(scores[i]),
-                    rank=r + 1,
-                    explanation=expl[r] if expl is not None else None,
-                )
-                for r, i in enumerate(order.tolist())
+                {"item_id": cands[i], "score": s, "rank": r + 1}
+                for r, (i, s) in enumerate(zip(order, scores[top].tolist(), strict=True))
             ]
-        return RankResponse(
-            model_version=self.model_version,
-            strategy=strategy,  # type: ignore[arg-type]
-            items=items,
-            unknown_items=unknown,
-        )
+            if req.explain:
+                for it, why in zip(items, self.explain(x[top]), strict=True):
+                    it["explanation"] = why
+        return {
+            "model_version": self.model_version,
+            "strategy": strategy,
+            "items": items,
+            "unknown_items": unknown,
+        }
 
-    def explain(self, x: np.ndarray, top: int = EXPLAIN_TOP) -> list[list[Contribution]]:
-        """Each row's `top` features by |contribution| (LightGBM pred_contrib, bias left out)."""
-        contrib = self.bundle.ranker.contributions(x)[:, :-1]  # (n, F)
+    def explain(self, x: np.ndarray, top: int = EXPLAIN_TOP) -> list[list[dict[str, Any]]]:
+        """Each row's `top` features by |contribution| (LightGBM pred_contrib, bias left out):
+        [{feature, value (None = missing), contribution}] per row of x (n, F)."""
+        if x.shape[0] == 0:
+            return []
+        contrib = self.bundle.ranker.contributions(x)[:, :-1]  # (n, F), bias dropped
         order = np.argsort(-np.abs(contrib), axis=1, kind="stable")[:, :top]
-        out = []
-        for row, cols in enumerate(order.tolist()):
-            out.append(
-                [
-                    Contribution(
-                        feature=self.columns[c],
-                        value=None if np.isnan(x[row, c]) else float(x[row, c]),
-                        contribution=float(contrib[row, c]),
-                    )
-                    for c in cols
-                ]
-            )
-        return out
+        return [
+            [
+                {
+                    "feature": self.columns[c],
+                    "value": None if np.isnan(x[row, c]) else float(x[row, c]),
+                    "contribution": float(contrib[row, c]),
+                }
+                for c in cols
+            ]
+            for row, cols in enumerate(order.tolist())
+        ]
 
-    def recommendations(self, user_id: str, k: int) -> RecommendationsResponse:
+    def recommendations(self, user_id: str, k: int) -> dict[str, Any]:
         """The nightly list of `user_id` (top k), else the popular items the user has not
-        consumed, marked `fallback`."""
+        consumed, marked `fallback`; the `RecommendationsResponse` wire format."""
         span = self.lists.ptr.get(user_id)
         if span is not None:
             lo, hi = span
             hi = min(hi, lo + k)
-            items = [
-                RecommendedItem(item_id=self.lists.item_ids[j], score=float(self.lists.scores[j]),
-                                rank=j - lo + 1)
-                for j in range(lo, hi)
-            ]  # fmt: skip
-            return RecommendationsResponse(
-                model_version=self.model_version,
-                user_id=user_id,
-                fallback=False,
-                generated_at=self.lists.generated_at,
-                items=items,
-            )
+            scores = self.lists.scores[lo:hi].tolist()
+            return {
+                "model_version": self.model_version,
+                "user_id": user_id,
+                "fallback": False,
+                "generated_at": self.lists.generated_at,
+                "items": [
+                    {"item_id": self.lists.item_ids[j], "score": scores[j - lo], "rank": j - lo + 1}
+                    for j in range(lo, hi)
+                ],
+            }
         lo, hi = self.histories.ptr.get(user_id, (0, 0))
         seen = set(self.histories.item_ids[lo:hi].tolist())
-        items = []
+        items: list[dict[str, Any]] = []
         for j, item in enumerate(self.popular_ids):
             if len(items) == k:
                 break
             if item not in seen:
                 items.append(
-                    RecommendedItem(
-                        item_id=item, score=float(self.popular_scores[j]), rank=len(items) + 1
-                    )
-                )
-        return RecommendationsResponse(
-            model_version=self.model_version,
-            user_id=user_id,
-            fallback=True,
-            generated_at=None,
-            items=items,
-        )
+                    {"item_id": item, "score": float(self.popular_scores[j]),
+                     "rank": len(items) + 1}
+                )  # fmt: skip
+        return {
+            "model_version": self.model_version,
+            "user_id": user_id,
+            "fallback": True,
+            "generated_at": None,
+            "items": items,
+        }
 
     # ------------------------------------------------------------------ checks
 

@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = None
     max_body_bytes: int = Field(default=1_048_576, ge=1_024, le=64 * 1_048_576)
     preload_encoder: bool = True
-    predict_threads: int = Field(default=1, ge=1, le=256)
+    native_threads: int = Field(default=1, ge=1, le=256)
 
     @model_validator(mode="after")
     def _one_source(self) -> Settings:
