@@ -23,10 +23,13 @@ changes the model under a request in flight; the old model is freed when the las
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
@@ -55,6 +58,7 @@ from serving.schemas import (
     ReloadResponse,
 )
 from serving.settings import Settings
+from serving.sync import NoteWatcher, read_note, write_note
 
 logger = logging.getLogger("serving")
 
@@ -94,21 +98,40 @@ def resolve_source(source: str, tracking_uri: str | None = None) -> Path:
 
 
 def _download(uri: str, tracking_uri: str | None) -> str:
+    """Download `uri`; a registered model version goes to a folder of its own under the temp
+    dir (keyed by registry, name, version and source), reused when already complete, so
+    reloads of the same version download nothing."""
     import mlflow
 
-    if uri.startswith("models:/"):
-        # Resolve the version here: download_artifacts alone would ask the default registry.
-        client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        name, at, alias = uri.removeprefix("models:/").partition("@")
-        if at:
-            mv = client.get_model_version_by_alias(name, alias)
-        else:
-            name, _, version = name.partition("/")
-            if not version.isdigit():
-                raise DataError(f"{uri}: give models:/NAME@ALIAS or models:/NAME/VERSION")
-            mv = client.get_model_version(name, version)
-        uri = client.get_model_version_download_uri(mv.name, mv.version)
-    return str(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
+    if not uri.startswith("models:/"):
+        return str(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
+    # Resolve the version here: download_artifacts alone would ask the default registry.
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    name, at, alias = uri.removeprefix("models:/").partition("@")
+    if at:
+        mv = client.get_model_version_by_alias(name, alias)
+    else:
+        name, _, version = name.partition("/")
+        if not version.isdigit():
+            raise DataError(f"{uri}: give models:/NAME@ALIAS or models:/NAME/VERSION")
+        mv = client.get_model_version(name, version)
+    source = client.get_model_version_download_uri(mv.name, mv.version)
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in mv.name)
+    key = hashlib.sha256(f"{tracking_uri}|{source}".encode()).hexdigest()[:12]
+    dest = Path(tempfile.gettempdir()) / "recsys-bundles" / f"{safe}-v{mv.version}-{key}"
+    if (dest / "manifest.json").is_file():
+        return str(dest)  # Bundle.load still checks every part
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(work),
+                                                       tracking_uri=tracking_uri))  # fmt: skip
+        if dest.exists():  # another process finished first
+            return str(dest)
+        os.replace(got, dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return str(dest)
 
 
 def load_model(source: str, settings: Settings) -> ServingModel:
@@ -137,6 +160,7 @@ class AppState:
             "no bundle configured; set RECSYS_BUNDLE or RECSYS_MODEL_URI, or POST /v1/admin/reload"
         )
         self.reload_lock = asyncio.Lock()
+        self.applied_note: str | None = None  # the last cross-worker reload note applied
 
     def swap(self, model: ServingModel, source: str | None) -> ServingModel | None:
         old, self.model = self.model, model  # the single reference swap
@@ -352,11 +376,19 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         restore = limit_native_threads(settings.native_threads)
+        follower = None
+        if settings.reload_file is not None:
+            note = read_note(settings.reload_file)
+            if note is not None and state.model is None:  # a worker started after a reload
+                state.source, state.applied_note = note.source, note.id
+            follower = asyncio.create_task(_follow_reloads(state, settings.reload_file))
         if state.model is None and state.source is not None:
             await _initial_load(state)  # before the worker accepts connections
         try:
             yield
         finally:
+            if follower is not None:
+                follower.cancel()
             restore()
 
     app = FastAPI(
@@ -473,11 +505,14 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
             state.swap(new, source)
             metrics.reload(ok=True)
             logger.info("reloaded %s: %s -> %s", source, previous, new.model_version)
+            if settings.reload_file is not None:
+                state.applied_note = write_note(settings.reload_file, source).id
         return ReloadResponse(
             model_version=new.model_version,
             previous_model_version=previous,
             source=source,
             seconds=round(time.perf_counter() - t0, 3),
+            workers_follow=settings.reload_file is not None,
         )
 
     paths.update(getattr(r, "path", "") for r in app.routes)
@@ -515,6 +550,29 @@ def _authorize(request: Request, settings: Settings) -> None:
         )
 
 
+async def _follow_reloads(state: AppState, path: Path) -> None:
+    """Apply the reload notes other workers write (serving/sync.py), until cancelled."""
+    watcher = NoteWatcher(path)
+    while True:
+        await asyncio.sleep(state.settings.reload_poll_seconds)
+        note = watcher.poll()
+        if note is None or note.id == state.applied_note:
+            continue
+        async with state.reload_lock:
+            if note.id == state.applied_note:
+                continue
+            state.applied_note = note.id  # tried once: a bad bundle is not retried every second
+            try:
+                model = await run_in_threadpool(load_model, note.source, state.settings)
+            except Exception as e:
+                state.metrics.reload(ok=False)
+                logger.error("could not follow the reload to %s: %s", note.source, e)
+                continue
+            state.swap(model, note.source)
+            state.metrics.reload(ok=True)
+            logger.info("followed the reload to %s (%s)", note.source, model.model_version)
+
+
 async def _initial_load(state: AppState) -> None:
     source = state.source
     assert source is not None
@@ -545,8 +603,8 @@ def serve(
     """Load the bundle (a folder, or a registered MLflow model) and serve it until stopped.
 
     The bundle is loaded and checked before the server starts, so a bad one is a one-line
-    error. With workers > 1 each worker process loads its own copy (and keeps its own metrics;
-    an admin reload reaches the one worker that answers it).
+    error. With workers > 1 each worker process loads its own copy and keeps its own metrics;
+    an admin reload is answered by one worker and followed by the others (serving/sync.py).
     """
     import uvicorn
 
@@ -575,9 +633,17 @@ def serve(
     del model
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(settings.native_threads))  # read as workers start
+    run_dir = None
+    if settings.reload_file is None:  # admin reloads reach one worker; the others follow
+        run_dir = Path(tempfile.mkdtemp(prefix="recsys-serve-"))
+        os.environ["RECSYS_RELOAD_FILE"] = str(run_dir / "reload.json")
     os.environ["RECSYS_BUNDLE" if bundle is not None else "RECSYS_MODEL_URI"] = source
     os.environ.pop("RECSYS_MODEL_URI" if bundle is not None else "RECSYS_BUNDLE", None)
     if settings.tracking_uri:
         os.environ["RECSYS_TRACKING_URI"] = settings.tracking_uri
-    uvicorn.run("serving.app:app_from_env", factory=True, host=host, port=port,
-                workers=workers, log_level=log_level, access_log=access_log)  # fmt: skip
+    try:
+        uvicorn.run("serving.app:app_from_env", factory=True, host=host, port=port,
+                    workers=workers, log_level=log_level, access_log=access_log)  # fmt: skip
+    finally:
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)

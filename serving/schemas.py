@@ -166,6 +166,9 @@ class ReloadResponse(BaseModel):
     previous_model_version: str | None
     source: str
     seconds: float
+    workers_follow: bool = Field(
+        description="true: other worker processes load the same source within a few seconds"
+    )
 
 
 class ErrorDetail(BaseModel):

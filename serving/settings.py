@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1_024, le=64 * 1_048_576)
     preload_encoder: bool = True
     native_threads: int = Field(default=1, ge=1, le=256)
+    reload_file: Path | None = None
+    reload_poll_seconds: float = Field(default=1.0, gt=0, le=3600)
 
     @model_validator(mode="after")
     def _one_source(self) -> Settings:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -47,6 +48,7 @@ from serving.metrics import Metrics, histogram_quantile, parse_histogram
 from serving.ranking import ANONYMOUS, NewItems, ServingModel
 from serving.schemas import RankResponse, RecommendationsResponse
 from serving.settings import Settings
+from serving.sync import NoteWatcher, read_note, write_note
 
 FUZZ = settings(
     max_examples=50,
@@ -111,6 +113,19 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("RECSYS_MAX_BODY_BYTES", "10")
     with pytest.raises(ValidationError, match="max_body_bytes"):
         Settings()
+
+
+def test_reload_notes_between_workers(tmp_path):
+    path = tmp_path / "reload.json"
+    watcher = NoteWatcher(path)
+    assert read_note(path) is None and watcher.poll() is None
+    first = write_note(path, "/bundles/a")
+    assert watcher.poll() == first and watcher.poll() is None  # unchanged file: not re-read
+    second = write_note(path, "models:/recsys@champion")
+    assert second.id != first.id and watcher.poll() == second
+    path.write_text("{not json")
+    assert read_note(path) is None and watcher.poll() is None
+    assert not list(tmp_path.glob(".*tmp"))  # written beside, then renamed into place
 
 
 # --------------------------------------------------------------------------- no bundle (fast)
@@ -519,6 +534,37 @@ def test_reload_under_load_loses_no_request(server, second_bundle, bundle_dir, s
 
 
 @pytest.mark.slow
+def test_other_workers_follow_a_reload(serving_model, bundle_dir, second_bundle, tmp_path):
+    """Two apps sharing a reload file (as `serve --workers 2` sets up): a reload answered by
+    one is followed by the other; a note naming a broken bundle leaves both serving."""
+    from serving.app import create_app
+
+    settings = Settings(  # type: ignore[call-arg]
+        bundle=bundle_dir, admin_token=TOKEN, reload_file=tmp_path / "reload.json",
+        reload_poll_seconds=0.1, preload_encoder=False,
+    )  # fmt: skip
+    a_app = create_app(settings, model=serving_model)
+    b_app = create_app(settings, model=serving_model)
+    for a in live_server(a_app):
+        for b in live_server(b_app):
+            r = httpx.post(f"{a.url}/v1/admin/reload", json={"bundle": str(second_bundle)},
+                           headers=AUTH, timeout=300)  # fmt: skip
+            assert r.status_code == 200 and r.json()["workers_follow"] is True, r.text
+            deadline = time.monotonic() + 120
+            while httpx.get(f"{b.url}/readyz").json()["model_version"] != "second-v2":
+                assert time.monotonic() < deadline, "the other worker did not follow"
+                time.sleep(0.1)
+            assert 'recsys_model_reloads_total{result="ok"} 1' in httpx.get(f"{b.url}/metrics").text
+            write_note(tmp_path / "reload.json", str(tmp_path / "no-bundle-here"))
+            deadline = time.monotonic() + 60
+            while 'result="error"} 1' not in httpx.get(f"{b.url}/metrics").text:
+                assert time.monotonic() < deadline, "the bad note was not tried"
+                time.sleep(0.1)
+            for srv in (a, b):
+                assert httpx.get(f"{srv.url}/readyz").json()["model_version"] == "second-v2"
+
+
+@pytest.mark.slow
 def test_corrupt_bundle_keeps_the_old_one(server, corrupt_bundle, tmp_path, client):
     before = client.get(f"{server.url}/readyz").json()["model_version"]
     url = f"{server.url}/v1/admin/reload"
@@ -572,31 +618,49 @@ def test_app_loads_configured_bundle_at_start(bundle_dir, tmp_path, client):
 
 
 @pytest.mark.slow
-def test_recsys_serve_command(bundle_dir, tmp_path):
-    """`recsys serve` in a subprocess: ready, answers, stops; a bad bundle is a one-line error."""
+def test_recsys_serve_command(bundle_dir, second_bundle, tmp_path):
+    """`recsys serve --workers 2` in a subprocess: ready, answers, an admin reload reaches every
+    worker, stops; a bad bundle is a one-line error (exit 2)."""
+    import os
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "recsys.cli", "serve", "--port", str(port)]
-    proc = subprocess.Popen([*cmd, "--bundle", str(bundle_dir)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    env = {**os.environ, "RECSYS_ADMIN_TOKEN": TOKEN, "RECSYS_PRELOAD_ENCODER": "false",
+           "RECSYS_ACCESS_LOG": "false"}  # fmt: skip
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([*cmd, "--bundle", str(bundle_dir), "--workers", "2"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+
+    def versions(n: int = 30) -> set[str]:  # a new connection each: several workers answer
+        return {httpx.get(f"{url}/readyz").json()["model_version"] for _ in range(n)}
+
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                if all(httpx.get(f"{url}/readyz").status_code == 200 for _ in range(10)):
                     break
             except httpx.TransportError:
                 pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-            time.sleep(0.2)
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/rank", json={"candidates": ["x"]})
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        r = httpx.post(f"{url}/v1/rank", json={"candidates": ["x"]})
         assert r.status_code == 200
+        r = httpx.post(f"{url}/v1/admin/reload", json={"bundle": str(second_bundle)},
+                       headers=AUTH, timeout=300)  # fmt: skip
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 120
+        while versions() != {"second-v2"}:
+            assert time.monotonic() < deadline, "not every worker followed the reload"
+            time.sleep(0.5)
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
     out = subprocess.run([*cmd, "--bundle", str(tmp_path / "nope")], capture_output=True,
                          text=True, timeout=120)  # fmt: skip
     assert out.returncode == 2
@@ -627,6 +691,7 @@ def test_model_uri_from_the_registry(bundle_dir, tmp_path):
                         preload_encoder=False)  # fmt: skip
     model = load_model(settings.source or "", settings)
     assert isinstance(model, ServingModel)
-    assert (resolve_source("models:/serving-test/1", uri) / "manifest.json").is_file()
+    assert resolve_source("models:/serving-test/1", uri) == path  # the same version: no download
     with pytest.raises(DataError, match="could not download"):
         resolve_source("models:/serving-test@nope", uri)
+    shutil.rmtree(path)
