@@ -240,7 +240,11 @@ class ServingModel:
 
         out = np.full((4, k), np.nan, dtype=np.float32)  # mean, max, top3, recency
         if m and k and vec.dim:
-            cand = np.fromiter((row_of(c) for c in candidates), np.int64, k)
+            if new is None:  # the common case, without a function call per candidate
+                get = vec.index.get
+                cand = np.array([get(c, -1) for c in candidates], dtype=np.int64)
+            else:
+                cand = np.fromiter((row_of(c) for c in candidates), np.int64, k)
             cmask = (cand >= 0)[None, :]  # (1, K)
             cv = take(np.where(cmask[0], cand, 0)).reshape(1, k, vec.dim)  # (1, K, d)
             hv = take(rows).reshape(1, m, vec.dim)  # (1, M, d)

@@ -92,10 +92,7 @@ def serving_run(tmp_path_factory: pytest.TempPathFactory) -> Any:
         },
         name="serving-test",
     )
-    t0 = time.perf_counter()
-    result = run_nightly(root / "data", root / "run", config=config, log=lambda s: None)
-    result.fixture_seconds = time.perf_counter() - t0
-    return result
+    return run_nightly(root / "data", root / "run", config=config, log=lambda s: None)
 
 
 @pytest.fixture(scope="session")

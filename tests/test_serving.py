@@ -292,13 +292,6 @@ def test_fuzzed_routes_never_5xx(empty_server, method, path, query, content):
 
 
 @pytest.mark.slow
-def test_fixture_bundle_build_time(serving_run):
-    """The session's nightly run (reported, so a slow fixture is noticed)."""
-    print(f"\nserving fixture: nightly run took {serving_run.fixture_seconds:.1f}s")
-    assert Path(serving_run.bundle_dir, "manifest.json").is_file()
-
-
-@pytest.mark.slow
 def test_api_scores_equal_batch_scores(server, serving_run, client):
     """Each user's nightly list re-scored by the API: same scores (1e-6), same order."""
     recs = pl.read_parquet(serving_run.recommendations).sort("user_id", "rank")
