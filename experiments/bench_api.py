@@ -1,23 +1,24 @@
 """Load benchmark of the ranking API: `recsys serve` in a subprocess, driven from another process.
 
-    .venv/bin/python -m experiments.bench_api --bundle /tmp/serve-demo/bundle/bundle \
+    .venv/bin/python -m experiments.bench_api --bundle /tmp/serve-demo/run/bundle/bundle \
         [--seconds 30] [--rates 250,500,1000,1500] [--workers 2] [--candidates 100]
 
 Build the bundle first with `recsys demo --out /tmp/serve-demo` (the bundle folder is
-RUN/bundle/bundle). The server listens on 127.0.0.1 only. Each step offers POST /v1/rank at a
-fixed rate (open loop: requests are scheduled 1/rate apart and timed from their scheduled start,
-so a server that falls behind shows it in the latency) over `--connections` keep-alive
-connections; a last step (`max`) sends as fast as the connections allow (closed loop). Every
-request is a known user from the bundle with `--candidates` random catalogue items.
+RUN/bundle/bundle, here /tmp/serve-demo/run/bundle/bundle). The server listens on 127.0.0.1
+only. Each step offers POST /v1/rank at a fixed rate (open loop: requests are scheduled 1/rate
+apart and timed from their scheduled start, so a server that falls behind shows it in the
+latency) over `--connections` keep-alive connections; a last step (`max`) sends as fast as the
+connections allow (closed loop). Every request is a known user from the bundle with
+`--candidates` random catalogue items and k = 20.
 
 The load generator is a separate process speaking minimal HTTP/1.1 over asyncio streams (cheap on
-the CPU, since client and server share the machine). Per step it prints the achieved req/s, the
-client-side p50/p95/p99, the server-side p50/p95/p99 (the `Server-Timing: app;dur=` header each
-response carries: time inside the app from request to response start), the same from the
-/metrics histogram (interpolated in buckets; with several workers a scrape sees one of them), and
-the number of errors (non-200 or connection failures), and the CPU milliseconds per request
-spent by the server (all its processes) and by the load generator, and the cores the server
-used on average: on a shared machine these say how much of a latency figure is the machine.
+the CPU, since client and server share the machine). Per step it prints: the achieved req/s; the
+client-side p50/p95/p99; the server-side p50/p95/p99 from the `Server-Timing: app;dur=` header
+of each response (time inside the app, request to response start); the same from the /metrics
+histogram (interpolated in buckets; only with one worker, as each worker keeps its own); the
+errors (non-200 or connection failures); the CPU milliseconds per request of the server (all its
+processes) and of the load generator; and the cores the server used on average. On a shared
+machine the last three say how much of a latency figure is the machine.
 
 Targets (2 cores): server-side p99 <= 5 ms and >= 1,000 req/s with zero errors.
 """
@@ -268,7 +269,7 @@ def _step_quantiles(before: list[tuple[float, int]], after: list[tuple[float, in
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--bundle", type=Path, default=Path("/tmp/serve-demo/bundle/bundle"))
+    p.add_argument("--bundle", type=Path, default=Path("/tmp/serve-demo/run/bundle/bundle"))
     p.add_argument("--seconds", type=float, default=30.0, help="per load step")
     p.add_argument("--rates", default="250,500,1000,1500", help="req/s per step; then `max`")
     p.add_argument("--no-max", action="store_true", help="skip the closed-loop max step")
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.bundle / "manifest.json").is_file():
         raise SystemExit(
             f"{args.bundle}: not a model bundle; build one with "
-            "`recsys demo --out /tmp/serve-demo` (bundle: /tmp/serve-demo/bundle/bundle)"
+            "`recsys demo --out /tmp/serve-demo` (bundle: /tmp/serve-demo/run/bundle/bundle)"
         )
     port = args.port or _free_port()
     bodies = request_bodies(args.bundle, 500, args.candidates)
