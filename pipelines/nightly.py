@@ -89,9 +89,15 @@ def _parse_time(value: str) -> datetime:
     return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
+def _as_time(value: object) -> datetime:
+    """A polars datetime scalar as a `datetime` (they always are, for a Datetime column)."""
+    if not isinstance(value, datetime):
+        raise DataError(f"expected a timestamp, got {value!r}")
+    return value
+
+
 def _quantile_time(ts: pl.Series, q: float) -> datetime:
-    value = ts.sort()[min(int(q * ts.len()), ts.len() - 1)]
-    return value  # type: ignore[no-any-return]
+    return _as_time(ts.sort()[min(int(q * ts.len()), ts.len() - 1)])
 
 
 def _requests(impressions: pl.DataFrame) -> pl.DataFrame:
@@ -146,7 +152,7 @@ def run_nightly(
 ) -> NightlyResult:
     """Run (or resume) the nightly pipeline on a dataset directory; see the module docstring."""
     t_start = time.perf_counter()
-    cfg = config or load_config(config_path)
+    cfg = config or load_config(None if config_path is None else Path(config_path))
     run_dir = Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data_dir = Path(data_dir)
@@ -213,7 +219,7 @@ def run_nightly(
             ts = data.impressions["ts"]
             if ts.len() == 0:
                 raise DataError(f"{data_dir}: no impressions or timed interactions to split")
-            first, last = ts.min(), ts.max()
+            first, last = _as_time(ts.min()), _as_time(ts.max())
             test_at = (
                 _parse_time(split_at)
                 if isinstance(split_at, str)
@@ -424,7 +430,7 @@ def run_nightly(
 
         # 8. bundle ----------------------------------------------------------
         as_of = max(
-            t
+            _as_time(t)
             for t in (data.impressions["ts"].max(), data.interactions["ts"].max())
             if t is not None
         ) + timedelta(microseconds=1)
@@ -809,17 +815,17 @@ def print_summary(result: NightlyResult, *, show_users: int = 3) -> None:
     if result.registry:
         print(f"\nRegistry: {result.registry.get('reason')}")
     recs = pl.read_parquet(result.recommendations)
-    items = pl.read_parquet(result.run_dir / "validate" / "items.parquet").select(
+    titles = pl.read_parquet(result.run_dir / "validate" / "items.parquet").select(
         "item_id", "title"
     )
     users = recs["user_id"].unique(maintain_order=True).head(show_users).to_list()
     for u in users:
-        rows = recs.filter(pl.col("user_id") == u).head(5).join(items, on="item_id", how="left")
+        top = recs.filter(pl.col("user_id") == u).head(5).join(titles, on="item_id", how="left")
         _print_table(
             [
                 {"rank": r["rank"], "item_id": r["item_id"], "score": r["score"],
                  "title": (r["title"] or "")[:60]}
-                for r in rows.sort("rank").to_dicts()
+                for r in top.sort("rank").to_dicts()
             ],
             f"Top 5 for {u}",
         )  # fmt: skip

@@ -10,15 +10,16 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from recsys.errors import RecsysError
 
 EXIT_USAGE = 2
 
 
-def _print_table(rows: Sequence[dict[str, object]], title: str | None = None) -> None:
+def _print_table(rows: Sequence[Mapping[str, Any]], title: str | None = None) -> None:
     """Print dict rows as an aligned text table (floats with 4 decimals)."""
     if title:
         print(f"\n{title}")
