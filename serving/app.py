@@ -59,6 +59,7 @@ from serving.schemas import (
 )
 from serving.settings import Settings
 from serving.sync import NoteWatcher, read_note, write_note
+from serving.workers import run_workers
 
 logger = logging.getLogger("serving")
 
@@ -603,8 +604,9 @@ def serve(
     """Load the bundle (a folder, or a registered MLflow model) and serve it until stopped.
 
     The bundle is loaded and checked before the server starts, so a bad one is a one-line
-    error. With workers > 1 each worker process loads its own copy and keeps its own metrics;
-    an admin reload is answered by one worker and followed by the others (serving/sync.py).
+    error. With workers > 1 each worker process (serving/workers.py: its own SO_REUSEPORT
+    socket, so connections spread evenly) loads its own copy and keeps its own metrics; an
+    admin reload is answered by one worker and followed by the others (serving/sync.py).
     """
     import uvicorn
 
@@ -612,6 +614,8 @@ def serve(
         raise ConfigError("give exactly one of --bundle PATH or --model-uri models:/NAME@ALIAS")
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if workers > 1 and port == 0:
+        raise ConfigError("--port 0 (any free port) works with one worker only; give a port")
     try:
         settings = Settings(
             bundle=Path(bundle) if bundle is not None else None,  # type: ignore[call-arg]
@@ -642,8 +646,9 @@ def serve(
     if settings.tracking_uri:
         os.environ["RECSYS_TRACKING_URI"] = settings.tracking_uri
     try:
-        uvicorn.run("serving.app:app_from_env", factory=True, host=host, port=port,
-                    workers=workers, log_level=log_level, access_log=access_log)  # fmt: skip
+        run_workers(workers, host, port, log_level=log_level, access_log=access_log)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port} ({e}); pick another --port") from e
     finally:
         if run_dir is not None:
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -43,7 +43,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from recsys.errors import DataError
+from recsys.errors import ConfigError, DataError
 from serving.metrics import Metrics, histogram_quantile, parse_histogram
 from serving.ranking import ANONYMOUS, NewItems, ServingModel
 from serving.schemas import RankResponse, RecommendationsResponse
@@ -126,6 +126,25 @@ def test_reload_notes_between_workers(tmp_path):
     path.write_text("{not json")
     assert read_note(path) is None and watcher.poll() is None
     assert not list(tmp_path.glob(".*tmp"))  # written beside, then renamed into place
+
+
+def test_workers_each_get_a_socket_on_one_port(tmp_path):
+    from serving.app import serve
+    from serving.workers import reuseport_socket, run_workers
+
+    a = reuseport_socket("127.0.0.1", 0)
+    port = a.getsockname()[1]
+    b = reuseport_socket("127.0.0.1", port)  # a second socket on the same port: allowed
+    a.listen()
+    b.listen()
+    a.close()
+    b.close()
+    with pytest.raises(ValueError, match="fixed port"):
+        run_workers(2, "127.0.0.1", 0)
+    with pytest.raises(ConfigError, match="one worker only"):
+        serve(bundle=str(tmp_path), port=0, workers=2)
+    with pytest.raises(ConfigError, match="exactly one of"):
+        serve(bundle=str(tmp_path), model_uri="models:/x@champion")
 
 
 # --------------------------------------------------------------------------- no bundle (fast)
