@@ -42,6 +42,9 @@ class PipelineConfig:
     k_semantic: int = 100  # candidates by semantic similarity
     k_popular: int = 50  # candidates among popular recent items
     popular_window_days: float = 7.0
+    live_window_days: float = (
+        7.0  # candidates: items published/shown/consumed in this window; 0=all
+    )
     max_history: int = 50
     half_life_days: float = 7.0
     sampled_negatives: int = 20  # data sets without impressions: negatives per positive
@@ -55,6 +58,10 @@ class PipelineConfig:
         for name in ("top_n", "k_semantic", "max_history", "sampled_negatives"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"pipeline.{name} must be >= 1, got {getattr(self, name)}")
+        if self.live_window_days < 0:
+            raise ConfigError(
+                f"pipeline.live_window_days must be >= 0, got {self.live_window_days}"
+            )
         if self.k_popular < 0:
             raise ConfigError(f"pipeline.k_popular must be >= 0, got {self.k_popular}")
 

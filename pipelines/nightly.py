@@ -132,6 +132,26 @@ def _popular(data: Dataset, as_of: datetime, window_days: float) -> pl.DataFrame
     )
 
 
+def live_items(data: Dataset, as_of: datetime, window_days: float) -> set[str] | None:
+    """The live catalogue at `as_of`: items published, shown or consumed in the window before
+    it (candidates come from these). None (every item) when the window is 0 or finds nothing."""
+    if window_days <= 0:
+        return None
+    start = as_of - timedelta(days=window_days)
+
+    def recent(df: pl.DataFrame, col: str) -> pl.Series:
+        return df.filter((pl.col(col) >= start) & (pl.col(col) < as_of))["item_id"]
+
+    ids = pl.concat(
+        [
+            recent(data.items, "published_at"),
+            recent(data.impressions, "ts"),
+            recent(data.interactions, "ts"),
+        ]
+    ).unique()
+    return set(ids.to_list()) or None
+
+
 def _dir_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
@@ -472,12 +492,15 @@ def run_nightly(
         # 9. ranked lists ----------------------------------------------------
         def do_lists(work: Path, _prev: Path | None) -> dict[str, Any]:
             bundle = Bundle.load(bundle_dir)
-            recs = ranked_lists(bundle, data, pc, log=log)
+            eligible = live_items(data, as_of, pc.live_window_days)
+            recs = ranked_lists(bundle, data, pc, eligible=eligible, log=log)
             write_parquet(recs, work / "recommendations.parquet")
             return {"users": recs["user_id"].n_unique(), "rows": recs.height}
 
         st_lists = runner.run(
-            "lists", {"bundle": st_bundle.fingerprint, "top_n": pc.top_n}, do_lists
+            "lists",
+            {"bundle": st_bundle.fingerprint, "pipeline": cfg.section("pipeline")},
+            do_lists,
         )
         recs_path = run_dir / "recommendations.parquet"
         for target in (recs_path, bundle_dir / "recommendations.parquet"):
@@ -577,6 +600,7 @@ def _candidate_recall(
     history = before.interactions.filter(pl.col("user_id").is_in(users.implode()))
     uids, umat = user_profile_vectors(history, vectors, max_history=pc.max_history)
     popular = _popular(before, test_at, pc.popular_window_days)["item_id"].to_list()
+    eligible = live_items(before, test_at, pc.live_window_days)
     out = {}
     for label, k_pop in (("semantic", 0), ("semantic+popular", pc.k_popular)):
         cands = retrieve_candidates(
@@ -587,17 +611,21 @@ def _candidate_recall(
             popular=popular,
             k_popular=k_pop,
             exclude=history.select("user_id", "item_id"),
+            eligible=eligible,
         )
         k = pc.k_semantic + k_pop
         out[f"recall@{k} ({label})"] = float(candidate_recall(cands, truth))
     return out
 
 
-def ranked_lists(bundle: Bundle, data: Dataset, pc: Any, *, log: Any = print) -> pl.DataFrame:
+def ranked_lists(
+    bundle: Bundle, data: Dataset, pc: Any, *, eligible: set[str] | None = None, log: Any = print
+) -> pl.DataFrame:
     """Top-N per active user through the bundle (the same loader and features as the API).
 
-    Candidates: semantic top-K from the user's history plus popular recent items, minus what
-    the user already consumed. Users without a usable history get the popularity list.
+    Candidates: semantic top-K from the user's history plus popular recent items, among the
+    `eligible` (live) items, minus what the user already consumed. Users without a usable
+    history get the popularity list.
     """
     from tqdm import tqdm
 
@@ -608,6 +636,8 @@ def ranked_lists(bundle: Bundle, data: Dataset, pc: Any, *, log: Any = print) ->
     )
     uids, umat = user_profile_vectors(bundle.history, bundle.vectors, max_history=pc.max_history)
     popular = bundle.popular["item_id"].to_list()
+    if eligible is not None:
+        popular = [i for i in popular if i in eligible]
     cands = retrieve_candidates(
         uids,
         umat,
@@ -616,6 +646,7 @@ def ranked_lists(bundle: Bundle, data: Dataset, pc: Any, *, log: Any = print) ->
         popular=popular,
         k_popular=pc.k_popular,
         exclude=bundle.history.select("user_id", "item_id"),
+        eligible=eligible,
     ).select("user_id", "item_id")
     # Users with no profile vector: popular items they have not consumed.
     missing = active.filter(~active.is_in(cands["user_id"].unique().implode()))
