@@ -342,6 +342,11 @@ def run_nightly(
             summary: dict[str, Any] = {}
             for name, enc in (("item_vectors", encoder_dir), ("item_vectors_frozen", None)):
                 target = work / f"{name}.parquet"
+                if enc is None and cfg.finetune.method == "none":
+                    # the "tuned" encoder is the frozen one: embedding twice would be waste
+                    shutil.copy2(work / "item_vectors.parquet", target)
+                    summary[name] = dict(summary["item_vectors"], reused_from="item_vectors")
+                    continue
                 if prev is not None and (prev / f"{name}.parquet").is_file():
                     shutil.copy2(prev / f"{name}.parquet", target)
                 rep = run_embed(
