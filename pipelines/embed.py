@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 import ray
 
-from pipelines.ray_utils import cluster_cpus, cluster_gpus, init_ray
+from pipelines.ray_utils import cluster_cpus, cluster_gpus, init_ray, quiet_ray_data
 from recsys.encoder import EncoderConfig, encoder_id_for
 from recsys.encoder.vectors import (
     EmbedPlan,
@@ -120,6 +120,7 @@ def _embed_on_ray(
         quantize = "int8" if config.quantize in ("auto", "fp16") else config.quantize
         device = f"cpu x{actors} ({'fp32' if quantize == 'none' else quantize})"
     todo = plan.todo.select("item_id", "text", "text_hash")
+    quiet_ray_data()
     ds = ray.data.from_arrow(todo.to_arrow())
     out = ds.map_batches(
         EmbedActor,

@@ -6,6 +6,7 @@ consecutive jobs of one nightly run pay Ray's start-up once.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -65,3 +66,13 @@ def cluster_cpus() -> int:
 def device_name(gpus: int) -> str:
     """A short description of where a job runs, for reports ("cpu", "cuda x2")."""
     return f"cuda x{gpus}" if gpus else "cpu"
+
+
+def quiet_ray_data() -> None:
+    """No progress bars or per-run INFO logs from Ray Data (jobs print their own summary)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -121,7 +121,9 @@ def test_finetune_job_on_ray_train(tmp_path: Path, tiny_model_dir: Path, ray_loc
     from pipelines.embed import run_embed
     from pipelines.finetune import run_finetune
 
-    cfg = FinetuneConfig(max_steps=24, epochs=2, batch_size=8, lr=2e-2, lora_r=4, val_fraction=0.2)
+    cfg = FinetuneConfig(
+        max_steps=24, epochs=2, batch_size=8, lr=2e-2, lora_r=4, val_fraction=0.2, history_grad=True
+    )
     seen: list[dict] = []
     report = run_finetune(
         topic_dataset(), tmp_path / "enc", cfg, base_model=tiny_model_dir, on_epoch=seen.append

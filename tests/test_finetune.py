@@ -161,6 +161,18 @@ def test_contrastive_loss_prefers_the_positive_and_masks_duplicates() -> None:
     assert both.item() == pytest.approx(expected, abs=1e-6)
 
 
+def test_contrastive_loss_without_in_batch_negatives_uses_own_candidates_only() -> None:
+    users = torch.eye(2, 3)
+    # positives: e0 for row 0, e2 for row 1; one negative each: row 0's e2, row 1's e1.
+    cands = torch.tensor([[1.0, 0, 0], [0, 0, 1.0], [0, 0, 1.0], [0, 1.0, 0]])
+    items, pos = torch.tensor([10, 11, 12, 13]), torch.tensor([10, 11])
+    own = contrastive_loss(users, cands, items, pos, 1.0, in_batch=False)
+    # row 0: logits [1 (pos), 0 (own neg)]; row 1: logits [0 (pos), 1 (own neg)]
+    expected = (np.log(1 + np.exp(-1)) + np.log(1 + np.exp(1))) / 2
+    assert own.item() == pytest.approx(expected, abs=1e-6)
+    assert contrastive_loss(users, cands, items, pos, 1.0).item() > own.item()
+
+
 def test_user_vectors_average_valid_history_only() -> None:
     items = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
     u = user_vectors(items, torch.tensor([[0, 1, -1], [2, -1, -1]]))
@@ -188,7 +200,13 @@ def test_full_finetuning_learns_the_toy_topics(tiny_model_dir: Path) -> None:
         FinetuneConfig(method="none", val_fraction=0.2), data, base_model=tiny_model_dir
     )
     cfg = FinetuneConfig(
-        method="full", max_steps=80, epochs=10, batch_size=8, lr=1e-3, val_fraction=0.2
+        method="full",
+        max_steps=80,
+        epochs=10,
+        batch_size=8,
+        lr=1e-3,
+        val_fraction=0.2,
+        history_grad=True,
     )
     steps: list[dict] = []
     tuned = train_encoder(cfg, data, base_model=tiny_model_dir, on_step=steps.append)
@@ -203,7 +221,9 @@ def test_full_finetuning_learns_the_toy_topics(tiny_model_dir: Path) -> None:
 
 def test_lora_trains_only_the_adapter(tiny_model_dir: Path) -> None:
     data = topic_dataset()
-    cfg = FinetuneConfig(max_steps=60, epochs=10, batch_size=8, lr=2e-2, lora_r=4)
+    cfg = FinetuneConfig(
+        max_steps=60, epochs=10, batch_size=8, lr=2e-2, lora_r=4, history_grad=True
+    )
     before, _ = build_model(FinetuneConfig(method="none"), tiny_model_dir)
     result = train_encoder(cfg, data, base_model=tiny_model_dir)
     assert np.mean(result.losses[-10:]) < np.mean(result.losses[:10]) - 0.2

@@ -1,8 +1,6 @@
-"""Fine-tuning the encoder on click labels: examples, loss, and one plain training loop.
+"""Fine-tuning the encoder on click labels: config, loss, and one plain training loop.
 
-Example: a user's history (their last `history_len` interactions before the moment), the item
-they clicked, and the items shown to them at that moment and not clicked. Data sets without
-impressions (MovieLens, H&M) give one example per later interaction, with sampled negatives.
+Examples (history, clicked item, shown-not-clicked items) come from `recsys.encoder.examples`.
 
 Model (two towers sharing one encoder):
     item vector  v = normalise(mean_pool(encoder(text)))                      (D,)
@@ -12,8 +10,8 @@ Model (two towers sharing one encoder):
            in-batch negatives (a candidate equal to the row's own positive is masked out).
 
 The loop (`fit`) is plain torch; `train_encoder` runs it in process, and `pipelines/finetune.py`
-runs the same `fit` inside Ray Train workers (`rank`/`world` shard the examples and a
-`wrap_model` hook applies DistributedDataParallel).
+runs the same `fit` inside Ray Train workers (`rank`/`world` shard the examples; the caller
+passes a DistributedDataParallel-wrapped model and the plain one beside it).
 """
 
 from __future__ import annotations
@@ -24,17 +22,16 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from recsys.data.dataset import Dataset
+from recsys.encoder.examples import Examples, build_examples, split_by_time
 from recsys.encoder.model import (
     TextEncoder,
     default_model_path,
@@ -45,16 +42,30 @@ from recsys.encoder.model import (
     tokenize,
     weights_digest,
 )
-from recsys.encoder.text import DEFAULT_TEMPLATE, item_texts, template_fields
+from recsys.encoder.text import DEFAULT_TEMPLATE, template_fields
 from recsys.errors import ConfigError, DataError
 
+__all__ = [  # the examples are re-exported: they are part of this module's surface
+    "Examples",
+    "FinetuneConfig",
+    "TrainResult",
+    "build_examples",
+    "evaluate",
+    "fit",
+    "split_by_time",
+    "train_encoder",
+]
+
 METHODS: tuple[str, ...] = ("lora", "full", "none")
-_NO_TIME = datetime(1900, 1, 1, tzinfo=UTC)  # interactions without a time: before the log
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Fine-tuning settings (the `[finetune]` section of an experiment config).
+
+    The defaults are sized for the nightly demo's budget (about 40 s of training on 2 CPU
+    cores with MiniLM, Ray start-up included): LoRA in the last 2 layers, 40 steps of 16
+    examples, 3 history items encoded without gradient, 2 negatives, 32 tokens per text.
 
     method: "lora" (peft adapter), "full" (all weights), "none" (frozen base model).
     lora_r, lora_alpha, lora_dropout, target_modules: the LoRA adapter.
@@ -65,6 +76,8 @@ class FinetuneConfig:
         ~5e-5 full fine-tuning); temperature: softmax temperature over cosine scores.
     history_len: history items per user vector; negatives: shown-not-clicked (or sampled)
         negatives per example; max_length: tokens per item text in training.
+    in_batch_negatives: the other examples' positives and negatives count as negatives too
+        (False: only each example's own shown/sampled negatives).
     history_grad: back-propagate through the history (user) side as well; False encodes the
         history with the current weights but without gradients (about 3x cheaper per item).
     val_fraction: the latest share of examples (by time) held out for validation metrics;
@@ -78,18 +91,19 @@ class FinetuneConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     target_modules: tuple[str, ...] = ("query", "value")
-    lora_layers: int | None = None
+    lora_layers: int | None = 2
     epochs: int = 1
-    max_steps: int | None = 60
+    max_steps: int | None = 40
     batch_size: int = 16
     lr: float = 5e-4
     temperature: float = 0.05
-    history_len: int = 5
-    negatives: int = 4
-    max_length: int = 48
-    history_grad: bool = True
+    history_len: int = 3
+    negatives: int = 2
+    max_length: int = 32
+    history_grad: bool = False
+    in_batch_negatives: bool = True
     val_fraction: float = 0.1
-    val_examples: int = 256
+    val_examples: int = 100
     template: str = DEFAULT_TEMPLATE
     seed: int = 0
     num_workers: int = 1
@@ -122,158 +136,6 @@ class FinetuneConfig:
         if not self.target_modules:
             raise ConfigError("finetune.target_modules must name at least one module, e.g. query")
         template_fields(self.template)
-
-
-# ---------------------------------------------------------------------------------------------
-# Examples
-
-
-@dataclass(frozen=True)
-class Examples:
-    """Training examples over the catalogue's row index (0..n_items-1).
-
-    history: (n, history_len) int32, -1 = padding; positive: (n,) int32;
-    shown: (n, s) int32 shown-but-not-clicked items, -1 = padding (s >= 1);
-    ts: (n,) int64 microseconds since the epoch (the moment of the example).
-    texts: item text per catalogue row; source: "impressions" or "interactions".
-    """
-
-    history: np.ndarray
-    positive: np.ndarray
-    shown: np.ndarray
-    ts: np.ndarray
-    item_ids: list[str]
-    texts: list[str]
-    source: str
-    fallback_texts: int = 0
-    without_history: int = 0
-
-    def __len__(self) -> int:
-        return int(self.positive.shape[0])
-
-    @property
-    def n_items(self) -> int:
-        return len(self.item_ids)
-
-    def take(self, idx: np.ndarray) -> Examples:
-        return Examples(
-            self.history[idx],
-            self.positive[idx],
-            self.shown[idx],
-            self.ts[idx],
-            self.item_ids,
-            self.texts,
-            self.source,
-            self.fallback_texts,
-            self.without_history,
-        )
-
-
-def _padded(col: str, width: int) -> pl.Expr:
-    return (
-        pl.concat_list([pl.col(col), pl.lit(-1, pl.Int32).repeat_by(width)])
-        .list.head(width)
-        .list.to_array(width)
-    )
-
-
-def build_examples(
-    data: Dataset, *, history_len: int = 5, template: str = DEFAULT_TEMPLATE, max_shown: int = 50
-) -> Examples:
-    """Examples from `data`: one per click when impressions hold clicks, else one per timed
-    interaction after a user's first. History = the user's interactions strictly before the
-    moment, most recent `history_len`; examples whose user has no history are left out (and
-    counted in `without_history`)."""
-    items = data.items
-    if items.height == 0:
-        raise DataError("items: the catalogue is empty; nothing to fine-tune on")
-    texts, n_fallback = item_texts(items, template)
-    idmap = items.select("item_id", pl.int_range(pl.len(), dtype=pl.Int32).alias("idx"))
-    inter = (
-        data.interactions.join(idmap, on="item_id")
-        .with_columns(pl.col("ts").fill_null(_NO_TIME))
-        .sort("user_id", "ts", maintain_order=True)
-        .with_columns(pl.int_range(pl.len(), dtype=pl.Int32).over("user_id").alias("pos"))
-    )
-    seqs = inter.group_by("user_id", maintain_order=True).agg(pl.col("idx").alias("seq"))
-    h = history_len
-    clicks = data.impressions.filter(pl.col("clicked"))
-    if clicks.height:
-        source = "impressions"
-        imp = data.impressions.join(idmap, on="item_id")
-        shown = (
-            imp.filter(~pl.col("clicked"))
-            .group_by("impression_id")
-            .agg(pl.col("idx").head(max_shown).alias("shown"))
-        )
-        ex = (
-            imp.filter(pl.col("clicked"))
-            .select("impression_id", "user_id", "ts", pl.col("idx").alias("positive"))
-            .join(shown, on="impression_id", how="left")
-            .sort("ts")
-            .join_asof(
-                inter.select("user_id", "ts", "pos").sort("ts"),
-                on="ts",
-                by="user_id",
-                strategy="backward",
-                allow_exact_matches=False,
-                check_sortedness=False,  # both sides are sorted by ts just above
-            )
-        )
-        # pos = index of the user's latest interaction strictly before the impression.
-        offset, length = (pl.col("pos") + 1 - h).clip(0), pl.min_horizontal(pl.col("pos") + 1, h)
-    else:
-        source = "interactions"
-        ex = inter.filter(pl.col("ts") > _NO_TIME).select(
-            "user_id",
-            "ts",
-            pl.col("idx").alias("positive"),
-            "pos",
-            pl.lit(None, pl.List(pl.Int32)).alias("shown"),
-        )
-        ex = ex.with_columns(pl.col("pos") - 1)  # the history ends just before this interaction
-        offset, length = (pl.col("pos") + 1 - h).clip(0), pl.min_horizontal(pl.col("pos") + 1, h)
-    total = ex.height
-    ex = (
-        ex.filter(pl.col("pos") >= 0)
-        .join(seqs, on="user_id", how="left")
-        .with_columns(pl.col("seq").list.slice(offset, length).alias("history"))
-        .sort("ts", "user_id", maintain_order=True)
-    )
-    longest = ex.select(pl.col("shown").list.len().max()).item()
-    s = max(1, min(max_shown, int(longest or 0)))
-    arrays = ex.select(
-        _padded("history", h).alias("history"),
-        pl.col("positive"),
-        _padded("shown", s).fill_null(pl.lit([-1] * s, pl.Array(pl.Int32, s))).alias("shown"),
-        pl.col("ts").dt.epoch("us").alias("ts"),
-    )
-    return Examples(
-        history=arrays["history"].to_numpy().astype(np.int32).reshape(-1, h),
-        positive=arrays["positive"].to_numpy().astype(np.int32),
-        shown=arrays["shown"].to_numpy().astype(np.int32).reshape(-1, s),
-        ts=arrays["ts"].to_numpy().astype(np.int64),
-        item_ids=items["item_id"].to_list(),
-        texts=texts,
-        source=source,
-        fallback_texts=n_fallback,
-        without_history=total - ex.height,
-    )
-
-
-def split_by_time(ex: Examples, val_fraction: float) -> tuple[Examples, Examples]:
-    """(train, validation): validation = examples at or after the (1 - val_fraction) time
-    quantile, so it is the latest time slice; no example of it is older than a training one."""
-    n = len(ex)
-    if val_fraction <= 0 or n < 2:
-        return ex, ex.take(np.arange(0))
-    order = np.argsort(ex.ts, kind="stable")
-    cut = ex.ts[order[int(n * (1 - val_fraction))]]
-    val = ex.ts >= cut
-    if val.all():  # one moment only: fall back to the last rows
-        val = np.zeros(n, dtype=bool)
-        val[order[int(n * (1 - val_fraction)) :]] = True
-    return ex.take(np.flatnonzero(~val)), ex.take(np.flatnonzero(val))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,18 +250,26 @@ def contrastive_loss(
     candidate_items: torch.Tensor,
     positive_items: torch.Tensor,
     temperature: float,
+    in_batch: bool = True,
 ) -> torch.Tensor:
-    """Softmax cross-entropy with in-batch negatives.
+    """Softmax cross-entropy over each example's candidates, with in-batch negatives.
 
-    users: (B, D) unit; candidates: (C, D) unit, rows 0..B-1 = each example's positive, the
-    rest its own and the other examples' negatives; candidate_items: (C,) catalogue rows;
-    positive_items: (B,). Target of row b is column b; a column holding the same item as row
-    b's positive (another click of it) is masked out, so an item never counts against itself.
+    users: (B, D) unit; candidates: (C, D) unit with C = B + B*k: rows 0..B-1 = each example's
+    positive, then k negatives per example (example b's at B + b*k .. B + b*k + k - 1);
+    candidate_items: (C,) catalogue rows; positive_items: (B,). Target of row b is column b.
+    in_batch: the other examples' candidates are negatives too; False = only the row's own k.
+    A column holding the same item as row b's positive (another click of it) is masked out,
+    so an item never counts against itself.
     """
     logits = users @ candidates.T / temperature  # (B, C)
-    b = users.shape[0]
+    b, c = users.shape[0], candidates.shape[0]
+    rows = torch.arange(b, device=users.device)
     same = candidate_items.unsqueeze(0) == positive_items.unsqueeze(1)  # (B, C)
-    same[torch.arange(b), torch.arange(b)] = False
+    same[rows, rows] = False
+    if not in_batch:
+        k = (c - b) // b
+        owner = torch.cat([rows, rows.repeat_interleave(k)])  # (C,) example of each column
+        same |= owner.unsqueeze(0) != rows.unsqueeze(1)
     logits = logits.masked_fill(same, float("-inf"))
     return F.cross_entropy(logits, torch.arange(b, device=users.device))
 
@@ -461,6 +331,7 @@ def batch_loss(
         torch.as_tensor(cand_items, device=device),
         torch.as_tensor(batch.positive, device=device),
         config.temperature,
+        in_batch=config.in_batch_negatives,
     )
 
 
@@ -518,7 +389,8 @@ def fit(
     rng = np.random.default_rng(config.seed)
     neg_rng = np.random.default_rng([config.seed, rank])
     torch.manual_seed(config.seed)
-    use_amp = dev.type == "cuda"
+    # bf16 autocast on GPUs that have it (no loss scaling needed); fp32 elsewhere.
+    use_amp = dev.type == "cuda" and torch.cuda.is_bf16_supported()
     losses: list[float] = []
     t0 = time.perf_counter()
     step = 0

@@ -4,8 +4,9 @@ This is the all-MiniLM-L6-v2 recipe (sentence-transformers' default pooling for 
 `embed_tokens` runs in training (with gradients) and in inference (under `inference_mode`), so
 the vectors the ranker sees are computed exactly as in training.
 
-Precision: fp32 on CPU by default; "int8" = dynamic int8 quantisation of every `nn.Linear`
-(weights int8, activations quantised on the fly), the fast CPU form; "fp16"/"bf16" for CUDA.
+Precision: fp32 by default; "int8" = every `nn.Linear` in int8 (weights per output channel,
+activations per token, quantised on the fly: `Int8Linear`), the fast CPU form; "bf16" on CPUs
+with native bf16 (AVX512-BF16/AMX) or CUDA; "fp16" on CUDA.
 Nothing is ever downloaded: HF_HUB_OFFLINE=1 is set before transformers is imported and every
 load passes `local_files_only=True`.
 """
