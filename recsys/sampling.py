@@ -31,9 +31,11 @@ def impressions_from_interactions(
     pos = pos.with_row_index("k")
     # Negatives only among items already published at the positive's time (else their age
     # would give them away); items without a publication time count as always there.
-    by_pub = conform(ITEMS, items).select(
-        "item_id", pl.col("published_at").dt.epoch("us").fill_null(np.iinfo(np.int64).min)
-    ).sort("published_at")
+    by_pub = (
+        conform(ITEMS, items)
+        .select("item_id", pl.col("published_at").dt.epoch("us").fill_null(np.iinfo(np.int64).min))
+        .sort("published_at")
+    )
     catalogue = by_pub["item_id"].to_numpy()
     eligible = np.searchsorted(
         by_pub["published_at"].to_numpy(), pos["ts"].dt.epoch("us").to_numpy(), side="left"
