@@ -75,6 +75,8 @@ class StageRunner:
             return res
         self.log(f"[{name}] running ...")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.run_dir.glob(f".{name}.*.tmp"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=self.run_dir))
         previous = final if final.is_dir() else None
         t0, c0 = time.perf_counter(), time.process_time()

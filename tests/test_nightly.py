@@ -95,12 +95,12 @@ def test_mlflow_run_and_champion(reference, data_dir):
     run = client.get_run(result.mlflow_run_id)
     assert run.data.params["finetune.method"] == "lora"
     assert "test.lgbm_full.ndcg_at_10" in run.data.metrics
-    arts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "artifacts")}
-    assert {"artifacts/feature_importance.png", "artifacts/training_curves.png",
-            "artifacts/cost_report.json", "artifacts/evaluation.json"} <= arts  # fmt: skip
+    arts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
+    assert {"feature_importance.png", "training_curves.png", "cost_report.json",
+            "evaluation.json", "bundle", "lists"} <= arts, arts  # fmt: skip
     assert result.registry["promoted"] is True
     champ = client.get_model_version_by_alias("recsys", "champion")
-    assert champ.version == result.registry["version"]
+    assert str(champ.version) == result.registry["version"]
     # A worse model on the same validation data does not take the alias; the reason is recorded.
     worse = run_nightly(
         data_dir,
@@ -111,7 +111,9 @@ def test_mlflow_run_and_champion(reference, data_dir):
     )
     assert worse.registry["promoted"] is False, worse.registry
     assert "does not become champion" in worse.registry["reason"]
-    assert client.get_model_version_by_alias("recsys", "champion").version == champ.version
+    assert str(client.get_model_version_by_alias("recsys", "champion").version) == str(
+        champ.version
+    )
 
 
 @pytest.mark.slow
@@ -128,20 +130,20 @@ def test_killed_run_resumes_with_identical_lists(reference, data_dir, tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
     deadline = time.time() + 600
-    # kill it in the middle of the features stage (its temporary folder exists)
+    # kill it in the middle of the embed stage (its temporary folder exists)
     while time.time() < deadline and proc.poll() is None:
-        if any(p.name.startswith(".features.") for p in out.glob(".*")):
+        if any(p.name.startswith(".embed.") for p in out.glob(".*")):
             break
-        time.sleep(0.2)
+        time.sleep(0.1)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (out / "features" / "_stage.json").exists()
-    assert (out / "embed" / "_stage.json").exists()
+    assert not (out / "embed" / "_stage.json").exists()
+    assert (out / "finetune" / "_stage.json").exists()
     assert not (out / "recommendations.parquet").exists()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "[embed] unchanged inputs" in done.stdout
+    assert "[finetune] unchanged inputs" in done.stdout
     assert not list(out.glob(".*.tmp"))  # no partial folders left behind
     assert _lists(out / "recommendations.parquet").equals(_lists(result.recommendations))
 

@@ -42,3 +42,12 @@ def test_a_crash_leaves_no_partial_output(tmp_path):
         r.run("s", {"x": 2}, _writer(calls, fail=True))
     assert (tmp_path / "s" / "out.txt").read_text() == "done"
     assert (tmp_path / "s" / MARKER).is_file()
+
+
+def test_leftovers_of_a_killed_run_are_cleared(tmp_path):
+    stale = tmp_path / ".s.abc123.tmp"
+    stale.mkdir()
+    (stale / "out.txt").write_text("partial")
+    StageRunner(tmp_path, log=lambda s: None).run("s", {"x": 1}, _writer([]))
+    assert not stale.exists()
+    assert (tmp_path / "s" / "out.txt").read_text() == "done"
