@@ -193,5 +193,11 @@ class Bundle:
         if quantize not in self._encoders:
             from recsys.encoder import TextEncoder
 
-            self._encoders[quantize] = TextEncoder.load(self.encoder_dir, quantize=quantize)
+            cfg = self.manifest.get("config", {})
+            self._encoders[quantize] = TextEncoder.load(
+                self.encoder_dir,
+                quantize=quantize,
+                max_length=int(cfg.get("encoder.max_length", 64)),
+                template=cfg.get("encoder.template"),
+            )
         return self._encoders[quantize]
