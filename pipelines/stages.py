@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recsys.io import json_digest, write_json
+from recsys.io import json_digest, replace_dir, write_json
 
 logger = logging.getLogger(__name__)
 MARKER = "_stage.json"
@@ -86,14 +85,7 @@ class StageRunner:
             write_json(
                 {"fingerprint": fingerprint, "summary": summary, "seconds": seconds}, work / MARKER
             )
-            if final.exists():
-                old = self.run_dir / f".{name}.old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(work, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(work, final)
+            replace_dir(work, final)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise

@@ -31,7 +31,7 @@ import polars as pl
 from features import FeatureConfig, FeatureSnapshot
 from recsys.errors import DataError
 from recsys.featurize import FeatureSpec, matrix, snapshot_frame
-from recsys.io import json_digest, write_json
+from recsys.io import json_digest, replace_dir, write_json
 from recsys.ranker import Ranker
 from recsys.vectors import ItemVectors
 
@@ -74,14 +74,7 @@ def write_bundle(
         }
         full.setdefault("model_version", json_digest(full)[:12])
         write_json(full, tmp / MANIFEST)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

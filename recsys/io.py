@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,21 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def replace_dir(src: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:
+    """Rename the complete folder `src` to `target`, replacing an existing `target` (moved
+    aside first, then deleted), so `target` is never half-written."""
+    out = Path(target)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(src, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 def write_parquet(df: pl.DataFrame, path: str | os.PathLike[str]) -> Path:

@@ -34,7 +34,7 @@ from recsys.encoder.model import (
 )
 from recsys.encoder.text import DEFAULT_TEMPLATE, template_fields
 from recsys.errors import ConfigError, DataError
-from recsys.io import write_json
+from recsys.io import replace_dir, write_json
 
 MANIFEST = "encoder.json"
 FORMAT = "recsys-encoder/1"
@@ -265,11 +265,4 @@ def save_encoder(
 
 def install_dir(tmp: Path, out: Path) -> None:
     """Rename `tmp` to `out`, replacing an existing `out` (moved aside first, then deleted)."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)
