@@ -507,6 +507,20 @@ rank_bodies = st.fixed_dictionaries(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("k", ["Infinity", "NaN", "-Infinity", "1e999"])
+def test_non_finite_k_is_a_4xx(server, serving_model, k):
+    item = serving_model.bundle.vectors.ids[0]
+    r = httpx.post(
+        f"{server.url}/v1/rank",
+        content=f'{{"candidates": ["{item}"], "k": {k}}}',
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert 400 <= r.status_code < 500, r.text
+    assert "k" in json.dumps(_error_body(r))
+
+
+@pytest.mark.slow
 @FUZZ
 @given(body=rank_bodies, known=st.lists(st.integers(0, 299), max_size=10))
 def test_fuzzed_rank_requests_never_5xx(server, serving_model, body, known):
@@ -515,7 +529,13 @@ def test_fuzzed_rank_requests_never_5xx(server, serving_model, body, known):
     ids = serving_model.bundle.vectors.ids
     if isinstance(body.get("candidates"), list):
         body["candidates"] = body["candidates"] + [ids[i % len(ids)] for i in known]
-    r = httpx.post(f"{server.url}/v1/rank", json=body, timeout=60)
+    # json.dumps writes inf as `Infinity` (httpx's json= refuses it): the server must answer 4xx
+    r = httpx.post(
+        f"{server.url}/v1/rank",
+        content=json.dumps(body),
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
     assert r.status_code < 500, r.text
     if r.status_code != 200:
         _error_body(r)
