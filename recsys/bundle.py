@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +30,7 @@ import polars as pl
 from features import FeatureConfig, FeatureSnapshot
 from recsys.errors import DataError
 from recsys.featurize import FeatureSpec, matrix, snapshot_frame
-from recsys.io import json_digest, replace_dir, write_json
+from recsys.io import atomic_dir, json_digest, write_json
 from recsys.ranker import Ranker
 from recsys.vectors import ItemVectors
 
@@ -53,9 +52,7 @@ def write_bundle(
 ) -> Path:
     """Write a complete bundle at `out` atomically (build beside it, then rename)."""
     target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         shutil.copytree(encoder_dir, tmp / "encoder")
         shutil.copy2(vectors_path, tmp / "item_vectors.parquet")
         snapshot.save(tmp / "features")
@@ -74,10 +71,6 @@ def write_bundle(
         }
         full.setdefault("model_version", json_digest(full)[:12])
         write_json(full, tmp / MANIFEST)
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

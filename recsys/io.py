@@ -49,6 +49,21 @@ def replace_dir(src: str | os.PathLike[str], target: str | os.PathLike[str]) -> 
     return out
 
 
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty folder beside `target` (named `.<name>.*.tmp`); on success it replaces
+    `target` (`replace_dir`), on an error it is deleted. `target` is never half-written."""
+    out = Path(target)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_parquet(df: pl.DataFrame, path: str | os.PathLike[str]) -> Path:
     """Write `df` to `path` atomically (zstd Parquet)."""
     with atomic_path(path) as tmp:

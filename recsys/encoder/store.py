@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,7 +32,7 @@ from recsys.encoder.model import (
 )
 from recsys.encoder.text import DEFAULT_TEMPLATE, template_fields
 from recsys.errors import ConfigError, DataError
-from recsys.io import replace_dir, write_json
+from recsys.io import atomic_dir, replace_dir, write_json
 
 MANIFEST = "encoder.json"
 FORMAT = "recsys-encoder/1"
@@ -221,9 +219,7 @@ def save_encoder(
     packaged = base.resolve() == default_model_path().resolve()
 
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         delta_digest = None
         if method == "lora":
             assert model is not None
@@ -256,10 +252,6 @@ def save_encoder(
             "created_at": datetime.now(UTC).isoformat(),
         }
         write_json(manifest, tmp / MANIFEST)
-        install_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
