@@ -4,8 +4,9 @@
 
 Incremental: the existing file at `out_path` supplies the previous vectors; an item keeps its
 vector when its text hash and the encoder id are unchanged, so only new or changed items go to
-Ray (none at all: Ray is not even started). Items gone from the catalogue are dropped. The file
-is replaced atomically.
+Ray (none at all: Ray is not even started), and each distinct text among them goes once (colour
+variants share a text: half of H&M's articles). Items gone from the catalogue are dropped. The
+file is replaced atomically.
 
 Actors: one per GPU when Ray sees GPUs (fp16 unless `EncoderConfig.quantize` says otherwise),
 else CPU actors with the CPU form ("auto" = int8), each using its share of the CPUs as torch
@@ -42,7 +43,10 @@ RAY_BATCH = 1024  # texts per Ray Data batch; the encoder length-sorts within it
 
 @dataclass
 class EmbedReport:
-    """What one embedding run did; `device` says where the new vectors were computed."""
+    """What one embedding run did; `device` says where the new vectors were computed.
+
+    embedded: items that got a new vector; distinct_texts: how many texts the encoder ran on.
+    """
 
     embedded: int
     reused: int
@@ -53,6 +57,7 @@ class EmbedReport:
     encoder_id: str
     out_path: Path
     actors: int = 0
+    distinct_texts: int = 0
 
 
 class EmbedActor:
@@ -91,7 +96,7 @@ class EmbedActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         vectors = self.encoder.embed([str(t) for t in batch["text"]], batch_size=self.batch_size)
-        return {"item_id": batch["item_id"], "text_hash": batch["text_hash"], "vector": vectors}
+        return {"text_hash": batch["text_hash"], "vector": vectors}
 
 
 def _previous(out_path: Path) -> pl.DataFrame | None:
@@ -105,7 +110,10 @@ def _embed_on_ray(
     encoder_id: str,
     num_actors: int | None,
 ) -> tuple[pl.DataFrame, str, int]:
-    """(fresh vectors table, device description, actors) for `plan.todo` on the Ray cluster."""
+    """(fresh vectors table, device description, actors) for `plan.todo` on the Ray cluster.
+
+    Only distinct texts travel (keyed by text hash); items sharing a text share its vector.
+    """
     gpus = cluster_gpus()
     if gpus:
         actors = num_actors or gpus
@@ -120,8 +128,9 @@ def _embed_on_ray(
         quantize = "int8" if config.quantize in ("auto", "fp16") else config.quantize
         device = f"cpu x{actors} ({'fp32' if quantize == 'none' else quantize})"
     todo = plan.todo.select("item_id", "text", "text_hash")
+    distinct = todo.unique(subset="text_hash", keep="first", maintain_order=True)
     quiet_ray_data()
-    ds = ray.data.from_arrow(todo.to_arrow())
+    ds = ray.data.from_arrow(distinct.select("text_hash", "text").to_arrow())
     out = ds.map_batches(
         EmbedActor,
         fn_constructor_kwargs={
@@ -139,16 +148,19 @@ def _embed_on_ray(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
     )
-    ids: list[str] = []
-    hashes: list[str] = []
+    row_of: dict[str, int] = {}
     vectors: list[np.ndarray] = []
     for batch in out.iter_batches(batch_format="numpy", batch_size=None):
-        ids.extend(str(x) for x in batch["item_id"])
-        hashes.extend(str(x) for x in batch["text_hash"])
+        for h in batch["text_hash"]:
+            row_of[str(h)] = len(row_of)
         vectors.append(np.asarray(batch["vector"], dtype=np.float32))
-    if len(ids) != todo.height:
-        raise RuntimeError(f"embedding returned {len(ids)} rows for {todo.height} items")
-    return vectors_frame(ids, np.concatenate(vectors), hashes, encoder_id), device, actors
+    hashes = todo["text_hash"].to_list()
+    missing = set(hashes) - row_of.keys()
+    if len(row_of) != distinct.height or missing:
+        raise RuntimeError(f"embedding returned {len(row_of)} vectors for {distinct.height} texts")
+    rows = np.fromiter((row_of[h] for h in hashes), dtype=np.int64, count=len(hashes))
+    fresh = np.concatenate(vectors)[rows]
+    return vectors_frame(todo["item_id"].to_list(), fresh, hashes, encoder_id), device, actors
 
 
 def run_embed(
@@ -176,6 +188,7 @@ def run_embed(
     encoder_id = encoder_id_for(encoder_path, config.max_length, config.template)
     plan = plan_embedding(items, config.template, encoder_id, _previous(out))
     fresh, device, actors = empty_vectors(), "none (all reused)", 0
+    distinct_texts = plan.todo["text_hash"].n_unique()
     if plan.todo.height:
         init_ray(ray_address)
         fresh, device, actors = _embed_on_ray(plan, encoder_path, config, encoder_id, num_actors)
@@ -191,4 +204,5 @@ def run_embed(
         encoder_id=encoder_id,
         out_path=out,
         actors=actors,
+        distinct_texts=distinct_texts,
     )

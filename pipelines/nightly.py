@@ -354,6 +354,7 @@ def run_nightly(
                 )
                 summary[name] = {
                     "embedded": rep.embedded,
+                    "distinct_texts": rep.distinct_texts,
                     "reused": rep.reused,
                     "dropped": rep.dropped,
                     "fallback_texts": rep.fallback_texts,

@@ -118,6 +118,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         [
             {
                 "embedded": report.embedded,
+                "distinct_texts": report.distinct_texts,
                 "reused": report.reused,
                 "dropped": report.dropped,
                 "fallback_texts": report.fallback_texts,

@@ -115,6 +115,15 @@ def test_embed_job_on_ray_is_incremental(tmp_path: Path, tiny_model_dir: Path, r
     r3 = run_embed(edited(items), tiny_model_dir, out)  # nothing to do: Ray is not needed
     assert (r3.embedded, r3.reused, r3.actors) == (0, 12, 0)
 
+    # Items sharing a text (colour variants) send that text to the actors once.
+    twins = pl.concat([items, items.with_columns(pl.format("t{}", "item_id").alias("item_id"))])
+    r4 = run_embed(twins, tiny_model_dir, tmp_path / "twins.parquet")
+    assert (r4.embedded, r4.distinct_texts, r4.reused) == (24, 12, 0)
+    ids4, v4 = load_item_vectors(tmp_path / "twins.parquet")
+    assert ids4 == twins["item_id"].to_list()
+    np.testing.assert_array_equal(v4[:12], v4[12:])
+    np.testing.assert_allclose(v4[:12], v1, atol=1e-5)
+
 
 @pytest.mark.slow
 def test_finetune_job_on_ray_train(tmp_path: Path, tiny_model_dir: Path, ray_local) -> None:

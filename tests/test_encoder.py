@@ -24,7 +24,16 @@ from recsys.encoder import (
     text_hash,
     vectors_frame,
 )
-from recsys.encoder.model import Int8Linear, quantize_int8, resolve_precision, tokenize
+from recsys.encoder.model import (
+    Int8FusedLinear,
+    Int8Linear,
+    Int8Part,
+    keep_freed_memory,
+    load_base,
+    quantize_int8,
+    resolve_precision,
+    tokenize,
+)
 from recsys.errors import ConfigError, DataError
 
 TEXTS = [
@@ -132,6 +141,77 @@ def test_int8_linear_matches_float_linear() -> None:
     q = quantize_int8(torch.nn.Sequential(lin))
     rel = (q(x) - lin(x)).norm(dim=-1) / lin(x).norm(dim=-1)
     assert rel.max() < 0.03
+
+
+def test_int8_fuses_query_key_value_and_gelu_with_identical_results(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The fused layers compute what separate Int8Linear layers (and a separate GELU) compute."""
+    model, _ = load_base(tiny_model_dir)
+    layer = model.encoder.layer[0]
+    attn, inter = layer.attention.self, layer.intermediate
+    separate = {n: Int8Linear(getattr(attn, n)) for n in ("query", "key", "value")}
+    separate_ffn, act = Int8Linear(inter.dense), inter.intermediate_act_fn
+    quantize_int8(model)
+    assert isinstance(attn.fused_int8, Int8FusedLinear) and isinstance(attn.query, Int8Part)
+    assert isinstance(inter.intermediate_act_fn, torch.nn.Identity) and inter.dense.gelu
+    torch.manual_seed(0)
+    x, x2 = torch.randn(2, 7, 32), torch.randn(2, 7, 32)
+    x[0, 0] *= 40  # an outlier token
+    with torch.inference_mode():
+        for name in ("query", "key", "value"):  # the first call computes all three
+            torch.testing.assert_close(getattr(attn, name)(x), separate[name](x), rtol=0, atol=1e-6)
+        # Another input, any order, a part asked twice: recomputed, never a stale output.
+        torch.testing.assert_close(attn.value(x2), separate["value"](x2), rtol=0, atol=1e-6)
+        torch.testing.assert_close(attn.query(x), separate["query"](x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(attn.query(x2), separate["query"](x2), rtol=0, atol=1e-6)
+        torch.testing.assert_close(inter(x), act(separate_ffn(x)), rtol=0, atol=1e-6)
+    # The fused weights are stored once (safetensors refuses shared tensors).
+    from safetensors.torch import save_file
+
+    state = model.state_dict()
+    assert not any(k.endswith(("query.weight_t", "key.weight_t")) for k in state)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "q.safetensors"))
+
+
+def test_cpu_encoder_uses_eager_attention_with_the_same_vectors(tiny_model_dir: Path) -> None:
+    from recsys.encoder.model import embed_tokens, pad_batch
+
+    enc = TextEncoder.load(tiny_model_dir)
+    assert enc.model.config._attn_implementation == "eager"
+    sdpa, tokenizer = load_base(tiny_model_dir)  # training's form
+    ids, mask = pad_batch(tokenize(tokenizer, TEXTS, 64), tokenizer.pad_token_id)
+    with torch.inference_mode():
+        ref = embed_tokens(sdpa, ids, mask).numpy()
+    np.testing.assert_allclose(enc.embed(TEXTS), ref, atol=1e-5)
+
+
+def test_keep_freed_memory_is_applied_once_on_glibc() -> None:
+    import os
+    import platform
+
+    applied = keep_freed_memory()
+    assert keep_freed_memory() is applied  # cached: one mallopt per process
+    user_set = any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert applied == (glibc and not user_set)
+
+
+def test_embed_runs_each_distinct_token_sequence_once(tiny_model_dir: Path) -> None:
+    enc = TextEncoder.load(tiny_model_dir, max_length=8)
+    rows: list[int] = []
+    enc.model.register_forward_pre_hook(
+        lambda _m, _a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+    long_a = "red apple sky sea lake river wave navy"  # 8 words: cut at 6 tokens + CLS/SEP
+    texts = ["red apple", "blue sky", "red apple", long_a, long_a + " cobalt ice", "blue sky"]
+    out = enc.embed(texts, batch_size=2)
+    assert sum(rows) == 3  # "red apple", "blue sky", and the two long ones truncated alike
+    np.testing.assert_array_equal(out[0], out[2])
+    np.testing.assert_array_equal(out[3], out[4])
+    np.testing.assert_array_equal(out[1], out[5])
+    alone = np.concatenate([enc.embed([t]) for t in texts])
+    np.testing.assert_allclose(out, alone, atol=1e-6)
 
 
 def test_precision_choice() -> None:

@@ -21,6 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import functools
 import importlib.resources
 import io
+import itertools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -230,51 +231,167 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list
     return list(enc["input_ids"])
 
 
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W (out, in) float) → (int8 W.T (in, out), scale per output channel (out,) float32)."""
+    w = weight.detach().float()
+    scale = w.abs().amax(1).clamp(min=1e-8) / 127.0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.t().contiguous(), scale
+
+
+def int8_linear(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor,
+    gelu: bool = False,
+) -> torch.Tensor:
+    """x (..., in) float @ int8 weights → (..., out) float32, activations quantised per row.
+
+    y = (q(x) @ W_q) * s_x * s_w + b, q(x) = round(x / s_x), s_x = max|x_row| / 127; then the
+    exact GELU when `gelu`. The row maximum comes from amax and amin (two reads, no temporary);
+    the epilogue (int32 → float, scales, bias, GELU) works in place on the product's buffer: a
+    new buffer per step costs about twice as much on CPU (cold memory).
+    """
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    sx = torch.maximum(x2.amax(1, keepdim=True), x2.amin(1, keepdim=True).neg_())
+    sx = sx.clamp_(min=1e-8).div_(127.0)  # (M, 1)
+    xq = torch.div(x2, sx).round_().to(torch.int8)
+    m = xq.shape[0]
+    if m <= 16:  # _int_mm needs more than 16 rows
+        xq = torch.cat([xq, xq.new_zeros(17 - m, xq.shape[1])])
+    acc = torch._int_mm(xq, weight_t)[:m]  # int32, a fresh buffer
+    y = acc.view(torch.float32).copy_(acc)  # int32 → float32 in place: no second buffer
+    y = torch.addcmul(bias, y.mul_(sx), weight_scale, out=y)
+    if gelu:
+        y = torch.ops.aten.gelu_(y)
+    return y.reshape(*x.shape[:-1], weight_t.shape[1])
+
+
 class Int8Linear(nn.Module):
     """A Linear layer in int8: weights per output channel, activations per token (row).
 
-    y = (q(x) @ q(W).T) * s_x * s_w + b, with q(x) = round(x / s_x), s_x = max|x_row| / 127
-    computed on the fly for each token and s_w = max|W_row| / 127 fixed. Per-token scales
-    matter for BERT-style encoders: a few tokens ([CLS], [SEP], punctuation) carry activations
-    far larger than the rest, and one scale per tensor (PyTorch's `quantize_dynamic`) then
-    crushes every other token (cosine to fp32 ~0.93 on MiniLM against ~0.997 here).
-    The int8 product runs on `torch._int_mm` (VNNI on x86).
+    Per-token scales matter for BERT-style encoders: a few tokens ([CLS], [SEP], punctuation)
+    carry activations far larger than the rest, and one scale per tensor (PyTorch's
+    `quantize_dynamic`) then crushes every other token (cosine to fp32 ~0.93 on MiniLM against
+    ~0.997 here). The int8 product runs on `torch._int_mm` (VNNI on x86); see `int8_linear`.
     """
 
     weight_t: torch.Tensor
     weight_scale: torch.Tensor
     bias: torch.Tensor
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, gelu: bool = False) -> None:
         super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(1).clamp(min=1e-8) / 127.0  # (out,)
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        q, scale = quantize_weight(linear.weight)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight_t", q.t().contiguous())  # (in, out) int8
+        self.gelu = gelu  # the exact GELU that followed this layer, applied in place
+        self.register_buffer("weight_t", q)  # (in, out) int8
         self.register_buffer("weight_scale", scale)
         bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros_like(scale)
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
-        sx = x2.abs().amax(1, keepdim=True).clamp_(min=1e-8).div_(127.0)  # (M, 1)
-        xq = torch.div(x2, sx).round_().to(torch.int8)
-        m = xq.shape[0]
-        if m <= 16:  # _int_mm needs more than 16 rows
-            xq = torch.cat([xq, xq.new_zeros(17 - m, xq.shape[1])])
-        y = torch._int_mm(xq, self.weight_t)[:m].float()
-        y = torch.addcmul(self.bias, y.mul_(sx), self.weight_scale)
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        y = int8_linear(x, self.weight_t, self.weight_scale, self.bias, self.gelu)
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        gelu = " + gelu" if self.gelu else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8{gelu}"
+
+
+class Int8FusedLinear(Int8Linear):
+    """Sibling Linear layers that read the same input (an attention block's query, key and
+    value), concatenated into one int8 product: the input is quantised once and multiplied once.
+
+    Each sibling becomes an `Int8Part`. The first part called with an input computes every
+    part's output and keeps it until all parts have taken theirs; a part called with another
+    input (cross-attention, or any order of calls) recomputes, so results never depend on the
+    order or sharing of calls.
+    """
+
+    def __init__(self, linears: Sequence[nn.Linear]) -> None:
+        weight = torch.cat([lin.weight.detach() for lin in linears])
+        biases = [
+            lin.bias.detach() if lin.bias is not None else weight.new_zeros(lin.out_features)
+            for lin in linears
+        ]
+        fused = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            fused.weight.copy_(weight)
+            fused.bias.copy_(torch.cat(biases))
+        super().__init__(fused)
+        bounds = itertools.accumulate([lin.out_features for lin in linears], initial=0)
+        self.slices = [slice(a, b) for a, b in itertools.pairwise(bounds)]
+        self._cache: tuple[torch.Tensor, torch.Tensor, set[int]] | None = None
+
+    def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Part `index`'s output for `x` (a view into the fused output)."""
+        cache = self._cache
+        if cache is None or cache[0] is not x or index in cache[2]:
+            cache = self._cache = (x, self(x), set())
+        cache[2].add(index)
+        if len(cache[2]) == len(self.slices):
+            self._cache = None  # every part has its output: hold no tensors between calls
+        return cache[1][..., self.slices[index]]
+
+
+class Int8Part(nn.Module):
+    """One former Linear layer of an `Int8FusedLinear` (which its parent module owns)."""
+
+    def __init__(self, fused: Int8FusedLinear, index: int) -> None:
+        super().__init__()
+        self._fused = [fused]  # a list: not registered again, so the state dict holds it once
+        self.index = index
+        self.in_features = fused.in_features
+        self.out_features = fused.slices[index].stop - fused.slices[index].start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fused[0].part(x, self.index)
+
+    def extra_repr(self) -> str:
+        return f"part {self.index} of a fused int8 linear, out_features={self.out_features}"
+
+
+# Linear siblings that read the same hidden states (BERT/MiniLM, DistilBERT, most decoders).
+FUSABLE_SIBLINGS: tuple[tuple[str, ...], ...] = (
+    ("query", "key", "value"),
+    ("q_lin", "k_lin", "v_lin"),
+    ("q_proj", "k_proj", "v_proj"),
+)
+
+
+def is_exact_gelu(module: nn.Module) -> bool:
+    """True for torch's nn.GELU() and transformers' GELUActivation (both the erf form)."""
+    if isinstance(module, nn.GELU):
+        return module.approximate == "none"
+    return type(module).__name__ == "GELUActivation" and getattr(module, "act", None) is F.gelu
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """`model` with every nn.Linear replaced by an `Int8Linear` (CPU inference only; in place)."""
+    """`model` with every nn.Linear in int8 (CPU inference only; in place).
+
+    Query/key/value siblings (`FUSABLE_SIBLINGS`) become one `Int8FusedLinear`, owned by their
+    parent as `fused_int8`; every other Linear becomes an `Int8Linear`. A feed-forward block
+    that is `dense` then an exact GELU `intermediate_act_fn` (BERT's intermediate: its forward
+    is exactly act(dense(x))) gets the GELU fused into the int8 layer, and Identity in its place.
+    """
     for module in list(model.modules()):
+        dense, act = getattr(module, "dense", None), getattr(module, "intermediate_act_fn", None)
+        if isinstance(dense, nn.Linear) and isinstance(act, nn.Module) and is_exact_gelu(act):
+            module.dense = Int8Linear(dense, gelu=True)
+            module.intermediate_act_fn = nn.Identity()
+        children = dict(module.named_children())
+        for names in FUSABLE_SIBLINGS:
+            linears = [children.get(n) for n in names]
+            if all(isinstance(lin, nn.Linear) for lin in linears) and (
+                len({lin.in_features for lin in linears if lin is not None}) == 1
+            ):
+                fused = Int8FusedLinear([lin for lin in linears if isinstance(lin, nn.Linear)])
+                module.add_module("fused_int8", fused)
+                for i, n in enumerate(names):
+                    setattr(module, n, Int8Part(fused, i))
+                break
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, name, Int8Linear(child))
@@ -306,6 +423,41 @@ def state_dict_bytes(model: nn.Module) -> int:
         warnings.simplefilter("ignore")
         torch.save(model.state_dict(), buf)
     return buf.tell()
+
+
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory for reuse instead of handing it back to the kernel.
+
+    Each forward pass allocates and frees buffers of several MB (activations, int32 products).
+    By default glibc serves such sizes with fresh mmap()s and unmaps them on free, so every
+    layer pays page faults and the kernel's zeroing of new pages: a third of the int8 forward
+    time on a 2-core machine (measured by `experiments/bench_embed`). Raising the mmap
+    threshold to its maximum (32 MiB) and the trim threshold to 1 GiB keeps those buffers in
+    the heap; the price is that the process keeps its peak heap. Applied once per process by
+    `TextEncoder.load` on CPU; a no-op off glibc or when the user set MALLOC_MMAP_THRESHOLD_ or
+    MALLOC_TRIM_THRESHOLD_ (their choice wins). Returns whether it was applied.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    ok = mallopt(_M_MMAP_THRESHOLD, 32 * 2**20) == 1
+    return mallopt(_M_TRIM_THRESHOLD, 2**30) == 1 and ok
 
 
 def to_precision(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
@@ -375,7 +527,16 @@ class TextEncoder:
         loaded = load_encoder_weights(default_model_path() if path is None else Path(path))
         tmpl = template if template is not None else loaded.template
         template_fields(tmpl)
-        model = to_precision(loaded.model, precision, dev)
+        model = loaded.model
+        if dev.type == "cpu":
+            keep_freed_memory()
+            # For item texts (tens of tokens) on CPU, plain matmul + softmax attention beats
+            # the fused SDPA kernel (~12% of the whole int8 forward, bench_embed); same values
+            # to float rounding.
+            set_attn = getattr(model, "set_attn_implementation", None)
+            if callable(set_attn):
+                set_attn("eager")
+        model = to_precision(model, precision, dev)
         model.eval()
         return cls(
             model,
@@ -393,15 +554,30 @@ class TextEncoder:
     ) -> np.ndarray:
         """Unit vectors (n, dim) float32 for `texts`, row i for texts[i].
 
-        Texts are tokenised once, sorted by token count and batched, so each batch pads to a
-        similar length; the rows are put back in input order.
+        Each distinct token sequence is embedded once: catalogues repeat texts (H&M: 105,542
+        article texts, 49,750 distinct; colour variants share one description), and texts that
+        differ only beyond `max_length` tokens truncate to the same input. Sequences are sorted
+        by token count and batched, so each batch pads to a similar length.
         """
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:
-            return out
-        ids = tokenize(self.tokenizer, list(texts), self.max_length)
+            return np.empty((0, self.dim), dtype=np.float32)
+        by_text: dict[str, int] = {}
+        text_row = [by_text.setdefault(t, len(by_text)) for t in texts]
+        by_tokens: dict[tuple[int, ...], int] = {}
+        token_row = [
+            by_tokens.setdefault(tuple(s), len(by_tokens))
+            for s in tokenize(self.tokenizer, list(by_text), self.max_length)
+        ]
+        vecs = self.embed_token_ids(list(by_tokens), batch_size, progress)
+        return vecs[np.asarray(token_row, dtype=np.int64)[text_row]]
+
+    def embed_token_ids(
+        self, ids: Sequence[Sequence[int]], batch_size: int = 64, progress: bool = False
+    ) -> np.ndarray:
+        """Unit vectors (n, dim) float32 for token id sequences (as `tokenize` returns them)."""
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
         order = np.argsort([-len(s) for s in ids], kind="stable")
         starts = range(0, len(order), batch_size)
         if progress:
