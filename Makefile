@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast lint
+.PHONY: setup demo test test-fast test-gpu lint
 $(BIN)/recsys: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[dev]'
@@ -22,6 +22,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/pytest -m "not slow"
+
+# The CUDA paths, on a machine with a GPU (skipped, and said so, without one).
+test-gpu: setup
+	$(BIN)/pytest -m gpu -rs
 
 lint: setup
 	$(BIN)/ruff check .

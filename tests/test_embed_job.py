@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from test_finetune import topic_dataset
 
 from recsys.encoder import (
@@ -92,7 +93,8 @@ def test_embed_job_on_ray_is_incremental(tmp_path: Path, tiny_model_dir: Path, r
     out = tmp_path / "item_vectors.parquet"
     items = catalogue()
     r1 = run_embed(items, tiny_model_dir, out)
-    assert (r1.embedded, r1.reused, r1.dropped) == (12, 0, 0) and r1.device.startswith("cpu")
+    assert (r1.embedded, r1.reused, r1.dropped) == (12, 0, 0)
+    assert r1.device.startswith("cuda" if torch.cuda.is_available() else "cpu")
     ids, v1 = load_item_vectors(out)
     assert ids == items["item_id"].to_list() and v1.shape == (12, 32) and v1.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(v1, axis=1), 1.0, atol=1e-5)
@@ -138,7 +140,8 @@ def test_finetune_job_on_ray_train(tmp_path: Path, tiny_model_dir: Path, ray_loc
         topic_dataset(), tmp_path / "enc", cfg, base_model=tiny_model_dir, on_epoch=seen.append
     )
     assert [m["epoch"] for m in seen] == [1, 2] and len(report.losses) == 2
-    assert len(report.step_losses) == 24 and report.device == "cpu x1"
+    assert len(report.step_losses) == 24
+    assert report.device == ("cuda x1" if torch.cuda.is_available() else "cpu x1")
     assert report.val_metrics["val_auc"] > 0.9 and 0 < report.val_metrics["val_mrr"] <= 1
     assert report.trainable_params == 2 * 2 * (4 * 32 + 32 * 4) < report.total_params
     manifest = read_manifest(report.encoder_dir)

@@ -436,8 +436,8 @@ def keep_freed_memory() -> bool:
 
     Each forward pass allocates and frees buffers of several MB (activations, int32 products).
     By default glibc serves such sizes with fresh mmap()s and unmaps them on free, so every
-    layer pays page faults and the kernel's zeroing of new pages: a third of the int8 forward
-    time on a 2-core machine (measured by `experiments/bench_embed`). Raising the mmap
+    layer pays page faults and the kernel's zeroing of new pages: about a fifth of the int8
+    forward time on a 2-core machine (241 → 296 texts/s on bench_embed's texts). Raising the mmap
     threshold to its maximum (32 MiB) and the trim threshold to 1 GiB keeps those buffers in
     the heap; the price is that the process keeps its peak heap. Applied once per process by
     `TextEncoder.load` on CPU; a no-op off glibc or when the user set MALLOC_MMAP_THRESHOLD_ or
@@ -531,8 +531,8 @@ class TextEncoder:
         if dev.type == "cpu":
             keep_freed_memory()
             # For item texts (tens of tokens) on CPU, plain matmul + softmax attention beats
-            # the fused SDPA kernel (~12% of the whole int8 forward, bench_embed); same values
-            # to float rounding.
+            # the fused SDPA kernel (int8 forward 290 → 329 texts/s on bench_embed's texts);
+            # the same values to float rounding.
             set_attn = getattr(model, "set_attn_implementation", None)
             if callable(set_attn):
                 set_attn("eager")
