@@ -150,14 +150,15 @@ def _embed_on_ray(
     )
     row_of: dict[str, int] = {}
     vectors: list[np.ndarray] = []
+    returned = 0
     for batch in out.iter_batches(batch_format="numpy", batch_size=None):
         for h in batch["text_hash"]:
-            row_of[str(h)] = len(row_of)
+            row_of[str(h)] = returned
+            returned += 1
         vectors.append(np.asarray(batch["vector"], dtype=np.float32))
     hashes = todo["text_hash"].to_list()
-    missing = set(hashes) - row_of.keys()
-    if len(row_of) != distinct.height or missing:
-        raise RuntimeError(f"embedding returned {len(row_of)} vectors for {distinct.height} texts")
+    if not returned == len(row_of) == distinct.height or not row_of.keys() >= set(hashes):
+        raise RuntimeError(f"embedding returned {returned} vectors for {distinct.height} texts")
     rows = np.fromiter((row_of[h] for h in hashes), dtype=np.int64, count=len(hashes))
     fresh = np.concatenate(vectors)[rows]
     return vectors_frame(todo["item_id"].to_list(), fresh, hashes, encoder_id), device, actors

@@ -166,6 +166,14 @@ def test_int8_fuses_query_key_value_and_gelu_with_identical_results(
         torch.testing.assert_close(attn.query(x), separate["query"](x), rtol=0, atol=1e-6)
         torch.testing.assert_close(attn.query(x2), separate["query"](x2), rtol=0, atol=1e-6)
         torch.testing.assert_close(inter(x), act(separate_ffn(x)), rtol=0, atol=1e-6)
+    with torch.no_grad():  # the same tensor changed in place between two calls: recomputed too
+        y = x.clone()
+        attn.query(y)
+        y.mul_(2)
+        torch.testing.assert_close(attn.key(y), separate["key"](y), rtol=0, atol=1e-6)
+    # The int8 layers also run with gradients enabled (none flows through them).
+    out = model(input_ids=torch.tensor([[2, 10, 11, 3]])).last_hidden_state
+    assert out.shape == (1, 4, 32) and bool(out.isfinite().all())
     # The fused weights are stored once (safetensors refuses shared tensors).
     from safetensors.torch import save_file
 

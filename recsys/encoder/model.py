@@ -2,7 +2,8 @@
 
 This is the all-MiniLM-L6-v2 recipe (sentence-transformers' default pooling for it). The same
 `embed_tokens` runs in training (with gradients) and in inference (under `inference_mode`), so
-the vectors the ranker sees are computed exactly as in training.
+the vectors the ranker sees are computed as in training: in fp32 on CPU the same values to float
+rounding (inference uses eager attention there, training SDPA: ~1e-7 apart on MiniLM).
 
 Precision: fp32 by default; "int8" = every `nn.Linear` in int8 (weights per output channel,
 activations per token, quantised on the fly: `Int8Linear`), the fast CPU form; "bf16" on CPUs
@@ -239,6 +240,7 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.t().contiguous(), scale
 
 
+@torch.no_grad()
 def int8_linear(
     x: torch.Tensor,
     weight_t: torch.Tensor,
@@ -251,7 +253,8 @@ def int8_linear(
     y = (q(x) @ W_q) * s_x * s_w + b, q(x) = round(x / s_x), s_x = max|x_row| / 127; then the
     exact GELU when `gelu`. The row maximum comes from amax and amin (two reads, no temporary);
     the epilogue (int32 → float, scales, bias, GELU) works in place on the product's buffer: a
-    new buffer per step costs about twice as much on CPU (cold memory).
+    new buffer per step costs about twice as much on CPU (cold memory). Inference only: no
+    gradient flows through it (rounding has none), also when called with gradients enabled.
     """
     x2 = x.reshape(-1, x.shape[-1]).float()
     sx = torch.maximum(x2.amax(1, keepdim=True), x2.amin(1, keepdim=True).neg_())
@@ -306,8 +309,10 @@ class Int8FusedLinear(Int8Linear):
 
     Each sibling becomes an `Int8Part`. The first part called with an input computes every
     part's output and keeps it until all parts have taken theirs; a part called with another
-    input (cross-attention, or any order of calls) recomputes, so results never depend on the
-    order or sharing of calls.
+    input (cross-attention, any order of calls) or with the same tensor changed in place since
+    (its version counter moved; inference-mode tensors have none, and no model here changes its
+    hidden states in place) recomputes. When only some parts are ever called, the last output
+    stays held until the next call.
     """
 
     def __init__(self, linears: Sequence[nn.Linear]) -> None:
@@ -323,17 +328,19 @@ class Int8FusedLinear(Int8Linear):
         super().__init__(fused)
         bounds = itertools.accumulate([lin.out_features for lin in linears], initial=0)
         self.slices = [slice(a, b) for a, b in itertools.pairwise(bounds)]
-        self._cache: tuple[torch.Tensor, torch.Tensor, set[int]] | None = None
+        # (input, its version counter, fused output, parts already handed out)
+        self._cache: tuple[torch.Tensor, int, torch.Tensor, set[int]] | None = None
 
     def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Part `index`'s output for `x` (a view into the fused output)."""
         cache = self._cache
-        if cache is None or cache[0] is not x or index in cache[2]:
-            cache = self._cache = (x, self(x), set())
-        cache[2].add(index)
-        if len(cache[2]) == len(self.slices):
+        version = -1 if x.is_inference() else x._version  # inference tensors keep no counter
+        if cache is None or cache[0] is not x or cache[1] != version or index in cache[3]:
+            cache = self._cache = (x, version, self(x), set())
+        cache[3].add(index)
+        if len(cache[3]) == len(self.slices):
             self._cache = None  # every part has its output: hold no tensors between calls
-        return cache[1][..., self.slices[index]]
+        return cache[2][..., self.slices[index]]
 
 
 class Int8Part(nn.Module):
@@ -439,9 +446,11 @@ def keep_freed_memory() -> bool:
     layer pays page faults and the kernel's zeroing of new pages: about a fifth of the int8
     forward time on a 2-core machine (241 → 296 texts/s on bench_embed's texts). Raising the mmap
     threshold to its maximum (32 MiB) and the trim threshold to 1 GiB keeps those buffers in
-    the heap; the price is that the process keeps its peak heap. Applied once per process by
-    `TextEncoder.load` on CPU; a no-op off glibc or when the user set MALLOC_MMAP_THRESHOLD_ or
-    MALLOC_TRIM_THRESHOLD_ (their choice wins). Returns whether it was applied.
+    the heap; the price is that the process keeps its peak heap (each malloc arena, one per
+    busy thread, may keep up to 1 GiB freed). Applied once per process by `TextEncoder.load` on
+    CPU (embed actors, and the API server when it loads its encoder); a no-op off glibc or when
+    the user tuned malloc (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or glibc.malloc in
+    GLIBC_TUNABLES: their choice wins). Returns whether it was applied.
     """
     import ctypes
     import sys
@@ -449,6 +458,8 @@ def keep_freed_memory() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return False
+    if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
