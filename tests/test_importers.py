@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -85,7 +85,11 @@ def test_mind_counts_and_tables(tmp_path: Path) -> None:
         ("U2", "N3"),
         ("U2", "N1"),
     ]
-    assert v.interactions["ts"].null_count() == 5
+    # Each history item is dated just before the earliest readable row whose history lists it.
+    just_before = timedelta(microseconds=1)
+    u1 = datetime(2019, 11, 15, 8, 55, 22, tzinfo=UTC) - just_before
+    u2 = datetime(2019, 11, 16, 1, 2, 3, tzinfo=UTC) - just_before  # row 3's time is unreadable
+    assert v.interactions["ts"].to_list() == [u1, u1, u2, u2, u2]
     assert v.interactions["weight"].to_list() == [1.0] * 5
     assert r.stats["history_ids"] == 11
     assert r.stats["history_rows_deduplicated"] == 5
@@ -106,6 +110,26 @@ def test_mind_counts_and_tables(tmp_path: Path) -> None:
         datetime(2019, 11, 15, 8, 55, 22, tzinfo=UTC),
         datetime(2019, 11, 15, 21, 0, 0, tzinfo=UTC),
     ]
+
+
+def test_mind_growing_history_never_reaches_back_in_time(tmp_path: Path) -> None:
+    """EB-NeRD's week-2 rows list week-1 clicks in their history: those clicks must not count
+    before the week-1 impression that recorded them (a label leak for ranker and fine-tune)."""
+    d = tmp_path / "mind"
+    _write(d / "news.tsv", NEWS[:3])
+    _write(
+        d / "behaviors.tsv",
+        [
+            "1\tU1\t11/15/2019 8:00:00 AM\tN1\tN2-1 N3-0",
+            "2\tU1\t11/22/2019 8:00:00 AM\tN1 N2\tN3-1",  # history now holds row 1's click
+        ],
+    )
+    inter = import_source("mind", d).validated.interactions
+    ts = dict(zip(inter["item_id"].to_list(), inter["ts"].to_list(), strict=True))
+    first = datetime(2019, 11, 15, 8, 0, tzinfo=UTC)
+    assert ts["N1"] < first
+    assert ts["N2"] > first  # the week-1 click N2 is dated just before row 2, not before row 1
+    assert ts["N2"] == datetime(2019, 11, 22, 8, 0, tzinfo=UTC) - timedelta(microseconds=1)
 
 
 def test_mind_malformed_rows_land_in_rejects_with_reasons(tmp_path: Path) -> None:

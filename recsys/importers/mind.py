@@ -9,8 +9,8 @@ A MIND folder holds two tab-separated files without a header and without quoting
 Mapping to the canonical tables:
   items        item_id=news_id, title, description=abstract, category, subcategory,
                published_at null (MIND gives no publication time).
-  interactions one row per (user, news id) in any history: ts null (the history predates the
-               log), weight 1.0. MIND repeats a user's history on each of their rows; the repeats
+  interactions one row per (user, news id) in any history: ts just before the earliest row whose
+               history lists it (the click is known to predate that row, no more), weight 1.0. MIND repeats a user's history on each of their rows; the repeats
                are counted in stats["history_rows_deduplicated"], not rejected.
   impressions  one row per shown news item: impression_id, user_id, ts (the row's time, UTC),
                item_id, clicked (the -1/-0 suffix), position (0-based place in the list).
@@ -25,6 +25,7 @@ MIND-large's millions of rows need no Python loop.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import polars as pl
@@ -55,6 +56,7 @@ NEWS_COLUMNS = [
 ]
 BEHAVIOR_COLUMNS = ["impression_id", "user_id", "time", "history", "impressions"]
 TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"  # 11/15/2019 8:55:22 AM
+_JUST_BEFORE = timedelta(microseconds=1)
 
 LAYOUT = (
     "the mind format expects a folder with news.tsv (news_id, category, subcategory, title, "
@@ -132,7 +134,14 @@ def _behavior_rows(b: pl.DataFrame) -> tuple[pl.DataFrame, list[pl.DataFrame]]:
 
 
 def _history(b: pl.DataFrame) -> tuple[pl.DataFrame, int, int]:
-    """History ids → interactions (ts null, weight 1.0), one per (user, item), first row kept.
+    """History ids → interactions (weight 1.0), one per (user, item), first row kept.
+
+    A history lists clicks made *before* its row's time, nothing more is known of when. So an
+    item's ts is just before the earliest row whose history holds it (null when no such row has
+    a readable time). A null ts would count it before every impression, and data sets whose
+    histories grow between periods (EB-NeRD: week 2's history holds week 1's clicks) would
+    then show week 1's rows their own future clicks: a label leak for the ranker and the
+    fine-tune alike.
 
     Returns (interactions with `__row`, history ids read, repeats dropped).
     """
@@ -140,26 +149,34 @@ def _history(b: pl.DataFrame) -> tuple[pl.DataFrame, int, int]:
     # A user's history repeats verbatim on each of their rows: drop repeated strings before the
     # explode, so MIND-large explodes each history once, not once per impression.
     h = (
-        b.select(ROW, "user_id", "history")
+        b.select(ROW, "user_id", "history", _row_time().alias("ts"))
         .drop_nulls("history")
+        .with_columns(pl.col("ts").min().over(["user_id", "history"]))
         .unique(["user_id", "history"], keep="first", maintain_order=True)
-        .select(ROW, "user_id", _tokens("history").alias("item_id"))
+        .select(ROW, "user_id", _tokens("history").alias("item_id"), "ts")
         .explode("item_id")
         .drop_nulls("item_id")
+        .with_columns(pl.col("ts").min().over(["user_id", "item_id"]) - _JUST_BEFORE)
         .unique(["user_id", "item_id"], keep="first", maintain_order=True)
         .with_columns(pl.lit(1.0).alias("weight"))
     )
     return h, n_ids, n_ids - h.height
 
 
-def _impressions(b: pl.DataFrame) -> tuple[pl.DataFrame, list[pl.DataFrame]]:
-    """Impression lists → one row per shown item (with `__row`), plus rejects."""
-    rows = b.drop("history").with_columns(
+def _row_time() -> pl.Expr:
+    """A behaviors row's time as a UTC timestamp (null when unparseable)."""
+    return (
         pl.col("time")
         .str.strip_chars()
         .str.strptime(pl.Datetime("us"), TIME_FORMAT, strict=False)
         .dt.replace_time_zone("UTC")
-        .alias("ts"),
+    )
+
+
+def _impressions(b: pl.DataFrame) -> tuple[pl.DataFrame, list[pl.DataFrame]]:
+    """Impression lists → one row per shown item (with `__row`), plus rejects."""
+    rows = b.drop("history").with_columns(
+        _row_time().alias("ts"),
         _tokens("impressions").alias("token"),
     )
     # Row-level problems: one reject per behaviors row, recording its raw fields.
