@@ -42,7 +42,7 @@ class FeatureConfig:
         # A list (as read from TOML) is accepted and stored as a tuple, keeping the config hashable.
         object.__setattr__(self, "windows", tuple(windows))
         for w in self.windows:
-            if not isinstance(w, str) or not (w == ALL or _valid_duration(w)):
+            if not isinstance(w, str) or not (w == ALL or valid_duration(w)):
                 raise ConfigError(f"features: windows has {w!r}; each window must be {WINDOW_FORM}")
         if len(set(self.windows)) != len(self.windows):
             raise ConfigError(
@@ -72,5 +72,5 @@ class FeatureConfig:
         return d
 
 
-def _valid_duration(w: str) -> bool:
+def valid_duration(w: str) -> bool:
     return bool(_DURATION.match(w)) and any(int(n) > 0 for n in _PART.findall(w))

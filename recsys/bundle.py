@@ -67,6 +67,8 @@ def write_bundle(
             "use_semantic": spec.use_semantic,
             "max_history": spec.max_history,
             "half_life_days": spec.half_life_days,
+            "stable_features": spec.stable,
+            "refresh": spec.refresh,
             **manifest,
         }
         full.setdefault("model_version", json_digest(full)[:12])
@@ -136,6 +138,9 @@ class Bundle:
             use_semantic=bool(manifest.get("use_semantic", True)),
             max_history=int(manifest.get("max_history", 50)),
             half_life_days=float(manifest.get("half_life_days", 7.0)),
+            # bundles written before the stable column set ranked on every raw column
+            stable=bool(manifest.get("stable_features", False)),
+            refresh=str(manifest.get("refresh", "online")),
         )
         if list(ranker.feature_names) != spec.columns:
             raise DataError(

@@ -17,28 +17,101 @@ import polars as pl
 
 from features import FeatureConfig, FeatureSnapshot, feature_names, point_in_time_features
 from features import snapshot_features as _snapshot_features
+from features.config import valid_duration
 from recsys.data.dataset import Dataset
 from recsys.data.schema import TS
+from recsys.errors import ConfigError
+from recsys.relative import relative_columns, with_relative
 from recsys.semantic import SEMANTIC_FEATURES, semantic_features
 from recsys.vectors import ItemVectors
+
+# Raw counts and ages: their scale grows with the log's length and the clock, so a ranker over
+# them puts tomorrow's rows into leaves it never trained on. The stable column set leaves them
+# out and keeps their within-request ranks and z-scores instead (`recsys.relative`).
+_DRIFTING_PREFIXES = ("item_shows_", "item_clicks_", "item_interactions_")
+_DRIFTING = {"item_age_hours", "item_hours_since_click", "user_shows", "user_clicks",
+             "user_history", "user_category_shows", "user_category_clicks",
+             "user_subcategory_shows", "user_subcategory_clicks"}  # fmt: skip
+# Columns that also enter relative to the request's other candidates.
+_RELATIVE_PREFIXES = ("item_", "sem_cos_")
+_RELATIVE = {"user_category_share", "user_subcategory_share", "user_category_ctr",
+             "user_subcategory_ctr", "user_item_shows"}  # fmt: skip
+
+
+def drifts(column: str) -> bool:
+    """True for a raw count or age, whose scale changes with the log's length and the clock."""
+    return column in _DRIFTING or column.startswith(_DRIFTING_PREFIXES)
+
+
+def ranks_within_request(column: str) -> bool:
+    """True for a column the stable set also gives as a within-request rank and z-score."""
+    return column in _RELATIVE or column.startswith(_RELATIVE_PREFIXES)
 
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """Which columns the ranker sees, and the semantic-feature settings."""
+    """Which columns the ranker sees, and the semantic-feature settings.
+
+    stable: the ranker sees no column that drifts (`drifts`): rates, shares, cosines and
+        within-request ranks/z-scores (`recsys.relative`) of the candidate-side columns. False:
+        every raw column as computed (the ablation, and bundles written before this existed).
+    refresh: how fresh the features of a row are, as a polars duration ("1d") or "online".
+        A row at time t gets the features of the last refresh at or before t (t truncated to
+        the period, UTC): what the API serves from a bundle that a nightly job rebuilds once per
+        period. "online": features as of t itself, which only an event stream keeps up to date.
+    """
 
     config: FeatureConfig
     use_semantic: bool = True
     max_history: int = 50
     half_life_days: float = 7.0
+    stable: bool = True
+    refresh: str = "online"
 
     @property
-    def behavioural(self) -> list[str]:
+    def base_behavioural(self) -> list[str]:
+        """The behavioural columns `features` computes (raw counts included)."""
         return feature_names(self.config)
 
     @property
+    def base_columns(self) -> list[str]:
+        """Every column the featurisation computes before the within-request step."""
+        return self.base_behavioural + (list(SEMANTIC_FEATURES) if self.use_semantic else [])
+
+    @property
+    def relative_base(self) -> list[str]:
+        """The base columns that enter within-request ranks and z-scores (stable only)."""
+        return [c for c in self.base_columns if self.stable and ranks_within_request(c)]
+
+    def _model_columns(self, base: list[str]) -> list[str]:
+        if not self.stable:
+            return base
+        kept = [c for c in base if not drifts(c)]
+        return kept + relative_columns([c for c in base if ranks_within_request(c)])
+
+    @property
+    def behavioural(self) -> list[str]:
+        """The ranker columns that need no text encoder (the lgbm_behavioural model's)."""
+        return self._model_columns(self.base_behavioural)
+
+    @property
     def columns(self) -> list[str]:
-        return self.behavioural + (list(SEMANTIC_FEATURES) if self.use_semantic else [])
+        """The ranker's columns, in model order."""
+        return self._model_columns(self.base_columns)
+
+    def __post_init__(self) -> None:
+        if self.refresh != ONLINE and not valid_duration(self.refresh):
+            raise ConfigError(
+                f"refresh must be {ONLINE!r} or a polars duration such as '1d' or '6h' (the "
+                f"nightly's period), got {self.refresh!r}"
+            )
+
+    def at(self, ts: pl.Expr) -> pl.Expr:
+        """The moment whose features a row at `ts` gets (see `refresh`)."""
+        return ts if self.refresh == ONLINE else ts.dt.truncate(self.refresh)
+
+
+ONLINE = "online"
 
 
 def _semantic(
@@ -60,22 +133,40 @@ def point_in_time_frame(
     data: Dataset,
     vectors: ItemVectors | None,
 ) -> pl.DataFrame:
-    """Features of each row of `requests` (request_id, user_id, ts, item_id) as of its ts.
+    """Features of each row of `requests` (request_id, user_id, ts, item_id) as of its ts, or
+    of the last refresh before it (`spec.refresh`).
 
-    Returns `requests` with the behavioural columns and, when `vectors` is given, the semantic
-    columns appended (same rows, same order).
+    Returns `requests` with the base columns (`spec.base_columns`; the semantic ones only when
+    `vectors` is given) and the within-request columns appended (same rows, same order).
     """
-    out = point_in_time_features(requests, data, spec.config)
+    at = _refreshed(spec, requests)
+    out = requests.hstack(
+        point_in_time_features(at, data, spec.config).select(spec.base_behavioural).get_columns()
+    )
     if vectors is not None:
-        out = out.hstack(_semantic(spec, requests, data.interactions, vectors))
-    return out
+        out = out.hstack(_semantic(spec, at, data.interactions, vectors))
+    return _relative(spec, out, "request_id")
+
+
+def _refreshed(spec: FeatureSpec, requests: pl.DataFrame) -> pl.DataFrame:
+    """request_id, user_id, item_id and ts moved to the moment the features describe."""
+    req = requests.select("request_id", "user_id", "ts", "item_id")
+    if spec.refresh == ONLINE:
+        return req
+    return req.with_columns(spec.at(pl.col("ts")).alias("ts"))
+
+
+def _relative(spec: FeatureSpec, frame: pl.DataFrame, group_col: str) -> pl.DataFrame:
+    base = [c for c in spec.relative_base if c in frame.columns]
+    return with_relative(frame, base, group_col)
 
 
 def semantic_only(
     spec: FeatureSpec, requests: pl.DataFrame, data: Dataset, vectors: ItemVectors
 ) -> pl.DataFrame:
-    """Only the semantic columns of `requests` (point in time), e.g. for a baseline encoder."""
-    return _semantic(spec, requests, data.interactions, vectors)
+    """Only the semantic columns of `requests` (point in time, `spec.refresh` applied), e.g. for a
+    baseline encoder."""
+    return _semantic(spec, _refreshed(spec, requests), data.interactions, vectors)
 
 
 def snapshot_frame(
@@ -88,6 +179,8 @@ def snapshot_frame(
     extra_history: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Features of (user_id, item_id) pairs as of `snapshot.as_of` (nightly lists and the API).
+
+    Each user's rows are one request for the within-request columns.
 
     `history` (user_id, item_id, ts) is the users' stored history before the cut-off;
     `extra_history` (user_id, item_id) adds items a caller says the user consumed (counted as
@@ -113,7 +206,7 @@ def snapshot_frame(
                 ]
             )
         out = out.hstack(_semantic(spec, req, hist, vectors))
-    return out
+    return _relative(spec, out, "user_id")
 
 
 def matrix(frame: pl.DataFrame, columns: list[str]) -> np.ndarray:

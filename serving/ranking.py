@@ -28,6 +28,7 @@ from features import snapshot_features_numpy
 from recsys.bundle import Bundle
 from recsys.errors import DataError
 from recsys.featurize import matrix
+from recsys.relative import relative_columns, within_request
 from recsys.semantic import SEMANTIC_FEATURES, _recency_weights
 from recsys.vectors import ItemVectors
 from serving.schemas import EXPLAIN_TOP, ItemText, RankRequest
@@ -144,8 +145,15 @@ class ServingModel:
         self.bundle = bundle
         self.model_version = bundle.model_version
         self.spec = bundle.spec
-        self.columns = list(bundle.spec.columns)
-        self.n_behavioural = len(bundle.spec.behavioural)
+        spec = bundle.spec
+        self.columns = list(spec.columns)
+        base = spec.base_columns
+        self.n_base = len(base)
+        self.n_behavioural = len(spec.base_behavioural)
+        # The model columns as positions in [base columns, within-request columns].
+        self.relative_idx = np.array([base.index(c) for c in spec.relative_base], dtype=np.int64)
+        every = [*base, *relative_columns(spec.relative_base)]
+        self.model_idx = np.array([every.index(c) for c in self.columns], dtype=np.int64)
         self.vectors = bundle.vectors
         snap = bundle.snapshot
         self.index = snap.index()  # builds the numpy lookups once (cached on the snapshot)
@@ -184,13 +192,15 @@ class ServingModel:
         rows (user_id or ANONYMOUS, c) and extra history (user, h) for h in `history`, with
         `vectors` the bundle's plus `new` appended.
         """
-        out = np.empty((len(candidates), len(self.columns)))
-        out[:, : self.n_behavioural] = snapshot_features_numpy(
+        n = len(candidates)
+        base = np.empty((n, self.n_base))
+        base[:, : self.n_behavioural] = snapshot_features_numpy(
             self.bundle.snapshot, user_id, candidates, extra_history=history
         )
         if self.spec.use_semantic:
-            out[:, self.n_behavioural :] = self._semantic(user_id, candidates, history, new)
-        return out
+            base[:, self.n_behavioural :] = self._semantic(user_id, candidates, history, new)
+        rel = within_request(base[:, self.relative_idx], np.zeros(n, dtype=np.int64))
+        return np.hstack([base, rel])[:, self.model_idx]
 
     def _semantic(
         self,

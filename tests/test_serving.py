@@ -10,6 +10,7 @@ give a 5xx, reloads under load lose no request, a corrupt bundle keeps the old o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -770,3 +771,33 @@ def test_model_uri_from_the_registry(bundle_dir, tmp_path):
     with pytest.raises(DataError, match="could not download"):
         resolve_source("models:/serving-test@nope", uri)
     shutil.rmtree(path)
+
+
+@pytest.mark.slow
+def test_training_rows_equal_what_serving_computes_at_the_same_moment(serving_run, serving_model):
+    """A training row (the point-in-time path) at the bundle's cut-off has exactly the ranker
+    columns the API computes from the bundle: behavioural, semantic and within-request."""
+    from pipelines.nightly import _read_tables
+    from recsys.featurize import matrix, point_in_time_frame
+
+    m = serving_model
+    data = _read_tables(Path(serving_run.run_dir) / "validate")
+    as_of = m.bundle.snapshot.as_of
+    assert m.spec.stable and m.spec.columns != m.spec.base_columns  # ranks/z-scores are in use
+    users = sorted(m.histories.ptr)[:12]
+    cands = m.bundle.vectors.ids[:40]
+    req = pl.DataFrame(
+        {
+            "request_id": [u for u in users for _ in cands],
+            "user_id": [u for u in users for _ in cands],
+            "ts": [as_of] * (len(users) * len(cands)),
+            "item_id": cands * len(users),
+        },
+        schema_overrides={"ts": pl.Datetime("us", "UTC")},
+    )
+    online = dataclasses.replace(m.spec, refresh="online")
+    train = matrix(point_in_time_frame(online, req, data, m.bundle.vectors), m.columns)
+    serve = np.vstack([m.features(u, cands) for u in users])
+    np.testing.assert_array_equal(np.isnan(train), np.isnan(serve))
+    np.testing.assert_allclose(np.nan_to_num(train), np.nan_to_num(serve), rtol=0, atol=1e-9)
+    assert (np.nan_to_num(serve[:, m.columns.index("sem_cos_mean_rank")]) > 0).any()

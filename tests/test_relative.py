@@ -1,0 +1,79 @@
+"""Within-request ranks and z-scores: known answers, one request equals many, NaN stays NaN."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from recsys.relative import relative_columns, with_relative, within_request
+
+
+def test_known_answers_with_ties_and_missing() -> None:
+    x = np.array([[3.0], [1.0], [3.0], [np.nan], [2.0]])
+    out = within_request(x, np.zeros(5, dtype=np.int64))
+    # 4 non-missing values 1, 2, 3, 3: ranks 1, 2, 3.5, 3.5 out of 4
+    np.testing.assert_allclose(out[[0, 1, 2, 4], 0], [3.5 / 4, 1 / 4, 3.5 / 4, 2 / 4])
+    mean, std = 2.25, np.std([3.0, 1.0, 3.0, 2.0])
+    np.testing.assert_allclose(out[[0, 1, 4], 1], [(3 - mean) / std, (1 - mean) / std, -0.25 / std])
+    assert np.isnan(out[3]).all()
+
+
+def test_constant_request_has_zero_z_and_mid_rank() -> None:
+    out = within_request(np.array([[5.0], [5.0]]), np.zeros(2, dtype=np.int64))
+    np.testing.assert_allclose(out, [[0.75, 0.0], [0.75, 0.0]])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 4), st.one_of(st.none(), st.integers(-3, 3))),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_many_requests_at_once_equal_each_alone(rows: list[tuple[int, int | None]]) -> None:
+    """The batch path (every request in one call) gives each request what the API path (one
+    request per call) gives it, to the bit."""
+    groups = np.array([g for g, _ in rows], dtype=np.int64)
+    x = np.array([[np.nan if v is None else float(v), float(i % 3)] for i, (_, v) in
+                  enumerate(rows)])  # fmt: skip
+    together = within_request(x, groups)
+    for g in np.unique(groups):
+        sel = groups == g
+        alone = within_request(x[sel], np.zeros(int(sel.sum()), dtype=np.int64))
+        np.testing.assert_array_equal(together[sel], alone)
+
+
+def test_with_relative_names_and_groups() -> None:
+    frame = pl.DataFrame({"req": ["b", "a", "b", "a"], "v": [1.0, 7.0, 2.0, None]})
+    out = with_relative(frame, ["v"], "req")
+    assert out.columns == ["req", "v", *relative_columns(["v"])] == ["req", "v", "v_rank", "v_z"]
+    assert out["v_rank"].to_list()[:3] == [0.5, 1.0, 1.0]
+    assert np.isnan(out["v_rank"][3])
+
+
+def test_refresh_gives_rows_the_state_at_the_start_of_their_period() -> None:
+    """With refresh "1d", a row at t gets exactly the features an online row at t truncated to
+    the day gets (the bundle a daily nightly serves), and never a count from within its day."""
+    from features import FeatureConfig
+    from recsys.featurize import FeatureSpec, matrix, point_in_time_frame
+    from recsys.generate import GeneratorConfig, generate
+    from recsys.vectors import ItemVectors
+
+    data, _ = generate(GeneratorConfig(n_items=60, n_users=40, n_shown=600, seed=1))
+    rng = np.random.default_rng(0)
+    ids = data.items["item_id"].to_list()
+    vectors = ItemVectors.from_arrays(ids, rng.standard_normal((len(ids), 8)).astype(np.float32))
+    req = data.impressions.select(
+        pl.col("impression_id").alias("request_id"), "user_id", "ts", "item_id"
+    ).tail(300)
+    daily = FeatureSpec(FeatureConfig(), refresh="1d")
+    online = FeatureSpec(FeatureConfig(), refresh="online")
+    got = matrix(point_in_time_frame(daily, req, data, vectors), daily.columns)
+    moved = req.with_columns(pl.col("ts").dt.truncate("1d"))
+    want = matrix(point_in_time_frame(online, moved, data, vectors), online.columns)
+    np.testing.assert_array_equal(got, want)
+    fresh = matrix(point_in_time_frame(online, req, data, vectors), online.columns)
+    assert not np.array_equal(np.nan_to_num(got), np.nan_to_num(fresh))  # the day's events differ
