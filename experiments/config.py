@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from features import FeatureConfig
+from features.config import valid_duration
 from recsys.encoder import EncoderConfig, FinetuneConfig
 from recsys.errors import ConfigError
 from recsys.ranker import RankerConfig
@@ -48,6 +49,15 @@ class PipelineConfig:
     max_history: int = 50
     half_life_days: float = 7.0
     sampled_negatives: int = 20  # data sets without impressions: negatives per positive
+    # The ranker sees rates, shares and within-request ranks/z-scores, no raw count or age.
+    stable_features: bool = True
+    # Feature freshness of every row (train, valid, test): "1d" = as of the day's refresh, what
+    # the API serves from a bundle the nightly rebuilds daily; "online" = as of each impression.
+    refresh: str = "1d"
+    # The earliest share of the pre-validation impressions tunes the encoder; the ranker trains
+    # on the rest, so no ranker row has semantic features from an encoder fitted on it.
+    encoder_fraction: float = 0.5
+    refit: bool = True  # after early stopping, retrain the ranker on train + validation
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -55,6 +65,15 @@ class PipelineConfig:
             v = getattr(self, name)
             if not 0.0 < v < 0.9:
                 raise ConfigError(f"pipeline.{name} must be in (0, 0.9), got {v}")
+        if not 0.0 < self.encoder_fraction < 1.0:
+            raise ConfigError(
+                f"pipeline.encoder_fraction must be in (0, 1), got {self.encoder_fraction}"
+            )
+        if self.refresh != "online" and not valid_duration(self.refresh):
+            raise ConfigError(
+                f"pipeline.refresh must be 'online' or a polars duration such as '1d' (the "
+                f"nightly's period), got {self.refresh!r}"
+            )
         for name in ("top_n", "k_semantic", "max_history", "sampled_negatives"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"pipeline.{name} must be >= 1, got {getattr(self, name)}")

@@ -9,6 +9,7 @@ polars/LightGBM stages run in process, where they already use every core of the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import polars as pl
 from experiments.config import NightlyConfig, load_config
 from experiments.tracking import MlflowTracker, NullTracker, Tracker, default_tracking_uri
 from features import build_snapshot
+from features.config import ALL
 from recsys.baselines import RandomScorer
 from recsys.bundle import Bundle, write_bundle
 from recsys.candidates import candidate_recall, retrieve_candidates
@@ -32,8 +34,8 @@ from recsys.data.schema import IMPRESSIONS, INTERACTIONS, ITEMS, TS
 from recsys.errors import ConfigError, DataError
 from recsys.featurize import FeatureSpec, matrix, point_in_time_frame, semantic_only
 from recsys.io import write_json, write_parquet
-from recsys.metrics import evaluation_table, impression_metrics
-from recsys.ranker import Ranker, train_ranker
+from recsys.metrics import evaluation_table, impression_metrics, paired_difference
+from recsys.ranker import Ranker, refit_ranker, train_ranker
 from recsys.sampling import impressions_from_interactions
 from recsys.semantic import user_profile_vectors
 from recsys.vectors import ItemVectors
@@ -44,11 +46,15 @@ logger = logging.getLogger(__name__)
 MODELS = (
     "random",
     "popularity",
+    "smoothed_ctr",
+    "recent_clicks",
     "semantic_frozen",
     "semantic_tuned",
     "lgbm_behavioural",
     "lgbm_full",
 )
+# The simple baselines every model is compared with (paired, per impression).
+BASELINES = ("random", "popularity", "smoothed_ctr", "recent_clicks")
 MAX_SAMPLED_IMPRESSIONS = 60_000
 
 
@@ -63,6 +69,10 @@ class NightlyResult:
     bundle_dir: Path
     recommendations: Path
     registry: dict[str, Any] = field(default_factory=dict)
+    freshness: str = ""
+    versus: str = ""
+    full_vs_behavioural: dict[str, float] = field(default_factory=dict)
+    finetune: dict[str, Any] = field(default_factory=dict)
     mlflow_run_id: str | None = None
     tracking_uri: str = ""
     seconds: float = 0.0
@@ -178,7 +188,10 @@ def run_nightly(
     data_dir = Path(data_dir)
     runner = StageRunner(run_dir, log=log)
     pc = cfg.pipeline
-    spec = FeatureSpec(cfg.features, pc.use_semantic, pc.max_history, pc.half_life_days)
+    spec = FeatureSpec(
+        cfg.features, pc.use_semantic, pc.max_history, pc.half_life_days, pc.stable_features,
+        pc.refresh,
+    )  # fmt: skip
 
     tracker_cm: Any
     if cfg.tracking.enabled:
@@ -258,7 +271,10 @@ def run_nightly(
                     f"split at {test_at.isoformat()} leaves no training data before the validation "
                     f"slice (from {valid_at.isoformat()}); pick a later --split-at"
                 )
+            train_ts = before.filter(before < valid_at)
+            encoder_at = _quantile_time(train_ts, pc.encoder_fraction)
             info = {
+                "encoder_at": encoder_at.isoformat(),
                 "valid_at": valid_at.isoformat(),
                 "test_at": test_at.isoformat(),
                 "first": first.isoformat(),
@@ -272,10 +288,11 @@ def run_nightly(
             {
                 "validate": st.fingerprint,
                 "split_at": str(split_at),
-                "fractions": [pc.test_fraction, pc.valid_fraction],
+                "fractions": [pc.test_fraction, pc.valid_fraction, pc.encoder_fraction],
             },
             do_split,
         )
+        encoder_at = datetime.fromisoformat(st_split.summary["encoder_at"])
         valid_at = datetime.fromisoformat(st_split.summary["valid_at"])
         test_at = datetime.fromisoformat(st_split.summary["test_at"])
         imp = data.impressions
@@ -288,7 +305,7 @@ def run_nightly(
         )
         imp = imp.with_columns(part.alias("split"))
         log(
-            "[split] "
+            f"[split] encoder tuned on impressions before {encoder_at.isoformat()}; "
             + ", ".join(
                 f"{s}: {imp.filter(pl.col('split') == s).height} rows"
                 for s in ("train", "valid", "test")
@@ -308,15 +325,22 @@ def run_nightly(
                     )
 
                 rep = run_finetune(
-                    _before(data, valid_at),
+                    _before(data, encoder_at),
                     work / "encoder",
                     cfg.finetune,
                     ray_address=ray_address,
                     on_epoch=on_epoch,
+                    mlflow_run=(uri, t.run_id) if t.run_id else None,
                 )
+                if rep.fell_back:
+                    t.set_tags({"finetune.fell_back": "true"})
             return {
                 "losses": [float(x) for x in rep.losses],
                 "val_metrics": {k: float(v) for k, v in rep.val_metrics.items()},
+                "val_scores": rep.val_scores,
+                "best_epoch": rep.best_epoch,
+                "fell_back": rep.fell_back,
+                "peak_rss_mb": round(rep.peak_rss_mb),
                 "trainable_params": int(rep.trainable_params),
                 "total_params": int(rep.total_params),
                 "seconds": float(rep.seconds),
@@ -334,6 +358,7 @@ def run_nightly(
             do_finetune,
         )
         encoder_dir = st_ft.path / "encoder"
+        log(finetune_note(st_ft.summary, cfg.finetune.method))
 
         # 4. embed (Ray Data; incremental) -----------------------------------
         def do_embed(work: Path, prev: Path | None) -> dict[str, Any]:
@@ -342,7 +367,9 @@ def run_nightly(
             summary: dict[str, Any] = {}
             for name, enc in (("item_vectors", encoder_dir), ("item_vectors_frozen", None)):
                 target = work / f"{name}.parquet"
-                if enc is None and cfg.finetune.method == "none":
+                if enc is None and (
+                    cfg.finetune.method == "none" or st_ft.summary.get("fell_back")
+                ):
                     # the "tuned" encoder is the frozen one: embedding twice would be waste
                     shutil.copy2(work / "item_vectors.parquet", target)
                     summary[name] = dict(summary["item_vectors"], reused_from="item_vectors")
@@ -380,10 +407,7 @@ def run_nightly(
         def do_features(work: Path, _prev: Path | None) -> dict[str, Any]:
             req = _requests(imp)
             frame = point_in_time_frame(
-                FeatureSpec(cfg.features, True, pc.max_history, pc.half_life_days),
-                req,
-                data,
-                vectors,
+                dataclasses.replace(spec, use_semantic=True), req, data, vectors
             )
             frozen_cos = semantic_only(spec, req, data, frozen)["sem_cos_mean"].alias(
                 "sem_cos_mean_frozen"
@@ -400,6 +424,7 @@ def run_nightly(
                 "embed": st_emb.fingerprint,
                 "features": cfg.section("features"),
                 "semantic": [pc.max_history, pc.half_life_days],
+                "columns": [pc.stable_features, pc.refresh],
             },
             do_features,
         )
@@ -409,14 +434,32 @@ def run_nightly(
         test = frame.filter(pl.col("split") == "test")
 
         # 6. rank (LightGBM LambdaRank) --------------------------------------
+        # A tuned encoder saw the clicks before encoder_at: its semantic features on those rows
+        # are fitted, not predicted, so the full ranker trains only on later rows.
+        tuned = cfg.finetune.method != "none" and pc.use_semantic
+
         def do_rank(work: Path, _prev: Path | None) -> dict[str, Any]:
             out: dict[str, Any] = {}
-            for name, cols in (("lgbm_full", spec.columns), ("lgbm_behavioural", spec.behavioural)):
-                r = train_ranker(train, valid, cols, cfg.ranker, group_col="request_id")
-                r.save(work / name)
+            plans = (
+                ("lgbm_full", spec.columns, encoder_at if tuned else None),
+                ("lgbm_behavioural", spec.behavioural, None),
+            )
+            for name, cols, start in plans:
+                rows = train if start is None else train.filter(pl.col("ts") >= start)
+                r = train_ranker(rows, valid, cols, cfg.ranker, group_col="request_id")
+                r.save(work / f"{name}.selected")
+                shipped = (
+                    refit_ranker(pl.concat([rows, valid]), r, cfg.ranker, group_col="request_id")
+                    if pc.refit
+                    else r
+                )
+                shipped.save(work / name)
                 out[name] = {
                     "best_iteration": int(r.best_iteration),
-                    "importance": r.feature_importance().to_dicts(),
+                    "train_rows": rows.height,
+                    "trained_from": start.isoformat() if start is not None else None,
+                    "refit_rows": shipped.info.get("refit_rows"),
+                    "importance": shipped.feature_importance().to_dicts(),
                     "history": r.history,
                 }
             return out
@@ -427,24 +470,36 @@ def run_nightly(
                 "features": st_feat.fingerprint,
                 "ranker": cfg.section("ranker"),
                 "columns": spec.columns,
+                "plan": [tuned, pc.refit],
             },
             do_rank,
         )
-        rankers = {n: Ranker.load(st_rank.path / n) for n in ("lgbm_full", "lgbm_behavioural")}
+        names = ("lgbm_full", "lgbm_behavioural")
+        rankers = {n: Ranker.load(st_rank.path / n) for n in names}
+        selected = {n: Ranker.load(st_rank.path / f"{n}.selected") for n in names}
 
         # 7. evaluate --------------------------------------------------------
         def do_evaluate(work: Path, _prev: Path | None) -> dict[str, Any]:
             scores = _score_models(test, rankers, spec, pc.seed)
             write_parquet(scores, work / "scores.parquet")
             table = evaluation_table(scores, list(MODELS)).to_dicts()
-            vscores = _score_models(valid, rankers, spec, pc.seed)
+            best = max((r for r in table if r["model"] in BASELINES), key=lambda r: r["auc"])
+            table = evaluation_table(scores, list(MODELS), versus=best["model"]).to_dicts()
+            # validation: the models early stopping chose, on rows none of them trained on
+            vscores = _score_models(valid, selected, spec, pc.seed)
             validation = impression_metrics(vscores.rename({"lgbm_full": "score"}))
             recall = _candidate_recall(data, vectors, test_at, imp, pc)
-            write_json(
-                {"test": table, "validation": validation, "candidate_recall": recall},
-                work / "evaluation.json",
-            )
-            return {"test": table, "validation": validation, "candidate_recall": recall}
+            diff, se = paired_difference(scores, "lgbm_full", "lgbm_behavioural")
+            summary = {
+                "test": table,
+                "versus": best["model"],
+                "full_vs_behavioural": {"auc_diff": diff, "auc_diff_se": se},
+                "freshness": freshness_note(spec),
+                "validation": validation,
+                "candidate_recall": recall,
+            }
+            write_json(summary, work / "evaluation.json")
+            return summary
 
         st_eval = runner.run(
             "evaluate",
@@ -522,6 +577,10 @@ def run_nightly(
             evaluation=st_eval.summary["test"],
             validation=st_eval.summary["validation"],
             candidate_recall=st_eval.summary["candidate_recall"],
+            freshness=st_eval.summary.get("freshness", ""),
+            versus=st_eval.summary.get("versus", ""),
+            full_vs_behavioural=st_eval.summary.get("full_vs_behavioural", {}),
+            finetune=st_ft.summary,
             bundle_dir=bundle_dir,
             recommendations=recs_path,
             mlflow_run_id=tracker.run_id,
@@ -580,12 +639,51 @@ def _score_models(
     ).with_columns(
         pl.Series("random", RandomScorer(seed=seed).score(frame)),
         _popularity_column(frame).alias("popularity"),
+        _baseline_column(frame, spec, "ctr", ALL).alias("smoothed_ctr"),
+        _baseline_column(frame, spec, "clicks", "24h").alias("recent_clicks"),
         cos("sem_cos_mean_frozen").alias("semantic_frozen"),
         cos("sem_cos_mean").alias("semantic_tuned"),
         *(
             pl.Series(name, r.predict(matrix(frame, list(r.feature_names))))
             for name, r in rankers.items()
         ),
+    )
+
+
+def _baseline_column(frame: pl.DataFrame, spec: FeatureSpec, stat: str, window: str) -> pl.Series:
+    """item_<stat>_<window> as a score (the configured window nearest to `window` when it is
+    not configured): smoothed CTR over all time, clicks in the last 24 hours."""
+    windows = list(spec.config.windows)
+    w = window if window in windows else windows[-1 if window == ALL else 0]
+    return frame[f"item_{stat}_{w}"].cast(pl.Float64).fill_null(0.0).fill_nan(0.0)
+
+
+def finetune_note(summary: dict[str, Any], method: str) -> str:
+    """One line on what fine-tuning shipped: the chosen epoch, or the frozen fallback."""
+    if method == "none":
+        return "[finetune] method none: the frozen encoder"
+    scores = summary.get("val_scores") or []
+    shown = ", ".join(f"{x:.4f}" for x in scores)
+    if summary.get("fell_back"):
+        return (
+            f"[finetune] no epoch beat the frozen encoder on validation (AUC per epoch, frozen "
+            f"first: {shown}): the frozen encoder is used"
+        )
+    best = summary.get("best_epoch")
+    return f"[finetune] shipped epoch {best} (validation AUC per epoch, frozen first: {shown})"
+
+
+def freshness_note(spec: FeatureSpec) -> str:
+    """Which feature freshness the evaluation numbers assume (printed with the table)."""
+    if spec.refresh == "online":
+        return (
+            "features online: as of each impression (what the API delivers only with a live "
+            "event stream; from a nightly bundle alone it serves batch freshness)"
+        )
+    return (
+        f"features batch, refreshed every {spec.refresh}: each impression sees the state at "
+        f"the start of its {spec.refresh} period (what the API serves from a bundle the "
+        f"nightly rebuilds every {spec.refresh})"
     )
 
 
@@ -735,12 +833,18 @@ def evaluate_bundle(
     frame = point_in_time_frame(
         bundle.spec, _requests(rows), data, bundle.vectors if bundle.spec.use_semantic else None
     )
+    spec = bundle.spec
     scores = rows.select("impression_id", "user_id", "item_id", "clicked").with_columns(
         pl.Series("random", RandomScorer(seed=0).score(frame)),
         _popularity_column(frame).alias("popularity"),
-        pl.Series("bundle", bundle.ranker.predict(matrix(frame, bundle.spec.columns))),
+        _baseline_column(frame, spec, "ctr", ALL).alias("smoothed_ctr"),
+        _baseline_column(frame, spec, "clicks", "24h").alias("recent_clicks"),
+        pl.Series("bundle", bundle.ranker.predict(matrix(frame, spec.columns))),
     )
-    return evaluation_table(scores, ["random", "popularity", "bundle"]).to_dicts()
+    models = [*BASELINES, "bundle"]
+    table = evaluation_table(scores, models).to_dicts()
+    best = max((r for r in table if r["model"] in BASELINES), key=lambda r: r["auc"])["model"]
+    return evaluation_table(scores, models, versus=best).to_dicts()
 
 
 def _versions() -> dict[str, str]:
@@ -796,6 +900,10 @@ def _log_to_tracker(
         model = row["model"]
         tracker.log_metrics({f"test.{model}.{k}": v for k, v in row.items() if k != "model"})
     tracker.log_metrics({f"valid.{k}": v for k, v in result.validation.items()})
+    tracker.set_tags({"evaluation.freshness": result.freshness,
+                      "evaluation.versus": result.versus})  # fmt: skip
+    tracker.log_metrics({f"test.full_vs_behavioural.{k}": v
+                         for k, v in result.full_vs_behavioural.items()})  # fmt: skip
     tracker.log_metrics({f"candidates.{k}": v for k, v in result.candidate_recall.items()})
     for i, loss in enumerate(st_ft.summary.get("losses", [])):
         tracker.log_metrics({"finetune.loss": loss}, step=i + 1)
@@ -841,9 +949,24 @@ def print_summary(result: NightlyResult, *, show_users: int = 3) -> None:
         ],
         f"Nightly run {result.run_dir} ({result.config.name}) in {result.seconds:.1f}s",
     )
-    order = ["model", "auc", "mrr", "ndcg@5", "ndcg@10", "n_impressions"]
+    order = ["model", "auc", "auc_diff", "auc_diff_se", "mrr", "ndcg@5", "ndcg@10", "n_impressions"]
     rows = [{k: r[k] for k in order if k in r} for r in result.evaluation]
-    _print_table(rows, "Evaluation on the test split (per impression, averaged)")
+    rows = [
+        {("auc - " + result.versus if k == "auc_diff" and result.versus else k): v
+         for k, v in r.items()}
+        for r in rows
+    ]  # fmt: skip
+    _print_table(
+        rows,
+        "Evaluation on the test split (per impression, averaged; auc_diff_se: standard error "
+        f"of the paired difference)\n{result.freshness}",
+    )
+    fb = result.full_vs_behavioural
+    if fb:
+        print(
+            f"lgbm_full - lgbm_behavioural: AUC {fb['auc_diff']:+.4f} "
+            f"(paired standard error {fb['auc_diff_se']:.4f})"
+        )
     if result.candidate_recall:
         _print_table(
             [{"candidates": k, "recall": v} for k, v in result.candidate_recall.items()],

@@ -170,10 +170,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipelines.nightly import evaluate_bundle
+    from pipelines.nightly import evaluate_bundle, freshness_note
+    from recsys.bundle import Bundle
 
     table = evaluate_bundle(args.data, args.bundle, split_at=args.split_at)
-    _print_table(table, f"Evaluation of {args.bundle} on {args.data}")
+    note = freshness_note(Bundle.load(args.bundle).spec)
+    _print_table(table, f"Evaluation of {args.bundle} on {args.data}\n{note}")
     return 0
 
 

@@ -26,7 +26,13 @@ import polars as pl
 
 from recsys.errors import ConfigError, DataError
 
-__all__ = ["evaluation_table", "impression_metrics", "ranking_metrics_at_k"]
+__all__ = [
+    "evaluation_table",
+    "impression_metrics",
+    "paired_difference",
+    "per_impression_metrics",
+    "ranking_metrics_at_k",
+]
 
 
 def _cumulative_discount(n: int, k: int | None) -> np.ndarray:
@@ -60,6 +66,25 @@ def impression_metrics(
     scored), "n_skipped" (impressions without both a click and a non-click)}; the metrics are NaN
     when no impression qualifies.
     """
+    per, n_groups = per_impression_metrics(df, score_col, group_col, label_col, ks=ks)
+    out: dict[str, float] = {}
+    for name in ("auc", "mrr", *(f"ndcg@{k}" for k in ks)):
+        out[name] = float(per[name].mean()) if per.height else float("nan")  # type: ignore[arg-type]
+    out["n_impressions"] = float(per.height)
+    out["n_skipped"] = float(n_groups - per.height)
+    return out
+
+
+def per_impression_metrics(
+    df: pl.DataFrame,
+    score_col: str = "score",
+    group_col: str = "impression_id",
+    label_col: str = "clicked",
+    *,
+    ks: Sequence[int] = (5, 10),
+) -> tuple[pl.DataFrame, int]:
+    """(one row per scored impression: `group_col`, auc, mrr, ndcg@k..., sorted by the group;
+    the number of impressions in df). Same definitions and skips as `impression_metrics`."""
     _check_columns(df, (group_col, label_col, score_col), "impression_metrics")
     if any(k < 1 for k in ks):
         raise ConfigError(f"impression_metrics: every k in ks must be >= 1, got {list(ks)}")
@@ -96,29 +121,50 @@ def impression_metrics(
     d = d.with_columns(pl.Series(name, v) for name, v in cols.items())
 
     y = pl.col("y")
-    per = d.group_by("g").agg(
-        pl.col("n").first(),
-        pl.col("n_pos").first(),
-        (y * pl.col("r_auc")).sum().alias("rank_sum"),
-        (y * pl.col("rr")).sum().alias("rr_sum"),
-        *[(y * pl.col(f"disc{k}")).sum().alias(f"dcg{k}") for k in ks],
+    per = (
+        d.group_by("g")
+        .agg(
+            pl.col("n").first(),
+            pl.col("n_pos").first(),
+            (y * pl.col("r_auc")).sum().alias("rank_sum"),
+            (y * pl.col("rr")).sum().alias("rr_sum"),
+            *[(y * pl.col(f"disc{k}")).sum().alias(f"dcg{k}") for k in ks],
+        )
+        .sort("g")
     )
     n_pos = per["n_pos"].to_numpy()
     n_neg = per["n"].to_numpy() - n_pos
-    out: dict[str, float] = {}
-    with np.errstate(invalid="ignore"):
-        auc = (per["rank_sum"].to_numpy() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
-        out["auc"] = float(np.mean(auc)) if per.height else float("nan")
-        out["mrr"] = (
-            float(np.mean(per["rr_sum"].to_numpy() / n_pos)) if per.height else float("nan")
-        )
-        for k in ks:
-            ideal = _cumulative_discount(n_max, k)[n_pos.astype(np.int64)]
-            ndcg = per[f"dcg{k}"].to_numpy() / ideal
-            out[f"ndcg@{k}"] = float(np.mean(ndcg)) if per.height else float("nan")
-    out["n_impressions"] = float(per.height)
-    out["n_skipped"] = float(n_groups - per.height)
-    return out
+    out = {"auc": (per["rank_sum"].to_numpy() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)}
+    out["mrr"] = per["rr_sum"].to_numpy() / n_pos
+    for k in ks:
+        ideal = _cumulative_discount(n_max, k)[n_pos.astype(np.int64)]
+        out[f"ndcg@{k}"] = per[f"dcg{k}"].to_numpy() / ideal
+    table = per.select(pl.col("g").alias(group_col)).with_columns(
+        pl.Series(name, v, dtype=pl.Float64) for name, v in out.items()
+    )
+    return table, n_groups
+
+
+def paired_difference(
+    scores: pl.DataFrame,
+    model: str,
+    reference: str,
+    metric: str = "auc",
+    *,
+    group_col: str = "impression_id",
+    label_col: str = "clicked",
+) -> tuple[float, float]:
+    """(mean over impressions of model's metric minus reference's, its standard error).
+
+    Both are scored on the same impressions, so the impression-to-impression variance that
+    both share cancels: the standard error is std(differences) / sqrt(n)."""
+    a, _ = per_impression_metrics(scores, model, group_col, label_col)
+    b, _ = per_impression_metrics(scores, reference, group_col, label_col)
+    diff = (a[metric] - b[metric]).to_numpy()
+    if diff.size == 0:
+        return float("nan"), float("nan")
+    se = float(np.std(diff, ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else float("nan")
+    return float(np.mean(diff)), se
 
 
 def evaluation_table(
@@ -128,23 +174,35 @@ def evaluation_table(
     group_col: str = "impression_id",
     label_col: str = "clicked",
     ks: Sequence[int] = (5, 10),
+    versus: str | None = None,
 ) -> pl.DataFrame:
     """One row per model: model, auc, mrr, ndcg@k..., n_impressions.
 
     scores: impression_id, clicked and one score column per name in `models` (user_id, item_id
-    and other columns are ignored). Rows keep the order of `models`.
+    and other columns are ignored). Rows keep the order of `models`. versus: a model of
+    `models` each row is compared with on the same impressions: adds auc_diff (mean paired
+    difference of per-impression AUC) and auc_diff_se (its standard error).
     """
     _check_columns(scores, [*models], "evaluation_table")
+    if versus is not None and versus not in models:
+        raise ConfigError(f"evaluation_table: versus={versus!r} is not one of {list(models)}")
     rows = []
     for m in models:
         res = impression_metrics(scores, m, group_col, label_col, ks=ks)
-        rows.append(
+        row = (
             {"model": m, "auc": res["auc"], "mrr": res["mrr"]}
             | {f"ndcg@{k}": res[f"ndcg@{k}"] for k in ks}
             | {"n_impressions": int(res["n_impressions"])}
         )
+        if versus is not None:
+            diff, se = paired_difference(scores, m, versus, "auc", group_col=group_col,
+                                         label_col=label_col)  # fmt: skip
+            row |= {"auc_diff": diff, "auc_diff_se": se}
+        rows.append(row)
     schema = {"model": pl.String, "auc": pl.Float64, "mrr": pl.Float64}
     schema |= {f"ndcg@{k}": pl.Float64 for k in ks} | {"n_impressions": pl.Int64}
+    if versus is not None:
+        schema |= {"auc_diff": pl.Float64, "auc_diff_se": pl.Float64}
     return pl.DataFrame(rows, schema=schema, orient="row")
 
 

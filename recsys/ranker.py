@@ -22,7 +22,7 @@ import polars as pl
 from recsys.errors import ConfigError, DataError
 from recsys.io import write_json, write_text
 
-__all__ = ["Ranker", "RankerConfig", "eval_logger", "train_ranker"]
+__all__ = ["Ranker", "RankerConfig", "eval_logger", "refit_ranker", "train_ranker"]
 
 MODEL_FILE = "model.txt"
 META_FILE = "ranker.json"
@@ -346,3 +346,28 @@ def train_ranker(
         "config": asdict(config),
     }
     return Ranker(booster, feats, best, history, info)
+
+
+def refit_ranker(
+    rows: pl.DataFrame,
+    selected: Ranker,
+    config: RankerConfig,
+    *,
+    group_col: str = "impression_id",
+    label_col: str = "clicked",
+) -> Ranker:
+    """Retrain `selected`'s model on `rows` (e.g. train + validation: everything up to the
+    cut-off) with the number of trees early stopping chose, so the shipped model has seen the
+    newest data. No early stopping (nothing is held out); the selection's history is kept.
+    """
+    feats = list(selected.feature_names)
+    data = _grouped(rows, feats, group_col, label_col, "refit")
+    if data.sizes.size == 0:
+        raise DataError(f"refit_ranker: no group has a positive {label_col!r}")
+    params = config.lgb_params()
+    dtrain = lgb.Dataset(data.x, data.y, group=data.sizes, feature_name=feats, params=params)
+    trees = max(1, selected.best_iteration)
+    booster = lgb.train(params, dtrain, num_boost_round=trees)
+    info = dict(selected.info)
+    info.update(refit_rows=int(data.y.size), refit_groups=int(data.sizes.size), refit_trees=trees)
+    return Ranker(booster, feats, trees, selected.history, info)
