@@ -5,9 +5,10 @@
 The driver builds the examples (pure polars) and puts them in the object store; each worker
 loads the base model, wraps it for its method (LoRA/full), shards the examples by rank and runs
 the same `fit` the tests run in process (DistributedDataParallel when num_workers > 1, CUDA
-when Ray sees GPUs). After each epoch, rank 0 scores the held-out latest time slice
-(validation AUC/MRR of the semantic score) and reports an encoder directory as the checkpoint;
-the last one is copied to `out_dir`.
+when Ray sees GPUs). Before training and after each epoch, rank 0 scores the held-out latest
+time slice (validation AUC of the semantic score); `fit` restores the best epoch's weights, and
+rank 0 reports them as the one checkpoint, copied to `out_dir`. When no epoch beats the frozen
+weights, `out_dir` gets the frozen encoder and the report says it fell back.
 
 method "none" trains nothing and starts no Ray: it writes an encoder directory that refers to
 the base model, so downstream code always gets an encoder directory.
@@ -15,7 +16,9 @@ the base model, so downstream code always gets an encoder directory.
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -43,6 +46,8 @@ class FinetuneReport:
     losses: mean training loss per epoch; step_losses: every step's loss; val_metrics: the last
     epoch's validation metrics (val_auc, val_mrr, val_examples; empty for method "none");
     epochs: every epoch's reported metrics; device: where training ran ("cpu x1", "cuda x2").
+    val_scores: validation AUC before training (index 0) and after each epoch; best_epoch: the
+    epoch shipped (0 = none beat the frozen encoder: fell_back, the frozen encoder is written).
     """
 
     encoder_dir: Path
@@ -55,15 +60,31 @@ class FinetuneReport:
     step_losses: list[float] = field(default_factory=list)
     epochs: list[dict[str, Any]] = field(default_factory=list)
     examples: dict[str, int] = field(default_factory=dict)
+    val_scores: list[float] = field(default_factory=list)
+    best_epoch: int = 0
+    fell_back: bool = False
+    peak_rss_mb: float = 0.0  # of the rank-0 training worker process
 
 
 def _train_loop(cfg: dict[str, Any]) -> None:
-    """Ray Train worker body: build the model, `fit`, report each epoch (rank 0 checkpoints)."""
+    """Ray Train worker body: build the model, `fit` (best epoch by validation restored), then
+    one final report whose checkpoint (rank 0) holds the chosen weights and every epoch's
+    metrics (epochs.json)."""
+    import json
+
     import torch
     from ray import train
     from ray.train import torch as ray_torch
 
-    from recsys.encoder.finetune import TokenCache, build_model, count_params, evaluate, fit
+    from recsys.encoder.finetune import (
+        TokenCache,
+        build_model,
+        count_params,
+        evaluate,
+        fit,
+        layer_cache,
+        validation_score,
+    )
 
     config: FinetuneConfig = cfg["config"]
     train_ex, val_ex = ray.get(cfg["examples"])
@@ -72,33 +93,35 @@ def _train_loop(cfg: dict[str, Any]) -> None:
     device = ray_torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(config.seed)  # the adapter's initial weights: the same in every process
     model, tokenizer = build_model(config, cfg["base_model"])
     plain = model.to(device)
-    wrapped = ray_torch.prepare_model(plain, move_to_device=False) if world > 1 else plain
-    trainable, total = count_params(plain)
     tokens = TokenCache(tokenizer, train_ex.texts, config.max_length)
+    cache = layer_cache(plain, tokens, config, device)
+    # The cached path calls the layers directly (fit averages gradients itself); DDP otherwise.
+    wrapped = (
+        ray_torch.prepare_model(plain, move_to_device=False)
+        if world > 1 and cache is None
+        else plain
+    )
+    trainable, total = count_params(plain)
+    validate = validation_score(plain, tokens, val_ex, config, device, cache) if rank == 0 else None
+    progress = _Progress(cfg.get("mlflow"), every=10) if rank == 0 else None
+    epochs: list[dict[str, Any]] = []
 
     def on_epoch(m: dict[str, Any]) -> None:
-        metrics = {
-            "epoch": m["epoch"],
-            "loss": m["loss"],
-            "steps": m["steps"],
-            "train_seconds": m["seconds"],
-            "step_losses": m["step_losses"],
-            "trainable_params": trainable,
-            "total_params": total,
-        }
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                metrics.update(evaluate(plain, tokens, val_ex, device=device, seed=config.seed))
-                save_encoder(
-                    plain, Path(tmp) / "encoder", base_model=cfg["base_model"], config=config
-                )
-                checkpoint = train.Checkpoint.from_directory(tmp)
-            train.report(metrics, checkpoint=checkpoint)
+        epochs.append(
+            {
+                "epoch": m["epoch"],
+                "loss": m["loss"],
+                "steps": m["steps"],
+                "train_seconds": m["seconds"],
+                "step_losses": m["step_losses"],
+                **({"val_auc": m["val_score"]} if "val_score" in m else {}),
+            }
+        )
 
-    fit(
+    result = fit(
         wrapped,
         tokens,
         train_ex,
@@ -107,8 +130,55 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         rank=rank,
         world=world,
         plain_model=plain,
+        cache=cache,
+        validate=validate,
+        on_step=progress,
         on_epoch=on_epoch,
     )
+    metrics: dict[str, Any] = {
+        "best_epoch": result.best_epoch,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "trainable_params": trainable,
+        "total_params": total,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            final = evaluate(plain, tokens, val_ex, device=device, seed=config.seed, cache=cache)
+            metrics.update(final)
+            summary = {"epochs": epochs, "val_scores": result.scores, **metrics}
+            (Path(tmp) / "epochs.json").write_text(json.dumps(summary))
+            save_encoder(plain, Path(tmp) / "encoder", base_model=cfg["base_model"], config=config)
+            checkpoint = train.Checkpoint.from_directory(tmp)
+        train.report(metrics, checkpoint=checkpoint)
+
+
+class _Progress:
+    """Step progress of rank 0: a line on the terminal (Ray forwards worker output) and step
+    metrics in MLflow, every `every` steps while training runs."""
+
+    def __init__(self, mlflow_target: tuple[str, str] | None, every: int) -> None:
+        self.every = max(1, every)
+        self.client: Any = None
+        self.run_id = ""
+        if mlflow_target:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(mlflow_target[0])
+            self.run_id = mlflow_target[1]
+
+    def __call__(self, m: dict[str, Any]) -> None:
+        step, steps = int(m["step"]), int(m["steps"])
+        if step % self.every and step != steps:
+            return
+        print(
+            f"[finetune] step {step}/{steps}  epoch {m['epoch']}  loss {m['loss']:.4f}  "
+            f"{m['examples_per_s']:.0f} examples/s",
+            flush=True,
+        )
+        if self.client is not None:
+            for key in ("loss", "examples_per_s", "lr"):
+                self.client.log_metric(self.run_id, f"step.{key}", float(m[key]), step=step)
 
 
 def run_finetune(
@@ -120,12 +190,15 @@ def run_finetune(
     ray_address: str | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     storage_path: str | os.PathLike[str] | None = None,
+    mlflow_run: tuple[str, str] | None = None,
 ) -> FinetuneReport:
     """Fine-tune the encoder on `data`'s clicks under Ray Train; write the encoder to `out_dir`.
 
     base_model: base model folder (None = packaged MiniLM). ray_address: a Ray cluster (None =
     a local Ray). on_epoch: called on the driver with each epoch's metrics (epoch, loss,
     val_auc, val_mrr, ...) once training has finished (the workers run in other processes).
+    mlflow_run: (tracking URI, run id) that gets step metrics (step.loss, step.examples_per_s)
+        while training runs; None = none.
     storage_path: where Ray Train keeps checkpoints (None = a temporary folder, deleted after;
     on a multi-node cluster give a path every node can reach).
     """
@@ -166,6 +239,7 @@ def run_finetune(
                 "examples": ray.put((train_ex, val_ex)),
                 "base_model": str(base),
                 "threads": threads,
+                "mlflow": mlflow_run,
             },
             scaling_config=scaling,
             run_config=ray.train.RunConfig(name="finetune", storage_path=str(storage)),
@@ -173,30 +247,32 @@ def run_finetune(
         result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError("fine-tuning finished without a checkpoint")
-        epochs = [dict(m) for _, m in (result.best_checkpoints or [])]
-        epochs = epochs or [dict(result.metrics or {})]
-        epochs.sort(key=lambda m: m.get("epoch", 0))
         out.parent.mkdir(parents=True, exist_ok=True)
         staged = out.parent / f".{out.name}.staged-{os.getpid()}"
         shutil.rmtree(staged, ignore_errors=True)
         with result.checkpoint.as_directory() as ckpt:
-            shutil.copytree(Path(ckpt) / "encoder", staged)
+            summary = json.loads((Path(ckpt) / "epochs.json").read_text())
+            fell_back = summary["best_epoch"] == 0 and bool(summary["val_scores"])
+            if fell_back:  # no epoch beat the frozen weights: ship the frozen encoder
+                save_encoder(None, staged, base_model=base, config=config)
+            else:
+                shutil.copytree(Path(ckpt) / "encoder", staged)
         install_dir(staged, out)
     finally:
         if own_storage:
             shutil.rmtree(storage, ignore_errors=True)
+    epochs = summary["epochs"]
     if on_epoch is not None:
         for m in epochs:
             on_epoch({k: v for k, v in m.items() if k != "step_losses"})
-    last = epochs[-1]
     return FinetuneReport(
         encoder_dir=out,
         losses=[float(m["loss"]) for m in epochs],
         val_metrics={
-            k: float(last[k]) for k in ("val_auc", "val_mrr", "val_examples") if k in last
+            k: float(summary[k]) for k in ("val_auc", "val_mrr", "val_examples") if k in summary
         },
-        trainable_params=int(last["trainable_params"]),
-        total_params=int(last["total_params"]),
+        trainable_params=int(summary["trainable_params"]),
+        total_params=int(summary["total_params"]),
         seconds=time.perf_counter() - t0,
         device=f"cuda x{workers}" if gpus else f"cpu x{workers}",
         step_losses=[float(x) for m in epochs for x in m.get("step_losses", [])],
@@ -206,4 +282,8 @@ def run_finetune(
             "validation": len(val_ex),
             "without_history": train_ex.without_history,
         },
+        val_scores=[float(x) for x in summary["val_scores"]],
+        best_epoch=int(summary["best_epoch"]),
+        fell_back=fell_back,
+        peak_rss_mb=float(summary["peak_rss_mb"]),
     )

@@ -133,13 +133,23 @@ def test_finetune_job_on_ray_train(tmp_path: Path, tiny_model_dir: Path, ray_loc
     from pipelines.finetune import run_finetune
 
     cfg = FinetuneConfig(
-        max_steps=24, epochs=2, batch_size=8, lr=2e-2, lora_r=4, val_fraction=0.2, history_grad=True
+        max_steps=24,
+        epochs=2,
+        batch_size=8,
+        lr=2e-2,
+        lora_r=4,
+        val_fraction=0.2,
+        history_grad=True,
+        target_modules=("query", "value"),
     )
     seen: list[dict] = []
     report = run_finetune(
         topic_dataset(), tmp_path / "enc", cfg, base_model=tiny_model_dir, on_epoch=seen.append
     )
     assert [m["epoch"] for m in seen] == [1, 2] and len(report.losses) == 2
+    assert len(report.val_scores) == 3 and report.best_epoch >= 1 and not report.fell_back
+    assert report.val_scores[report.best_epoch] == max(report.val_scores)
+    assert report.peak_rss_mb > 0
     assert len(report.step_losses) == 24
     assert report.device == ("cuda x1" if torch.cuda.is_available() else "cpu x1")
     assert report.val_metrics["val_auc"] > 0.9 and 0 < report.val_metrics["val_mrr"] <= 1

@@ -21,7 +21,17 @@ from recsys.encoder import (
     split_by_time,
     train_encoder,
 )
-from recsys.encoder.finetune import build_model, contrastive_loss, count_params, user_vectors
+from recsys.encoder.finetune import (
+    TokenCache,
+    build_model,
+    contrastive_loss,
+    count_params,
+    fit,
+    prepare_examples,
+    user_vectors,
+)
+from recsys.encoder.model import embed_tokens
+from recsys.encoder.partial import LayerCache, first_tuned_layer
 from recsys.errors import ConfigError, DataError
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -222,7 +232,13 @@ def test_full_finetuning_learns_the_toy_topics(tiny_model_dir: Path) -> None:
 def test_lora_trains_only_the_adapter(tiny_model_dir: Path) -> None:
     data = topic_dataset()
     cfg = FinetuneConfig(
-        max_steps=60, epochs=10, batch_size=8, lr=2e-2, lora_r=4, history_grad=True
+        max_steps=60,
+        epochs=10,
+        batch_size=8,
+        lr=2e-2,
+        lora_r=4,
+        history_grad=True,
+        target_modules=("query", "value"),
     )
     before, _ = build_model(FinetuneConfig(method="none"), tiny_model_dir)
     result = train_encoder(cfg, data, base_model=tiny_model_dir)
@@ -236,7 +252,9 @@ def test_lora_trains_only_the_adapter(tiny_model_dir: Path) -> None:
 
 
 def test_history_without_gradient_still_trains_the_item_side(tiny_model_dir: Path) -> None:
-    cfg = FinetuneConfig(max_steps=5, batch_size=8, lr=1e-2, lora_r=4, history_grad=False)
+    cfg = FinetuneConfig(
+        max_steps=5, batch_size=8, lr=1e-2, lora_r=4, history_grad=False, val_fraction=0.0
+    )
     result = train_encoder(cfg, topic_dataset(n_users=15), base_model=tiny_model_dir)
     assert len(result.losses) == 5
     lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
@@ -244,10 +262,63 @@ def test_history_without_gradient_still_trains_the_item_side(tiny_model_dir: Pat
 
 
 def test_lora_layers_limits_the_adapter_to_the_last_layers(tiny_model_dir: Path) -> None:
-    model, _ = build_model(FinetuneConfig(lora_layers=1, lora_r=4), tiny_model_dir)
+    cfg = FinetuneConfig(lora_layers=1, lora_r=4, target_modules=("query", "value"))
+    model, _ = build_model(cfg, tiny_model_dir)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all(".layer.1." in n for n in names)
     assert count_params(model)[0] == 2 * (4 * 32 + 32 * 4)
+
+
+@pytest.mark.slow
+def test_default_finetune_beats_frozen_on_the_toy_topics(tiny_model_dir: Path) -> None:
+    """Known answer: users click their own topic. The default config (LoRA, best epoch kept)
+    must beat the frozen encoder on the held-out slice, not merely run. 600 users give the
+    default's whole budget (3 epochs of 50 steps)."""
+    data = topic_dataset(n_users=600)
+    frozen = train_encoder(FinetuneConfig(method="none"), data, base_model=tiny_model_dir)
+    tuned = train_encoder(FinetuneConfig(), data, base_model=tiny_model_dir)
+    assert not tuned.fell_back and tuned.best_epoch >= 1
+    assert tuned.val_scores[0] == pytest.approx(frozen.val_metrics["val_auc"])
+    assert tuned.val_metrics["val_auc"] > frozen.val_metrics["val_auc"] + 0.05
+
+
+def test_cached_lower_layers_equal_the_full_forward(tiny_model_dir: Path) -> None:
+    model, tokenizer = build_model(FinetuneConfig(lora_layers=1, lora_r=4), tiny_model_dir)
+    tokens = TokenCache(tokenizer, [*TEXTS, "red red red apple tree ocean"], 32)
+    cache = LayerCache(model, tokens, first_tuned_layer(model, "lora", 1), torch.device("cpu"))
+    rows = np.array([0, 4, 1, 0, 2])
+    model.eval()
+    with torch.no_grad():
+        ids, mask = tokens.batch(rows, torch.device("cpu"))
+        full = embed_tokens(model, ids, mask)
+        cached = cache.embed(rows)
+    assert cache.start == 1 and len(cache) == 4  # each distinct row computed once
+    torch.testing.assert_close(cached, full, atol=1e-3, rtol=0)
+
+
+def test_cached_training_learns_the_toy_topics(tiny_model_dir: Path) -> None:
+    data = topic_dataset()
+    cfg = FinetuneConfig(lora_layers=1, lora_r=4, epochs=6, max_steps=None, batch_size=8,
+                         lr=2e-2, history_grad=True)  # fmt: skip
+    frozen = train_encoder(FinetuneConfig(method="none"), data, base_model=tiny_model_dir)
+    tuned = train_encoder(cfg, data, base_model=tiny_model_dir)
+    assert tuned.val_metrics["val_auc"] > frozen.val_metrics["val_auc"] + 0.05
+
+
+def test_fit_restores_the_best_epoch_and_falls_back_to_the_start(tiny_model_dir: Path) -> None:
+    """Validation that only gets worse: fit ends on the weights it started with."""
+    data = topic_dataset(n_users=15)
+    cfg = FinetuneConfig(method="full", epochs=2, max_steps=None, batch_size=8, lr=1e-2,
+                         val_fraction=0.0)  # fmt: skip
+    train, _ = prepare_examples(cfg, data)
+    model, tokenizer = build_model(cfg, tiny_model_dir)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    scores = iter([0.9, 0.5, 0.4])
+    result = fit(model, TokenCache(tokenizer, train.texts, 32), train, cfg,
+                 validate=lambda: next(scores))  # fmt: skip
+    assert result.best_epoch == 0 and result.scores == [0.9, 0.5, 0.4] and result.losses
+    for n, p in model.named_parameters():
+        assert torch.equal(p, start[n]), n
 
 
 # --- encoder directories ------------------------------------------------------------------------
@@ -257,7 +328,10 @@ TEXTS = ["red apple cherry", "blue ocean", "green leaf tree", ""]
 
 @pytest.fixture(scope="module")
 def lora_result(tiny_model_dir: Path):
-    cfg = FinetuneConfig(max_steps=20, epochs=5, batch_size=8, lr=5e-3, max_length=32)
+    # no validation slice: the weights stay as trained (no best-epoch restore)
+    cfg = FinetuneConfig(
+        max_steps=20, epochs=5, batch_size=8, lr=5e-3, max_length=32, val_fraction=0.0
+    )
     return train_encoder(cfg, topic_dataset(n_users=30), base_model=tiny_model_dir)
 
 
@@ -268,7 +342,7 @@ def test_lora_dir_holds_the_adapter_only_and_loads_merged(tmp_path: Path, lora_r
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl"))]
     assert not (out / "model").exists()  # not the full weights
     m = read_manifest(out)
-    assert m["method"] == "lora" and m["config"]["lora_r"] == 8 and m["max_length"] == 32
+    assert m["method"] == "lora" and m["config"]["lora_r"] == 16 and m["max_length"] == 32
     loaded = TextEncoder.load(out, max_length=32)
     assert loaded.encoder_id == m["encoder_id"]
     assert not any("lora" in n for n, _ in loaded.model.named_parameters())  # merged

@@ -10,8 +10,9 @@ Mapping to the canonical tables:
   items        item_id=news_id, title, description=abstract, category, subcategory,
                published_at null (MIND gives no publication time).
   interactions one row per (user, news id) in any history: ts just before the earliest row whose
-               history lists it (the click is known to predate that row, no more), weight 1.0. MIND repeats a user's history on each of their rows; the repeats
-               are counted in stats["history_rows_deduplicated"], not rejected.
+               history lists it (the click is known to predate that row, no more), weight 1.0.
+               MIND repeats a user's history on each of their rows; the repeats are counted in
+               stats["history_rows_deduplicated"], not rejected.
   impressions  one row per shown news item: impression_id, user_id, ts (the row's time, UTC),
                item_id, clicked (the -1/-0 suffix), position (0-based place in the list).
 
