@@ -20,6 +20,7 @@ then wall seconds per stage, the driver's peak RSS and the fine-tune worker's pe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import subprocess
@@ -63,7 +64,7 @@ def run_one(data_dir: Path, config: str, out: Path, split_at: str | None) -> dic
     from pipelines.nightly import run_nightly
 
     cfg = load_config(None if config == "default" else config)
-    cfg = type(cfg)(**{**cfg.__dict__, "tracking": type(cfg.tracking)(enabled=False)})
+    cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, enabled=False))
     result = run_nightly(data_dir, out, config=cfg, split_at=split_at, log=lambda s: None)
     return {
         "config": config,

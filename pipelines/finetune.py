@@ -16,13 +16,16 @@ the base model, so downstream code always gets an encoder directory.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import resource
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,7 +109,7 @@ def _train_loop(cfg: dict[str, Any]) -> None:
     )
     trainable, total = count_params(plain)
     validate = validation_score(plain, tokens, val_ex, config, device, cache) if rank == 0 else None
-    progress = _Progress(cfg.get("mlflow"), every=10) if rank == 0 else None
+    progress = _Progress(cfg.get("mlflow"), cfg.get("progress"), every=10) if rank == 0 else None
     epochs: list[dict[str, Any]] = []
 
     def on_epoch(m: dict[str, Any]) -> None:
@@ -153,12 +156,34 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         train.report(metrics, checkpoint=checkpoint)
 
 
-class _Progress:
-    """Step progress of rank 0: a line on the terminal (Ray forwards worker output) and step
-    metrics in MLflow, every `every` steps while training runs."""
+@contextlib.contextmanager
+def _printing(lines: Any, log: Callable[[str], None]) -> Iterator[None]:
+    """Hand each line the workers put on `lines` to `log` (a thread) until the block ends."""
+    done = threading.Event()
 
-    def __init__(self, mlflow_target: tuple[str, str] | None, every: int) -> None:
+    def pump() -> None:
+        while not (done.is_set() and lines.empty()):
+            try:
+                log(lines.get(timeout=0.5))
+            except Exception:  # ray.util.queue.Empty on timeout; the queue's end on shutdown
+                continue
+
+    thread = threading.Thread(target=pump, name="finetune-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=5)
+
+
+class _Progress:
+    """Step progress of rank 0, every `every` steps while training runs: a line for the driver
+    (a Ray queue it prints from) and step metrics in MLflow."""
+
+    def __init__(self, mlflow_target: tuple[str, str] | None, lines: Any, every: int) -> None:
         self.every = max(1, every)
+        self.lines = lines
         self.client: Any = None
         self.run_id = ""
         if mlflow_target:
@@ -171,11 +196,12 @@ class _Progress:
         step, steps = int(m["step"]), int(m["steps"])
         if step % self.every and step != steps:
             return
-        print(
+        line = (
             f"[finetune] step {step}/{steps}  epoch {m['epoch']}  loss {m['loss']:.4f}  "
-            f"{m['examples_per_s']:.0f} examples/s",
-            flush=True,
+            f"{m['examples_per_s']:.1f} examples/s"
         )
+        if self.lines is not None:
+            self.lines.put_nowait(line)
         if self.client is not None:
             for key in ("loss", "examples_per_s", "lr"):
                 self.client.log_metric(self.run_id, f"step.{key}", float(m[key]), step=step)
@@ -191,6 +217,7 @@ def run_finetune(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     storage_path: str | os.PathLike[str] | None = None,
     mlflow_run: tuple[str, str] | None = None,
+    log: Callable[[str], None] = print,
 ) -> FinetuneReport:
     """Fine-tune the encoder on `data`'s clicks under Ray Train; write the encoder to `out_dir`.
 
@@ -198,7 +225,7 @@ def run_finetune(
     a local Ray). on_epoch: called on the driver with each epoch's metrics (epoch, loss,
     val_auc, val_mrr, ...) once training has finished (the workers run in other processes).
     mlflow_run: (tracking URI, run id) that gets step metrics (step.loss, step.examples_per_s)
-        while training runs; None = none.
+        while training runs; None = none. log: gets a progress line every 10 steps.
     storage_path: where Ray Train keeps checkpoints (None = a temporary folder, deleted after;
     on a multi-node cluster give a path every node can reach).
     """
@@ -231,7 +258,10 @@ def run_finetune(
     storage = Path(storage_path or tempfile.mkdtemp(prefix="recsys-ray-train-"))
     try:
         from ray.train.torch import TorchTrainer
+        from ray.util.queue import Queue
 
+        # rank 0's progress lines, printed here while training runs (the queue holds no CPU)
+        lines: Queue = Queue(actor_options={"num_cpus": 0})
         trainer = TorchTrainer(
             _train_loop,
             train_loop_config={
@@ -240,11 +270,13 @@ def run_finetune(
                 "base_model": str(base),
                 "threads": threads,
                 "mlflow": mlflow_run,
+                "progress": lines,
             },
             scaling_config=scaling,
             run_config=ray.train.RunConfig(name="finetune", storage_path=str(storage)),
         )
-        result = trainer.fit()
+        with _printing(lines, log):
+            result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError("fine-tuning finished without a checkpoint")
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -254,7 +286,8 @@ def run_finetune(
             summary = json.loads((Path(ckpt) / "epochs.json").read_text())
             fell_back = summary["best_epoch"] == 0 and bool(summary["val_scores"])
             if fell_back:  # no epoch beat the frozen weights: ship the frozen encoder
-                save_encoder(None, staged, base_model=base, config=config)
+                frozen = dataclasses.replace(config, method="none")
+                save_encoder(None, staged, base_model=base, config=frozen)
             else:
                 shutil.copytree(Path(ckpt) / "encoder", staged)
         install_dir(staged, out)

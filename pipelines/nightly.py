@@ -331,6 +331,7 @@ def run_nightly(
                     ray_address=ray_address,
                     on_epoch=on_epoch,
                     mlflow_run=(uri, t.run_id) if t.run_id else None,
+                    log=log,
                 )
                 if rep.fell_back:
                     t.set_tags({"finetune.fell_back": "true"})
@@ -435,17 +436,29 @@ def run_nightly(
 
         # 6. rank (LightGBM LambdaRank) --------------------------------------
         # A tuned encoder saw the clicks before encoder_at: its semantic features on those rows
-        # are fitted, not predicted, so the full ranker trains only on later rows.
-        tuned = cfg.finetune.method != "none" and pc.use_semantic
+        # are fitted, not predicted. The full ranker still learns from every row, with those
+        # rows' semantic columns missing, so it loses no behavioural data to the hold-out.
+        tuned = (
+            cfg.finetune.method != "none" and not st_ft.summary.get("fell_back") and pc.use_semantic
+        )
+        semantic_cols = [c for c in spec.columns if c not in set(spec.behavioural)]
+
+        def fitted_rows(rows: pl.DataFrame, mask: bool) -> pl.DataFrame:
+            if not mask:
+                return rows
+            early = pl.col("ts") < encoder_at
+            return rows.with_columns(
+                pl.when(~early).then(pl.col(c)).alias(c) for c in semantic_cols
+            )
 
         def do_rank(work: Path, _prev: Path | None) -> dict[str, Any]:
             out: dict[str, Any] = {}
             plans = (
-                ("lgbm_full", spec.columns, encoder_at if tuned else None),
-                ("lgbm_behavioural", spec.behavioural, None),
+                ("lgbm_full", spec.columns, tuned),
+                ("lgbm_behavioural", spec.behavioural, False),
             )
-            for name, cols, start in plans:
-                rows = train if start is None else train.filter(pl.col("ts") >= start)
+            for name, cols, mask in plans:
+                rows = fitted_rows(train, mask)
                 r = train_ranker(rows, valid, cols, cfg.ranker, group_col="request_id")
                 r.save(work / f"{name}.selected")
                 shipped = (
@@ -457,7 +470,7 @@ def run_nightly(
                 out[name] = {
                     "best_iteration": int(r.best_iteration),
                     "train_rows": rows.height,
-                    "trained_from": start.isoformat() if start is not None else None,
+                    "semantic_missing_before": encoder_at.isoformat() if mask else None,
                     "refit_rows": shipped.info.get("refit_rows"),
                     "importance": shipped.feature_importance().to_dicts(),
                     "history": r.history,
@@ -961,6 +974,7 @@ def print_summary(result: NightlyResult, *, show_users: int = 3) -> None:
         "Evaluation on the test split (per impression, averaged; auc_diff_se: standard error "
         f"of the paired difference)\n{result.freshness}",
     )
+    print(finetune_note(result.finetune, result.config.finetune.method))
     fb = result.full_vs_behavioural
     if fb:
         print(

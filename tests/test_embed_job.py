@@ -162,6 +162,28 @@ def test_finetune_job_on_ray_train(tmp_path: Path, tiny_model_dir: Path, ray_loc
     assert r.embedded == 12 and r.encoder_id != base_id
 
 
+@pytest.mark.slow
+def test_finetune_job_falls_back_to_the_frozen_encoder(
+    tmp_path: Path, tiny_model_dir: Path, ray_local
+) -> None:
+    """A run whose epochs never beat the frozen weights on validation ships the frozen encoder
+    and says so (a learning rate too small to change any ranking)."""
+    from pipelines.finetune import run_finetune
+
+    cfg = FinetuneConfig(max_steps=4, epochs=2, batch_size=8, lr=1e-12, lora_r=4,
+                         val_fraction=0.2)  # fmt: skip
+    lines: list[str] = []
+    report = run_finetune(topic_dataset(), tmp_path / "enc", cfg, base_model=tiny_model_dir,
+                          log=lines.append)  # fmt: skip
+    assert report.fell_back and report.best_epoch == 0
+    assert len(report.val_scores) == 3 and report.val_scores[1:] == [report.val_scores[0]] * 2
+    assert read_manifest(report.encoder_dir)["method"] == "none"
+    assert not (report.encoder_dir / "adapter").exists()
+    frozen = TextEncoder.load(tiny_model_dir)
+    assert TextEncoder.load(report.encoder_dir).encoder_id == frozen.encoder_id
+    assert any("step 4/4" in line for line in lines)  # progress reached the driver
+
+
 def test_finetune_none_writes_a_reference_dir_without_ray(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:

@@ -66,12 +66,24 @@ def _lists(path: Path) -> pl.DataFrame:
 def test_outputs_and_known_answer(reference):
     result, _ = reference
     rows = {r["model"]: r for r in result.evaluation}
-    assert set(rows) == {
-        "random", "popularity", "semantic_frozen", "semantic_tuned", "lgbm_behavioural", "lgbm_full"
-    }  # fmt: skip
+    assert list(rows) == [
+        "random", "popularity", "smoothed_ctr", "recent_clicks", "semantic_frozen",
+        "semantic_tuned", "lgbm_behavioural", "lgbm_full",
+    ]  # fmt: skip
     full = rows["lgbm_full"]["ndcg@10"]
-    for other in ("lgbm_behavioural", "semantic_tuned", "semantic_frozen", "popularity", "random"):
+    for other in set(rows) - {"lgbm_full"}:
         assert full > rows[other]["ndcg@10"], (other, rows)
+    # every row is compared with the best simple baseline, paired over the same impressions
+    assert result.versus in ("random", "popularity", "smoothed_ctr", "recent_clicks")
+    assert rows[result.versus]["auc_diff"] == 0.0
+    best = max(rows[m]["auc"] for m in ("random", "popularity", "smoothed_ctr", "recent_clicks"))
+    assert rows[result.versus]["auc"] == best
+    for r in rows.values():
+        assert r["auc_diff"] == pytest.approx(r["auc"] - best, abs=1e-9) and r["auc_diff_se"] >= 0
+    assert result.full_vs_behavioural["auc_diff"] == pytest.approx(
+        rows["lgbm_full"]["auc"] - rows["lgbm_behavioural"]["auc"], abs=1e-9
+    )
+    assert "refreshed every 1d" in result.freshness
     recs = pl.read_parquet(result.recommendations)
     assert recs.columns == ["user_id", "rank", "item_id", "score", "model_version", "generated_at"]
     assert recs.group_by("user_id").len()["len"].max() <= 20
