@@ -452,23 +452,45 @@ def keep_freed_memory() -> bool:
     the user tuned malloc (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or glibc.malloc in
     GLIBC_TUNABLES: their choice wins). Returns whether it was applied.
     """
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, 32 * 2**20) == 1
+    return mallopt(_M_TRIM_THRESHOLD, 2**30) == 1 and ok
+
+
+@functools.cache
+def return_freed_memory(threshold: int = 2**20) -> bool:
+    """Serve buffers of `threshold` bytes and more with mmap, handed back to the kernel on free.
+
+    The opposite trade of `keep_freed_memory`, for training: a step's temporaries vary in size
+    and lifetime around long-lived small tensors (cached layer states, optimiser state), and
+    glibc's default of moving large freed buffers into the heap fragments it, so the process
+    holds its worst mix of both (fine-tuning on EB-NeRD: peak RSS 2.8 GB, 1.8 GB with this).
+    Applied by the fine-tune loop's callers, once per process; the same opt-outs as
+    `keep_freed_memory`. Returns whether it was applied.
+    """
+    mallopt = _mallopt()
+    return mallopt is not None and mallopt(_M_MMAP_THRESHOLD, threshold) == 1
+
+
+def _mallopt() -> Any:
+    """glibc's mallopt(int, int), or None off glibc or when the user tuned malloc."""
     import ctypes
     import sys
 
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
-        return False
+        return None
     if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
-        return False
+        return None
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc (musl, ...)
-        return False
+        return None
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    ok = mallopt(_M_MMAP_THRESHOLD, 32 * 2**20) == 1
-    return mallopt(_M_TRIM_THRESHOLD, 2**30) == 1 and ok
+    return mallopt
 
 
 def to_precision(model: nn.Module, precision: str, device: torch.device) -> nn.Module:

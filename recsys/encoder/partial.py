@@ -59,7 +59,7 @@ class LayerCache:
     """Hidden states entering layer `start` for catalogue rows, computed once each.
 
     tokens: a `recsys.encoder.finetune.TokenCache` (token ids per row). States are kept per row
-    without padding, (T_row, D) float16 on `device`.
+    without padding, (T_row, D) float16 views on `device` into one block per filled batch.
     """
 
     def __init__(
@@ -102,10 +102,13 @@ class LayerCache:
                 part = np.asarray(missing[s : s + self.batch])
                 ids, mask = self.tokens.batch(part, self.device)
                 out = self.bert(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-                hidden = out.hidden_states[self.start]  # (B, T, D) entering layer `start`
+                # (B, T, D) entering layer `start`, kept as one float16 block per batch (rows
+                # of like length, so little padding): rows are views into it. One block, not a
+                # tensor per row, so the heap does not fragment around the batch temporaries.
+                block = out.hidden_states[self.start].to(torch.float16)
                 lengths = mask.sum(1).tolist()
                 for i, r in enumerate(part.tolist()):
-                    self._states[r] = hidden[i, : int(lengths[i])].to(torch.float16).clone()
+                    self._states[r] = block[i, : int(lengths[i])]
         self.bert.train(was_training)
 
     def embed(self, rows: np.ndarray) -> torch.Tensor:
