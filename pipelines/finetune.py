@@ -88,9 +88,7 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         layer_cache,
         validation_score,
     )
-    from recsys.encoder.model import return_freed_memory
 
-    return_freed_memory()  # a worker process of its own: its heap does not fragment
     config: FinetuneConfig = cfg["config"]
     train_ex, val_ex = ray.get(cfg["examples"])
     ctx = train.get_context()

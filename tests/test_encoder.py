@@ -32,7 +32,6 @@ from recsys.encoder.model import (
     load_base,
     quantize_int8,
     resolve_precision,
-    return_freed_memory,
     tokenize,
 )
 from recsys.errors import ConfigError, DataError
@@ -201,17 +200,6 @@ def test_keep_freed_memory_is_applied_once_on_glibc() -> None:
 
     applied = keep_freed_memory()
     assert keep_freed_memory() is applied  # cached: one mallopt per process
-    user_set = any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
-    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-    assert applied == (glibc and not user_set)
-
-
-def test_return_freed_memory_is_applied_once_on_glibc() -> None:
-    import os
-    import platform
-
-    applied = return_freed_memory()
-    assert return_freed_memory() is applied
     user_set = any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert applied == (glibc and not user_set)

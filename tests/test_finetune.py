@@ -22,6 +22,7 @@ from recsys.encoder import (
     train_encoder,
 )
 from recsys.encoder.finetune import (
+    Examples,
     TokenCache,
     build_model,
     contrastive_loss,
@@ -405,3 +406,27 @@ def test_lora_on_minilm_trains_under_one_percent() -> None:
     model, _ = build_model(FinetuneConfig())
     trainable, total = count_params(model)
     assert 0 < trainable <= 0.01 * total
+
+
+def _examples(positives: list[int]) -> Examples:
+    n = len(positives)
+    return Examples(
+        history=np.zeros((n, 1), np.int32),
+        positive=np.array(positives, np.int32),
+        shown=np.full((n, 1), -1, np.int32),
+        ts=np.arange(n, dtype=np.int64),
+        item_ids=[str(i) for i in range(200)],
+        texts=["t"] * 200,
+        source="impressions",
+    )
+
+
+def test_validation_keeps_new_items_in_a_fast_catalogue_only() -> None:
+    from recsys.encoder.finetune import _new_items_only
+
+    train = _examples(list(range(50)))
+    fast = _examples([*range(100, 140), *range(10)])  # 40 of 50 clicks on items never clicked
+    kept = _new_items_only(train, fast)
+    assert kept.positive.tolist() == list(range(100, 140))
+    slow = _examples([*range(100, 110), *range(40)])  # 10 of 50: a slow catalogue
+    assert _new_items_only(train, slow).positive.tolist() == slow.positive.tolist()

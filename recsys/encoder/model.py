@@ -459,21 +459,6 @@ def keep_freed_memory() -> bool:
     return mallopt(_M_TRIM_THRESHOLD, 2**30) == 1 and ok
 
 
-@functools.cache
-def return_freed_memory(threshold: int = 2**20) -> bool:
-    """Serve buffers of `threshold` bytes and more with mmap, handed back to the kernel on free.
-
-    The opposite trade of `keep_freed_memory`, for training: a step's temporaries vary in size
-    and lifetime around long-lived small tensors (cached layer states, optimiser state), and
-    glibc's default of moving large freed buffers into the heap fragments it, so the process
-    holds its worst mix of both (fine-tuning on EB-NeRD: peak RSS 2.8 GB, 1.8 GB with this).
-    Applied by the fine-tune loop's callers, once per process; the same opt-outs as
-    `keep_freed_memory`. Returns whether it was applied.
-    """
-    mallopt = _mallopt()
-    return mallopt is not None and mallopt(_M_MMAP_THRESHOLD, threshold) == 1
-
-
 def _mallopt() -> Any:
     """glibc's mallopt(int, int), or None off glibc or when the user tuned malloc."""
     import ctypes
