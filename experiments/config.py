@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from features import FeatureConfig
-from features.config import valid_duration
 from recsys.encoder import EncoderConfig, FinetuneConfig
 from recsys.errors import ConfigError
+from recsys.featurize import check_refresh
 from recsys.ranker import RankerConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent
@@ -69,11 +69,7 @@ class PipelineConfig:
             raise ConfigError(
                 f"pipeline.encoder_fraction must be in (0, 1), got {self.encoder_fraction}"
             )
-        if self.refresh != "online" and not valid_duration(self.refresh):
-            raise ConfigError(
-                f"pipeline.refresh must be 'online' or a polars duration such as '1d' (the "
-                f"nightly's period), got {self.refresh!r}"
-            )
+        check_refresh(self.refresh, "pipeline.refresh")
         for name in ("top_n", "k_semantic", "max_history", "sampled_negatives"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"pipeline.{name} must be >= 1, got {getattr(self, name)}")

@@ -32,7 +32,7 @@ from recsys.candidates import candidate_recall, retrieve_candidates
 from recsys.data import Dataset, dataset_fingerprint, read_dataset, validate_dataset
 from recsys.data.schema import IMPRESSIONS, INTERACTIONS, ITEMS, TS
 from recsys.errors import ConfigError, DataError
-from recsys.featurize import FeatureSpec, matrix, point_in_time_frame, semantic_only
+from recsys.featurize import ONLINE, FeatureSpec, matrix, point_in_time_frame, semantic_only
 from recsys.io import write_json, write_parquet
 from recsys.metrics import evaluation_table, impression_metrics, paired_difference
 from recsys.ranker import Ranker, refit_ranker, train_ranker
@@ -495,9 +495,7 @@ def run_nightly(
         def do_evaluate(work: Path, _prev: Path | None) -> dict[str, Any]:
             scores = _score_models(test, rankers, spec, pc.seed)
             write_parquet(scores, work / "scores.parquet")
-            table = evaluation_table(scores, list(MODELS)).to_dicts()
-            best = max((r for r in table if r["model"] in BASELINES), key=lambda r: r["auc"])
-            table = evaluation_table(scores, list(MODELS), versus=best["model"]).to_dicts()
+            table = evaluation_table(scores, list(MODELS), versus=BASELINES).to_dicts()
             # validation: the models early stopping chose, on rows none of them trained on
             vscores = _score_models(valid, selected, spec, pc.seed)
             validation = impression_metrics(vscores.rename({"lgbm_full": "score"}))
@@ -505,7 +503,7 @@ def run_nightly(
             diff, se = paired_difference(scores, "lgbm_full", "lgbm_behavioural")
             summary = {
                 "test": table,
-                "versus": best["model"],
+                "versus": table[0]["versus"],
                 "full_vs_behavioural": {"auc_diff": diff, "auc_diff_se": se},
                 "freshness": freshness_note(spec),
                 "validation": validation,
@@ -688,7 +686,7 @@ def finetune_note(summary: dict[str, Any], method: str) -> str:
 
 def freshness_note(spec: FeatureSpec) -> str:
     """Which feature freshness the evaluation numbers assume (printed with the table)."""
-    if spec.refresh == "online":
+    if spec.refresh == ONLINE:
         return (
             "features online: as of each impression (what the API delivers only with a live "
             "event stream; from a nightly bundle alone it serves batch freshness)"
@@ -855,9 +853,7 @@ def evaluate_bundle(
         pl.Series("bundle", bundle.ranker.predict(matrix(frame, spec.columns))),
     )
     models = [*BASELINES, "bundle"]
-    table = evaluation_table(scores, models).to_dicts()
-    best = max((r for r in table if r["model"] in BASELINES), key=lambda r: r["auc"])["model"]
-    return evaluation_table(scores, models, versus=best).to_dicts()
+    return evaluation_table(scores, models, versus=BASELINES).to_dicts()
 
 
 def _versions() -> dict[str, str]:
@@ -911,7 +907,9 @@ def _log_to_tracker(
 
     for row in result.evaluation:
         model = row["model"]
-        tracker.log_metrics({f"test.{model}.{k}": v for k, v in row.items() if k != "model"})
+        tracker.log_metrics(
+            {f"test.{model}.{k}": v for k, v in row.items() if isinstance(v, int | float)}
+        )
     tracker.log_metrics({f"valid.{k}": v for k, v in result.validation.items()})
     tracker.set_tags({"evaluation.freshness": result.freshness,
                       "evaluation.versus": result.versus})  # fmt: skip

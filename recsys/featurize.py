@@ -100,11 +100,7 @@ class FeatureSpec:
         return self._model_columns(self.base_columns)
 
     def __post_init__(self) -> None:
-        if self.refresh != ONLINE and not valid_duration(self.refresh):
-            raise ConfigError(
-                f"refresh must be {ONLINE!r} or a polars duration such as '1d' or '6h' (the "
-                f"nightly's period), got {self.refresh!r}"
-            )
+        check_refresh(self.refresh, "refresh")
 
     def at(self, ts: pl.Expr) -> pl.Expr:
         """The moment whose features a row at `ts` gets (see `refresh`)."""
@@ -112,6 +108,15 @@ class FeatureSpec:
 
 
 ONLINE = "online"
+
+
+def check_refresh(value: str, where: str) -> None:
+    """A ConfigError unless `value` is "online" or a polars duration such as "1d"."""
+    if value != ONLINE and not valid_duration(value):
+        raise ConfigError(
+            f"{where} must be {ONLINE!r} or a polars duration such as '1d' or '6h' (the "
+            f"nightly's period), got {value!r}"
+        )
 
 
 def _semantic(

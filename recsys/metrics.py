@@ -20,6 +20,7 @@ there and nDCG/MRR say nothing about ranking); the count is returned as `n_skipp
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -160,11 +161,8 @@ def paired_difference(
     both share cancels: the standard error is std(differences) / sqrt(n)."""
     a, _ = per_impression_metrics(scores, model, group_col, label_col)
     b, _ = per_impression_metrics(scores, reference, group_col, label_col)
-    diff = (a[metric] - b[metric]).to_numpy()
-    if diff.size == 0:
-        return float("nan"), float("nan")
-    se = float(np.std(diff, ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else float("nan")
-    return float(np.mean(diff)), se
+    out = _paired(a, b, metric)
+    return out["auc_diff"], out["auc_diff_se"]
 
 
 def evaluation_table(
@@ -174,36 +172,47 @@ def evaluation_table(
     group_col: str = "impression_id",
     label_col: str = "clicked",
     ks: Sequence[int] = (5, 10),
-    versus: str | None = None,
+    versus: str | Sequence[str] | None = None,
 ) -> pl.DataFrame:
     """One row per model: model, auc, mrr, ndcg@k..., n_impressions.
 
     scores: impression_id, clicked and one score column per name in `models` (user_id, item_id
     and other columns are ignored). Rows keep the order of `models`. versus: a model of
-    `models` each row is compared with on the same impressions: adds auc_diff (mean paired
-    difference of per-impression AUC) and auc_diff_se (its standard error).
+    `models`, or several (the one with the highest AUC is taken), each row is compared with on
+    the same impressions: adds versus (its name), auc_diff (mean paired difference of
+    per-impression AUC) and auc_diff_se (its standard error).
     """
     _check_columns(scores, [*models], "evaluation_table")
-    if versus is not None and versus not in models:
-        raise ConfigError(f"evaluation_table: versus={versus!r} is not one of {list(models)}")
+    refs = [versus] if isinstance(versus, str) else list(versus or [])
+    unknown = [r for r in refs if r not in models]
+    if unknown:
+        raise ConfigError(f"evaluation_table: versus {unknown} not among {list(models)}")
+    per = {m: per_impression_metrics(scores, m, group_col, label_col, ks=ks)[0] for m in models}
+    names = ["auc", "mrr", *(f"ndcg@{k}" for k in ks)]
     rows = []
     for m in models:
-        res = impression_metrics(scores, m, group_col, label_col, ks=ks)
-        row = (
-            {"model": m, "auc": res["auc"], "mrr": res["mrr"]}
-            | {f"ndcg@{k}": res[f"ndcg@{k}"] for k in ks}
-            | {"n_impressions": int(res["n_impressions"])}
-        )
-        if versus is not None:
-            diff, se = paired_difference(scores, m, versus, "auc", group_col=group_col,
-                                         label_col=label_col)  # fmt: skip
-            row |= {"auc_diff": diff, "auc_diff_se": se}
+        p = per[m]
+        row: dict[str, Any] = {"model": m}
+        row |= {n: float(p[n].mean()) if p.height else float("nan") for n in names}  # type: ignore[arg-type]
+        row["n_impressions"] = p.height
         rows.append(row)
-    schema = {"model": pl.String, "auc": pl.Float64, "mrr": pl.Float64}
-    schema |= {f"ndcg@{k}": pl.Float64 for k in ks} | {"n_impressions": pl.Int64}
-    if versus is not None:
-        schema |= {"auc_diff": pl.Float64, "auc_diff_se": pl.Float64}
-    return pl.DataFrame(rows, schema=schema, orient="row")
+    schema = {"model": pl.String} | {n: pl.Float64 for n in names} | {"n_impressions": pl.Int64}
+    if refs:
+        ref = max(refs, key=lambda r: next(x["auc"] for x in rows if x["model"] == r))
+        for row in rows:
+            row |= {"versus": ref} | _paired(per[row["model"]], per[ref], "auc")
+        schema |= {"versus": pl.String, "auc_diff": pl.Float64, "auc_diff_se": pl.Float64}
+    order = ["model", "auc", "mrr", *names[2:], "n_impressions", *list(schema)[len(names) + 2 :]]
+    return pl.DataFrame(rows, schema=schema, orient="row").select(order)
+
+
+def _paired(a: pl.DataFrame, b: pl.DataFrame, metric: str) -> dict[str, float]:
+    """auc_diff, auc_diff_se of per-impression tables a - b (same impressions, same order)."""
+    diff = (a[metric] - b[metric]).to_numpy()
+    if diff.size == 0:
+        return {"auc_diff": float("nan"), "auc_diff_se": float("nan")}
+    se = float(np.std(diff, ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else float("nan")
+    return {"auc_diff": float(np.mean(diff)), "auc_diff_se": se}
 
 
 def ranking_metrics_at_k(
