@@ -7,6 +7,7 @@
     [features]   -> features.FeatureConfig
     [ranker]     -> recsys.ranker.RankerConfig
     [pipeline]   -> PipelineConfig (split, candidates, lists)
+    [rules]      -> recsys.rules.ListRules (exclusions, category cap, diversity)
     [tracking]   -> TrackingConfig
 
 An unknown section or key, or a value of the wrong type, is a ConfigError that names the key and
@@ -28,6 +29,7 @@ from recsys.encoder import EncoderConfig, FinetuneConfig
 from recsys.errors import ConfigError
 from recsys.featurize import check_refresh
 from recsys.ranker import RankerConfig
+from recsys.rules import ListRules
 
 CONFIG_DIR = Path(__file__).resolve().parent
 
@@ -40,15 +42,22 @@ class PipelineConfig:
     valid_fraction: float = 0.15  # the last share of the pre-test events validates
     use_semantic: bool = True  # False: the ranker sees behavioural features only
     top_n: int = 20  # length of each user's ranked list
-    k_semantic: int = 100  # candidates by semantic similarity
-    k_popular: int = 50  # candidates among popular recent items
-    popular_window_days: float = 7.0
-    live_window_days: float = (
-        7.0  # candidates: items published/shown/consumed in this window; 0=all
-    )
+    # Candidate quotas per retrieval source (0 = off), unioned and deduplicated (recsys.retrieval)
+    k_semantic: int = 50  # nearest items to the user's profile vector
+    k_cooccurrence: int = 40  # item-kNN: items consumed by the same users
+    k_popular: int = 40  # popular, decayed with the fitted half-life
+    k_category: int = 10  # popular in the user's top categories
+    k_fresh: int = 10  # newest items
+    # None = fitted to the log's cadence (recsys.retrieval.fit_cadence); a number fixes it
+    popular_half_life_days: float | None = None
+    live_window_days: float | None = None  # candidates: items active this recently; 0 = all
+    # Days of consumption after the cut-off that judge the lists; None = 1 for a fast
+    # catalogue (live window <= 7 d), else the whole test split
+    list_horizon_days: float | None = None
     max_history: int = 50
     half_life_days: float = 7.0
     sampled_negatives: int = 20  # data sets without impressions: negatives per positive
+    sampled_popular_share: float = 0.5  # of them, drawn in proportion to popularity at the time
     # The ranker sees rates, shares and within-request ranks/z-scores, no raw count or age.
     stable_features: bool = True
     # Feature freshness of every row (train, valid, test): "1d" = as of the day's refresh, what
@@ -70,15 +79,37 @@ class PipelineConfig:
                 f"pipeline.encoder_fraction must be in (0, 1), got {self.encoder_fraction}"
             )
         check_refresh(self.refresh, "pipeline.refresh")
-        for name in ("top_n", "k_semantic", "max_history", "sampled_negatives"):
+        if not 0.0 <= self.sampled_popular_share <= 1.0:
+            raise ConfigError(
+                f"pipeline.sampled_popular_share must be in [0, 1], got "
+                f"{self.sampled_popular_share}"
+            )
+        for name in ("top_n", "max_history", "sampled_negatives"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"pipeline.{name} must be >= 1, got {getattr(self, name)}")
-        if self.live_window_days < 0:
+        for name in ("k_semantic", "k_cooccurrence", "k_popular", "k_category", "k_fresh"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"pipeline.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("popular_half_life_days", "list_horizon_days"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ConfigError(f"pipeline.{name} must be > 0 (or left out: fitted), got {v}")
+        if self.live_window_days is not None and self.live_window_days < 0:
             raise ConfigError(
-                f"pipeline.live_window_days must be >= 0, got {self.live_window_days}"
+                f"pipeline.live_window_days must be >= 0 (0 = every item), got "
+                f"{self.live_window_days}"
             )
-        if self.k_popular < 0:
-            raise ConfigError(f"pipeline.k_popular must be >= 0, got {self.k_popular}")
+
+    @property
+    def quotas(self) -> dict[str, int]:
+        """Retrieval quota per source, in interleaving order."""
+        return {
+            "semantic": self.k_semantic if self.use_semantic else 0,
+            "cooccurrence": self.k_cooccurrence,
+            "popular": self.k_popular,
+            "category": self.k_category,
+            "fresh": self.k_fresh,
+        }
 
 
 @dataclass(frozen=True)
@@ -105,6 +136,7 @@ class NightlyConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    rules: ListRules = field(default_factory=ListRules)  # business rules for every list
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def section(self, name: str) -> dict[str, Any]:

@@ -28,16 +28,22 @@ from features import build_snapshot
 from features.config import ALL
 from recsys.baselines import RandomScorer
 from recsys.bundle import Bundle, write_bundle
-from recsys.candidates import candidate_recall, retrieve_candidates
 from recsys.data import Dataset, dataset_fingerprint, read_dataset, validate_dataset
 from recsys.data.schema import IMPRESSIONS, INTERACTIONS, ITEMS, TS
 from recsys.errors import ConfigError, DataError
 from recsys.featurize import ONLINE, FeatureSpec, matrix, point_in_time_frame, semantic_only
 from recsys.io import write_json, write_parquet
+from recsys.lists import (
+    baseline_lists,
+    build_lists,
+    evaluate_lists,
+    list_horizon,
+    retrieval_context,
+    truth_after,
+)
 from recsys.metrics import evaluation_table, impression_metrics, paired_difference
 from recsys.ranker import Ranker, refit_ranker, train_ranker
 from recsys.sampling import impressions_from_interactions
-from recsys.semantic import user_profile_vectors
 from recsys.vectors import ItemVectors
 
 from .stages import StageResult, StageRunner
@@ -73,6 +79,7 @@ class NightlyResult:
     versus: str = ""
     full_vs_behavioural: dict[str, float] = field(default_factory=dict)
     finetune: dict[str, Any] = field(default_factory=dict)
+    lists: dict[str, Any] = field(default_factory=dict)  # list metrics, retrieval sources
     mlflow_run_id: str | None = None
     tracking_uri: str = ""
     seconds: float = 0.0
@@ -121,45 +128,6 @@ def _before(data: Dataset, t: datetime) -> Dataset:
     inter = data.interactions.filter(pl.col("ts").is_null() | (pl.col("ts") < t))
     imp = data.impressions.filter(pl.col("ts") < t)
     return Dataset(data.items, inter, imp)
-
-
-def _popular(data: Dataset, as_of: datetime, window_days: float) -> pl.DataFrame:
-    """item_id, score: clicks plus positive interactions in the window before `as_of`."""
-    start = as_of - timedelta(days=window_days)
-    clicks = data.impressions.filter(
-        pl.col("clicked") & (pl.col("ts") >= start) & (pl.col("ts") < as_of)
-    ).select("item_id")
-    inter = data.interactions.filter((pl.col("ts") >= start) & (pl.col("ts") < as_of)).select(
-        "item_id"
-    )
-    counts = pl.concat([clicks, inter]).group_by("item_id").len("n")
-    return (
-        data.items.select("item_id")
-        .join(counts, on="item_id", how="left")
-        .with_columns(pl.col("n").fill_null(0).cast(pl.Float64).alias("score"))
-        .sort(["score", "item_id"], descending=[True, False])
-        .select("item_id", "score")
-    )
-
-
-def live_items(data: Dataset, as_of: datetime, window_days: float) -> set[str] | None:
-    """The live catalogue at `as_of`: items published, shown or consumed in the window before
-    it (candidates come from these). None (every item) when the window is 0 or finds nothing."""
-    if window_days <= 0:
-        return None
-    start = as_of - timedelta(days=window_days)
-
-    def recent(df: pl.DataFrame, col: str) -> pl.Series:
-        return df.filter((pl.col(col) >= start) & (pl.col(col) < as_of))["item_id"]
-
-    ids = pl.concat(
-        [
-            recent(data.items, "published_at"),
-            recent(data.impressions, "ts"),
-            recent(data.interactions, "ts"),
-        ]
-    ).unique()
-    return set(ids.to_list()) or None
 
 
 def _dir_mb(path: Path) -> float:
@@ -225,6 +193,7 @@ def run_nightly(
                     negatives=pc.sampled_negatives,
                     max_impressions=MAX_SAMPLED_IMPRESSIONS,
                     seed=pc.seed,
+                    popular_share=pc.sampled_popular_share,
                 )
                 synthesized = imp["impression_id"].n_unique()
                 data = Dataset(data.items, data.interactions, imp)
@@ -240,10 +209,25 @@ def run_nightly(
 
         st = runner.run(
             "validate",
-            {"data": data_fp, "negatives": pc.sampled_negatives, "seed": pc.seed},
+            {
+                "data": data_fp,
+                "negatives": pc.sampled_negatives,
+                "seed": pc.seed,
+                "popular_share": pc.sampled_popular_share,
+            },
             do_validate,
         )
         data = _read_tables(st.path)
+        rules = cfg.rules
+        if rules.exclude_items or rules.exclude_categories:
+            cats = data.items["category"].drop_nulls().unique().to_list()
+            rules.check(data.items["item_id"].to_list(), cats, where="config [rules]")
+        # retrieval and list evaluation read real shows only, never sampled negatives
+        logged = (
+            Dataset(data.items, data.interactions, data.impressions.clear())
+            if st.summary.get("synthesized_impressions")
+            else data
+        )
         if st.summary.get("rejects"):
             log(f"[validate] {st.summary['rejects']} rows set aside in {st.path}/rejects.parquet")
 
@@ -499,7 +483,7 @@ def run_nightly(
             # validation: the models early stopping chose, on rows none of them trained on
             vscores = _score_models(valid, selected, spec, pc.seed)
             validation = impression_metrics(vscores.rename({"lgbm_full": "score"}))
-            recall = _candidate_recall(data, vectors, test_at, imp, pc)
+            lists = _list_evaluation(logged, test_at, rankers, spec, cfg, vectors, log)
             diff, se = paired_difference(scores, "lgbm_full", "lgbm_behavioural")
             summary = {
                 "test": table,
@@ -507,14 +491,21 @@ def run_nightly(
                 "full_vs_behavioural": {"auc_diff": diff, "auc_diff_se": se},
                 "freshness": freshness_note(spec),
                 "validation": validation,
-                "candidate_recall": recall,
+                "lists": lists,
+                "candidate_recall": {
+                    f"recall@{r['k']} ({r['source']})": r["recall"] for r in lists["sources"]
+                },
             }
             write_json(summary, work / "evaluation.json")
             return summary
 
         st_eval = runner.run(
             "evaluate",
-            {"rank": st_rank.fingerprint, "pipeline": cfg.section("pipeline")},
+            {
+                "rank": st_rank.fingerprint,
+                "pipeline": cfg.section("pipeline"),
+                "rules": cfg.section("rules"),
+            },
             do_evaluate,
         )
         shutil.copy2(st_eval.path / "evaluation.json", run_dir / ".evaluation.json.tmp")
@@ -530,7 +521,8 @@ def run_nightly(
         def do_bundle(work: Path, _prev: Path | None) -> dict[str, Any]:
             snapshot = build_snapshot(data, as_of, cfg.features)
             history = data.interactions.select("user_id", "item_id", "ts")
-            popular = _popular(data, as_of, pc.popular_window_days)
+            ctx = _context(logged, as_of, pc, vectors)
+            popular = ctx.popularity
             manifest = {
                 "config": cfg.to_params(),
                 "data_fingerprint": data_fp,
@@ -542,6 +534,12 @@ def run_nightly(
                 "split": st_split.summary,
                 "versions": _versions(),
                 "model_version": f"{cfg.name}-{st_rank.fingerprint[:10]}",
+                "lists": {
+                    "half_life_days": ctx.cadence.half_life_days,
+                    "live_window_days": ctx.cadence.live_window_days,
+                    "quotas": pc.quotas,
+                    "rules": cfg.section("rules"),
+                },
             }
             write_bundle(
                 work / "bundle",
@@ -564,14 +562,21 @@ def run_nightly(
         # 9. ranked lists ----------------------------------------------------
         def do_lists(work: Path, _prev: Path | None) -> dict[str, Any]:
             bundle = Bundle.load(bundle_dir)
-            eligible = live_items(data, as_of, pc.live_window_days)
-            recs = ranked_lists(bundle, data, pc, eligible=eligible, log=log)
+            ctx = _context(logged, as_of, pc, bundle.vectors)
+            recs, short = ranked_lists(bundle, logged, ctx, cfg, log=log)
             write_parquet(recs, work / "recommendations.parquet")
-            return {"users": recs["user_id"].n_unique(), "rows": recs.height}
+            if short:
+                log(f"[lists] {short} users have fewer than {pc.top_n} items (not enough "
+                    "eligible candidates after the rules)")  # fmt: skip
+            return {"users": recs["user_id"].n_unique(), "rows": recs.height, "short": short}
 
         st_lists = runner.run(
             "lists",
-            {"bundle": st_bundle.fingerprint, "pipeline": cfg.section("pipeline")},
+            {
+                "bundle": st_bundle.fingerprint,
+                "pipeline": cfg.section("pipeline"),
+                "rules": cfg.section("rules"),
+            },
             do_lists,
         )
         recs_path = run_dir / "recommendations.parquet"
@@ -588,6 +593,7 @@ def run_nightly(
             evaluation=st_eval.summary["test"],
             validation=st_eval.summary["validation"],
             candidate_recall=st_eval.summary["candidate_recall"],
+            lists=st_eval.summary.get("lists", {}),
             freshness=st_eval.summary.get("freshness", ""),
             versus=st_eval.summary.get("versus", ""),
             full_vs_behavioural=st_eval.summary.get("full_vs_behavioural", {}),
@@ -698,106 +704,82 @@ def freshness_note(spec: FeatureSpec) -> str:
     )
 
 
-def _candidate_recall(
-    data: Dataset, vectors: ItemVectors, test_at: datetime, imp: pl.DataFrame, pc: Any
-) -> dict[str, float]:
-    """Recall of the candidate step on the test split: of the items each user clicked after
-    `test_at`, the share retrieved from the history and popularity known before it."""
-    truth = (
-        imp.filter((pl.col("split") == "test") & pl.col("clicked"))
-        .select("user_id", "item_id")
-        .unique()
-    )
-    if truth.height == 0:
-        return {}
+def _context(data: Dataset, as_of: datetime, pc: Any, vectors: ItemVectors | None) -> Any:
+    return retrieval_context(
+        data, as_of, vectors=vectors, max_history=pc.max_history,
+        half_life_days=pc.popular_half_life_days, live_window_days=pc.live_window_days,
+    )  # fmt: skip
+
+
+def _list_evaluation(
+    data: Dataset,
+    test_at: datetime,
+    rankers: dict[str, Ranker],
+    spec: FeatureSpec,
+    cfg: NightlyConfig,
+    vectors: ItemVectors,
+    log: Any,
+) -> dict[str, Any]:
+    """The lists the nightly would have written at `test_at` (a bundle of the data before it,
+    the same `ranked_lists`), judged on what users consumed next, beside baseline lists."""
+    pc = cfg.pipeline
     before = _before(data, test_at)
-    users = truth["user_id"].unique()
-    history = before.interactions.filter(pl.col("user_id").is_in(users.implode()))
-    uids, umat = user_profile_vectors(history, vectors, max_history=pc.max_history)
-    popular = _popular(before, test_at, pc.popular_window_days)["item_id"].to_list()
-    eligible = live_items(before, test_at, pc.live_window_days)
-    out = {}
-    for label, k_pop in (("semantic", 0), ("semantic+popular", pc.k_popular)):
-        cands = retrieve_candidates(
-            uids,
-            umat,
-            vectors,
-            k_semantic=pc.k_semantic,
-            popular=popular,
-            k_popular=k_pop,
-            exclude=history.select("user_id", "item_id"),
-            eligible=eligible,
-        )
-        k = pc.k_semantic + k_pop
-        out[f"recall@{k} ({label})"] = float(candidate_recall(cands, truth))
+    ctx = _context(before, test_at, pc, vectors)
+    horizon = list_horizon(ctx.cadence, pc.list_horizon_days)
+    truth = truth_after(data, test_at, horizon)
+    if truth.height == 0:
+        return {"table": [], "sources": [], "note": "no new consumption after the cut-off"}
+    bundle = Bundle(
+        Path("."), {"model_version": "evaluation"}, spec,
+        rankers["lgbm_full"] if pc.use_semantic else rankers["lgbm_behavioural"],
+        build_snapshot(before, test_at, cfg.features), vectors,
+        before.interactions.select("user_id", "item_id", "ts"), ctx.popularity,
+    )  # fmt: skip
+    users = truth["user_id"].unique().sort()
+    res = build_lists(bundle.score, ctx, users, pc.quotas, n=pc.top_n, rules=cfg.rules)
+    out = evaluate_lists(
+        res, baseline_lists(ctx, users, pc.top_n), truth, ctx, n=pc.top_n, horizon_days=horizon
+    )
+    log(f"[evaluate] lists: {out['note']}")
     return out
 
 
 def ranked_lists(
-    bundle: Bundle, data: Dataset, pc: Any, *, eligible: set[str] | None = None, log: Any = print
-) -> pl.DataFrame:
-    """Top-N per active user through the bundle (the same loader and features as the API).
-
-    Candidates: semantic top-K from the user's history plus popular recent items, among the
-    `eligible` (live) items, minus what the user already consumed. Users without a usable
-    history get the popularity list.
-    """
+    bundle: Bundle, data: Dataset, ctx: Any, cfg: NightlyConfig, *, log: Any = print
+) -> tuple[pl.DataFrame, int]:
+    """Top-N per active user through the bundle (the same loader and features as the API):
+    candidates from every retrieval source among the live items, minus what the user
+    consumed, then the business rules. Returns (lists, users with a short list)."""
     from tqdm import tqdm
 
+    pc = cfg.pipeline
     active = (
         pl.concat([data.interactions.select("user_id"), data.impressions.select("user_id")])
         .unique()
         .sort("user_id")["user_id"]
     )
-    uids, umat = user_profile_vectors(bundle.history, bundle.vectors, max_history=pc.max_history)
-    popular = bundle.popular["item_id"].to_list()
-    if eligible is not None:
-        popular = [i for i in popular if i in eligible]
-    cands = retrieve_candidates(
-        uids,
-        umat,
-        bundle.vectors,
-        k_semantic=pc.k_semantic,
-        popular=popular,
-        k_popular=pc.k_popular,
-        exclude=bundle.history.select("user_id", "item_id"),
-        eligible=eligible,
-    ).select("user_id", "item_id")
-    # Users with no profile vector: popular items they have not consumed.
-    missing = active.filter(~active.is_in(cands["user_id"].unique().implode()))
-    if missing.len():
-        fallback = (
-            pl.DataFrame({"user_id": missing})
-            .join(pl.DataFrame({"item_id": popular[: pc.k_popular or pc.top_n]}), how="cross")
-            .join(
-                bundle.history.select("user_id", "item_id"), on=["user_id", "item_id"], how="anti"
-            )
+    bar = tqdm(total=active.len(), desc="ranked lists", unit="users", disable=None)
+
+    def progress(done: int, _total: int) -> None:
+        bar.update(done - bar.n)
+
+    try:
+        res = build_lists(
+            bundle.score, ctx, active, pc.quotas, n=pc.top_n, rules=cfg.rules, progress=progress
         )
-        cands = pl.concat([cands, fallback])
-    cands = cands.filter(pl.col("user_id").is_in(active.implode()))
-    users = cands["user_id"].unique().sort()
-    parts = []
-    chunk = 200
-    for i in tqdm(
-        range(0, users.len(), chunk), desc="ranked lists", unit="x200 users", disable=None
-    ):
-        sub = cands.filter(pl.col("user_id").is_in(users[i : i + chunk].implode()))
-        parts.append(sub.with_columns(pl.Series("score", bundle.score(sub))))
-    scored = pl.concat(parts) if parts else cands.with_columns(pl.lit(0.0).alias("score"))
+    finally:
+        bar.close()
     now = datetime.now(UTC)
-    return (
-        scored.sort(["user_id", "score", "item_id"], descending=[False, True, False])
-        .with_columns((pl.int_range(pl.len()).over("user_id") + 1).cast(pl.Int32).alias("rank"))
-        .filter(pl.col("rank") <= pc.top_n)
-        .select(
-            "user_id",
-            "rank",
-            "item_id",
-            "score",
-            pl.lit(bundle.model_version).alias("model_version"),
-            pl.lit(now, dtype=TS).alias("generated_at"),
-        )
+    recs = res.lists.select(
+        "user_id",
+        pl.col("rank").cast(pl.Int32),
+        "item_id",
+        "score",
+        "source",
+        pl.lit(bundle.model_version).alias("model_version"),
+        pl.lit(now, dtype=TS).alias("generated_at"),
     )
+    return recs, res.short
 
 
 def evaluate_on_split(
@@ -832,6 +814,7 @@ def evaluate_bundle(
             impressions_from_interactions(
                 data.interactions, data.items, negatives=pc.sampled_negatives,
                 max_impressions=MAX_SAMPLED_IMPRESSIONS, seed=pc.seed,
+                popular_share=pc.sampled_popular_share,
             ),
         )  # fmt: skip
     test_at = _parse_time(split_at or bundle.manifest["split"]["test_at"])
@@ -916,6 +899,15 @@ def _log_to_tracker(
     tracker.log_metrics({f"test.full_vs_behavioural.{k}": v
                          for k, v in result.full_vs_behavioural.items()})  # fmt: skip
     tracker.log_metrics({f"candidates.{k}": v for k, v in result.candidate_recall.items()})
+    for row in result.lists.get("table", []):
+        tracker.log_metrics({f"lists.{row['list']}.{k}": v for k, v in row.items()
+                             if isinstance(v, int | float)})  # fmt: skip
+    for row in result.lists.get("sources", []):
+        src = f"retrieval.{row['source']}"
+        tracker.log_metrics({f"{src}.recall": row["recall"],
+                             f"{src}.ms_per_user": row["ms_per_user"]})  # fmt: skip
+    if result.lists.get("note"):
+        tracker.set_tags({"lists.evaluation": result.lists["note"]})
     for i, loss in enumerate(st_ft.summary.get("losses", [])):
         tracker.log_metrics({"finetune.loss": loss}, step=i + 1)
     hist = st_rank.summary.get("lgbm_full", {}).get("history", {})
@@ -930,7 +922,8 @@ def _log_to_tracker(
     plot_training_curves(st_ft.summary.get("losses", []), hist, art / "training_curves.png")
     write_json(cost, art / "cost_report.json")
     write_json({"test": result.evaluation, "validation": result.validation,
-                "candidate_recall": result.candidate_recall}, art / "evaluation.json")  # fmt: skip
+                "candidate_recall": result.candidate_recall, "lists": result.lists},
+               art / "evaluation.json")  # fmt: skip
     tracker.log_artifact(art)
     tracker.log_artifact(run_dir / "recommendations.parquet", artifact_path="lists")
 
@@ -979,11 +972,24 @@ def print_summary(result: NightlyResult, *, show_users: int = 3) -> None:
             f"lgbm_full - lgbm_behavioural: AUC {fb['auc_diff']:+.4f} "
             f"(paired standard error {fb['auc_diff_se']:.4f})"
         )
-    if result.candidate_recall:
+    lists = result.lists
+    if lists.get("sources"):
         _print_table(
-            [{"candidates": k, "recall": v} for k, v in result.candidate_recall.items()],
-            "Candidate retrieval",
+            lists["sources"],
+            "Candidate retrieval by source (recall of the test positives; the union is what "
+            "the ranker sees)",
         )
+    if lists.get("table"):
+        n = result.config.pipeline.top_n
+        cols = ["list", f"recall@{n}", "recall_diff", "recall_diff_se", f"ndcg@{n}", "ndcg_diff",
+                "ndcg_diff_se", "coverage", "novelty", "intra_list_sim", "users"]  # fmt: skip
+        _print_table(
+            [{k: r[k] for k in cols if k in r} for r in lists["table"]],
+            f"Ranked lists (top {n}; diffs: paired over users, versus {lists.get('versus')})\n"
+            f"{lists.get('note', '')}",
+        )
+        if lists.get("short_lists"):
+            print(f"{lists['short_lists']} users got fewer than {n} items")
     if result.registry:
         print(f"\nRegistry: {result.registry.get('reason')}")
     recs = pl.read_parquet(result.recommendations)

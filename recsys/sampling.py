@@ -7,6 +7,7 @@ import numpy as np
 import polars as pl
 
 from recsys.data.schema import IMPRESSIONS, ITEMS, conform
+from recsys.errors import ConfigError
 
 
 def impressions_from_interactions(
@@ -16,14 +17,24 @@ def impressions_from_interactions(
     negatives: int = 20,
     max_impressions: int | None = None,
     seed: int = 0,
+    popular_share: float = 0.5,
 ) -> pl.DataFrame:
     """Canonical impressions: one per timed interaction, the positive first then `negatives`
-    items drawn uniformly from those published before it, `clicked` set accordingly.
+    items, `clicked` set accordingly. A `popular_share` of the negatives is the item of a
+    random earlier interaction (popularity-proportional, as of the positive's time: the kind of
+    item retrieval puts beside it, so the ranker learns to order popular candidates, not only
+    to tell them from random ones); the rest are drawn uniformly from the items published
+    before it.
 
     `max_impressions` keeps a uniform sample of the positives (seeded) to bound the cost.
     Interactions without a time (history from before the log) yield no impression.
     """
+    if not 0.0 <= popular_share <= 1.0:
+        raise ConfigError(f"sampling: popular_share must be in [0, 1], got {popular_share}")
     rng = np.random.default_rng(seed)
+    timed = interactions.filter(pl.col("ts").is_not_null()).sort("ts", "user_id", "item_id")
+    past_items = timed["item_id"].to_numpy()
+    past_ts = timed["ts"].dt.epoch("us").to_numpy()
     pos = interactions.filter(pl.col("ts").is_not_null()).select("user_id", "item_id", "ts")
     if max_impressions is not None and pos.height > max_impressions:
         keep = np.sort(rng.choice(pos.height, max_impressions, replace=False))
@@ -43,10 +54,17 @@ def impressions_from_interactions(
     eligible = np.maximum(eligible, 1)  # at least the first item
     n = pos.height
     neg_idx = (rng.random((n, negatives)) * eligible[:, None]).astype(np.int64)
+    negs = catalogue[neg_idx]
+    n_pop = round(popular_share * negatives)
+    if n_pop:
+        before = np.searchsorted(past_ts, pos["ts"].dt.epoch("us").to_numpy(), side="left")
+        pick = (rng.random((n, n_pop)) * before[:, None]).astype(np.int64)
+        has = before > 0  # the first interactions have no past: keep their uniform draws
+        negs[has, :n_pop] = past_items[pick[has]]
     neg = pl.DataFrame(
         {
             "k": np.repeat(np.arange(n, dtype=np.uint32), negatives),
-            "item_id": catalogue[neg_idx.ravel()],
+            "item_id": negs.ravel(),
             "position": np.tile(np.arange(1, negatives + 1, dtype=np.int32), n),
         }
     ).join(pos.select("k", "user_id", "ts"), on="k")

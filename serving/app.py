@@ -34,7 +34,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
@@ -424,7 +424,10 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
             if any(i.item_id in needed and i.item_id not in model.vectors.index
                    for i in body.items):  # fmt: skip
                 new = await run_in_threadpool(model.embed, body.items, needed)
-        return _json(model.rank(body, new))
+        try:
+            return _json(model.rank(body, new))
+        except ConfigError as e:  # a rule names an unknown item or category
+            return _error(422, str(e))
 
     @app.get("/v1/recommendations/{user_id}", response_model=RecommendationsResponse,
              responses=_ERRORS, tags=["ranking"])  # fmt: skip
@@ -432,9 +435,33 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
         request: Request,
         user_id: str = PathParam(min_length=1, max_length=256),
         k: int = Query(10, ge=1, le=1000, description="list length"),
+        exclude_items: Annotated[
+            list[str] | None,
+            Query(max_length=1000, description="never return these items (repeat the parameter)"),
+        ] = None,
+        exclude_categories: Annotated[
+            list[str] | None,
+            Query(max_length=100, description="never return items of these categories"),
+        ] = None,
+        max_per_category: int | None = Query(
+            None, ge=0, le=1000, description="at most this many items per category (0 = no cap)"
+        ),
+        diversity: float | None = Query(
+            None, ge=0.0, le=1.0, description="MMR weight (0 = pure relevance)"
+        ),
     ) -> Response:
-        """The user's nightly ranked list (top k), or popular items marked `fallback`."""
-        return _json(_model(request).recommendations(user_id, k))
+        """The user's nightly ranked list (top k), or popular items marked `fallback`. The
+        bundle's business rules plus the request's (exclusions, a category cap, diversity)
+        apply to either; a list they leave short is returned short, never padded."""
+        model = _model(request)
+        try:
+            rules = model.request_rules(
+                exclude_items=exclude_items or (), exclude_categories=exclude_categories or (),
+                max_per_category=max_per_category, diversity=diversity,
+            )  # fmt: skip
+        except ConfigError as e:
+            return _error(422, str(e))
+        return _json(model.recommendations(user_id, k, rules))
 
     @app.get("/healthz", response_model=Health, response_model_exclude_none=True,
              tags=["operations"])  # fmt: skip

@@ -29,6 +29,7 @@ from recsys.bundle import Bundle
 from recsys.errors import DataError
 from recsys.featurize import matrix
 from recsys.relative import relative_columns, within_request
+from recsys.rules import ListRules, apply_rules
 from recsys.semantic import SEMANTIC_FEATURES, _recency_weights
 from recsys.vectors import ItemVectors
 from serving.schemas import EXPLAIN_TOP, ItemText, RankRequest
@@ -168,6 +169,12 @@ class ServingModel:
         self.popularity = dict(zip(self.popular_ids, self.popular_scores.tolist(), strict=True))
         self.known_items = set(self.index.item_row) | set(self.vectors.index)
         self.lists = _Lists.build(bundle.recommendations)
+        cat = snap.tables["items"].select(
+            pl.col("item_id").cast(pl.String), pl.col("category").cast(pl.String)
+        )
+        self.item_category: dict[str, str] = dict(cat.drop_nulls().iter_rows())
+        self.categories = set(self.item_category.values())
+        self.rules = ListRules.from_dict(bundle.manifest.get("lists", {}).get("rules", {}))
         self.encoder: Any = bundle.encoder("int8") if preload_encoder else None
 
     @classmethod
@@ -328,11 +335,20 @@ class ServingModel:
         known = self.known_items
         unknown = [c for c in cands if c not in known and c not in with_text]
         strategy = self.strategy(req.user_id, req.history)
+        rules = self.request_rules(
+            exclude_items=req.exclude_items, exclude_categories=req.exclude_categories,
+            max_per_category=req.max_per_category, diversity=req.diversity,
+            extra_items=[*cands, *with_text],
+            extra_categories=[i.category for i in req.items if i.category],
+        )  # fmt: skip
         items: list[dict[str, Any]]
         if strategy == "popularity":
             pop = self.popularity
             scores = np.fromiter((pop.get(c, 0.0) for c in cands), np.float64, len(cands))
-            order = np.argsort(-scores, kind="stable")[:k].tolist()
+            top = np.argsort(-scores, kind="stable")[:k]
+            if rules.active:
+                top = self._ruled(cands, scores, rules, req.items, k)
+            order = top.tolist()
             items = [
                 {"item_id": cands[i], "score": float(scores[i]), "rank": r + 1}
                 for r, i in enumerate(order)
@@ -348,6 +364,8 @@ class ServingModel:
             if not np.isfinite(scores).all():
                 raise DataError("the ranker returned a non-finite score; the bundle is broken")
             top = np.argsort(-scores, kind="stable")[:k]
+            if rules.active:
+                top = self._ruled(cands, scores, rules, req.items, k)
             order = top.tolist()
             items = [
                 {"item_id": cands[i], "score": s, "rank": r + 1}
@@ -362,6 +380,59 @@ class ServingModel:
             "items": items,
             "unknown_items": unknown,
         }
+
+    def request_rules(
+        self,
+        *,
+        exclude_items: Sequence[str] = (),
+        exclude_categories: Sequence[str] = (),
+        max_per_category: int | None = None,
+        diversity: float | None = None,
+        extra_items: Sequence[str] = (),
+        extra_categories: Sequence[str] = (),
+    ) -> ListRules:
+        """The bundle's rules plus a request's; ConfigError (a 422) names an excluded item or
+        category that neither the bundle nor the request knows."""
+        rules = self.rules.with_request(
+            exclude_items=exclude_items, exclude_categories=exclude_categories,
+            max_per_category=max_per_category, diversity=diversity,
+        )  # fmt: skip
+        if exclude_items or exclude_categories:
+            known_items = self.known_items
+            bad = [i for i in exclude_items if i not in known_items and i not in set(extra_items)]
+            cats = self.categories | set(extra_categories)
+            bad_cats = [c for c in exclude_categories if c not in cats]
+            if bad or bad_cats:
+                ListRules(tuple(bad), tuple(bad_cats)).check(
+                    (), sorted(self.categories), where="invalid request"
+                )
+        return rules
+
+    def _ruled(
+        self,
+        cands: Sequence[str],
+        scores: np.ndarray,
+        rules: ListRules,
+        texts: Sequence[ItemText],
+        k: int,
+    ) -> np.ndarray:
+        """Positions in `cands` of the top k under `rules` (the nightly lists' `apply_rules`);
+        categories from the bundle, else from the request's item texts."""
+        cat_of = {**self.item_category, **{i.item_id: i.category for i in texts if i.category}}
+        frame = pl.DataFrame(
+            {
+                "user_id": pl.Series([""] * len(cands), dtype=pl.String),
+                "item_id": pl.Series(list(cands), dtype=pl.String),
+                "score": np.asarray(scores, dtype=np.float64),
+                "pos": np.arange(len(cands)),
+            }
+        )
+        cats = pl.DataFrame(
+            {"item_id": list(cands), "category": [cat_of.get(c) for c in cands]},
+            schema={"item_id": pl.String, "category": pl.String},
+        )
+        out = apply_rules(frame, k, rules, categories=cats, vectors=self.vectors, tiebreak="pos")
+        return out.join(frame.select("item_id", "pos"), on="item_id")["pos"].to_numpy()
 
     def explain(self, x: np.ndarray, top: int = EXPLAIN_TOP) -> list[list[dict[str, Any]]]:
         """Each row's `top` features by |contribution| (LightGBM pred_contrib, bias left out):
@@ -382,41 +453,44 @@ class ServingModel:
             for row, cols in enumerate(order.tolist())
         ]
 
-    def recommendations(self, user_id: str, k: int) -> dict[str, Any]:
+    def recommendations(
+        self, user_id: str, k: int, rules: ListRules | None = None
+    ) -> dict[str, Any]:
         """The nightly list of `user_id` (top k), else the popular items the user has not
-        consumed, marked `fallback`; the `RecommendationsResponse` wire format."""
+        consumed, marked `fallback`; the `RecommendationsResponse` wire format. `rules` (see
+        `request_rules`) filter and re-rank either list; the answer may then be shorter."""
         span = self.lists.ptr.get(user_id)
         if span is not None:
             lo, hi = span
-            hi = min(hi, lo + k)
-            scores = self.lists.scores[lo:hi].tolist()
-            return {
-                "model_version": self.model_version,
-                "user_id": user_id,
-                "fallback": False,
-                "generated_at": self.lists.generated_at,
-                "items": [
-                    {"item_id": self.lists.item_ids[j], "score": scores[j - lo], "rank": j - lo + 1}
-                    for j in range(lo, hi)
-                ],
-            }
-        lo, hi = self.histories.ptr.get(user_id, (0, 0))
-        seen = set(self.histories.item_ids[lo:hi].tolist())
-        items: list[dict[str, Any]] = []
-        for j, item in enumerate(self.popular_ids):
-            if len(items) == k:
-                break
-            if item not in seen:
-                items.append(
-                    {"item_id": item, "score": float(self.popular_scores[j]),
-                     "rank": len(items) + 1}
-                )  # fmt: skip
+            ids = self.lists.item_ids[lo:hi]
+            scores = self.lists.scores[lo:hi]
+            fallback, generated_at = False, self.lists.generated_at
+        else:
+            plo, phi = self.histories.ptr.get(user_id, (0, 0))
+            seen = set(self.histories.item_ids[plo:phi].tolist())
+            # enough unseen popular items for k after any exclusion or category cap
+            need = k if rules is None or not rules.active else max(10 * k, 1000)
+            ids, keep = [], []
+            for j, item in enumerate(self.popular_ids):
+                if len(ids) == need:
+                    break
+                if item not in seen:
+                    ids.append(item)
+                    keep.append(j)
+            scores = self.popular_scores[np.asarray(keep, dtype=np.int64)]
+            fallback, generated_at = True, None
+        order = np.arange(min(k, len(ids)))
+        if rules is not None and rules.active:
+            order = self._ruled(ids, scores, rules, (), k)
         return {
             "model_version": self.model_version,
             "user_id": user_id,
-            "fallback": True,
-            "generated_at": None,
-            "items": items,
+            "fallback": fallback,
+            "generated_at": generated_at,
+            "items": [
+                {"item_id": ids[j], "score": float(scores[j]), "rank": r + 1}
+                for r, j in enumerate(order.tolist())
+            ],
         }
 
     # ------------------------------------------------------------------ checks

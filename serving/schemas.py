@@ -15,6 +15,7 @@ MAX_CANDIDATES = 1000
 MAX_HISTORY = 1000
 MAX_NEW_ITEMS = 100  # items embedded per request (the int8 encoder costs ~ms per item)
 MAX_K = 1000
+MAX_EXCLUDED_CATEGORIES = 100
 EXPLAIN_TOP = 5
 
 ItemId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
@@ -91,6 +92,25 @@ class RankRequest(BaseModel):
         max_length=MAX_NEW_ITEMS,
         description="text of candidates (or history items) the bundle may not know",
     )
+    exclude_items: list[ItemId] = Field(
+        default_factory=list,
+        max_length=MAX_CANDIDATES,
+        description="never return these items (added to the bundle's rules)",
+    )
+    exclude_categories: list[Annotated[str, StringConstraints(max_length=256)]] = Field(
+        default_factory=list,
+        max_length=MAX_EXCLUDED_CATEGORIES,
+        description="never return items of these categories (added to the bundle's rules)",
+    )
+    max_per_category: int | None = Field(
+        default=None, ge=0, le=MAX_K, description="at most this many items per category; 0 = no cap"
+    )
+    diversity: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="MMR weight: 0 = pure relevance, higher trades score for dissimilar items",
+    )
 
     @model_validator(mode="after")
     def _distinct(self) -> RankRequest:
@@ -139,6 +159,8 @@ class RecommendedItem(BaseModel):
 
 
 class RecommendationsResponse(BaseModel):
+    """A user's list; with rules (exclusions, category cap) it may hold fewer than k items."""
+
     model_version: str
     user_id: str
     fallback: bool = Field(description="true: no nightly list for this user; popular items")

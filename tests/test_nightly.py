@@ -85,7 +85,11 @@ def test_outputs_and_known_answer(reference):
     )
     assert "refreshed every 1d" in result.freshness
     recs = pl.read_parquet(result.recommendations)
-    assert recs.columns == ["user_id", "rank", "item_id", "score", "model_version", "generated_at"]
+    assert recs.columns == [
+        "user_id", "rank", "item_id", "score", "source", "model_version", "generated_at"
+    ]  # fmt: skip
+    known = {"semantic", "cooccurrence", "popular", "category", "fresh"}
+    assert all(set(s.split("+")) <= known for s in recs["source"].unique())
     assert recs.group_by("user_id").len()["len"].max() <= 20
     assert recs.filter(pl.col("rank") == 1)["user_id"].n_unique() == recs["user_id"].n_unique()
     # lists exclude what the user already consumed
@@ -96,6 +100,16 @@ def test_outputs_and_known_answer(reference):
     saved = json.loads((result.run_dir / "evaluation.json").read_text())
     assert saved["test"] == result.evaluation
     assert result.candidate_recall and all(0 <= v <= 1 for v in result.candidate_recall.values())
+    # list quality: every source's recall and the union's, the lists beside baseline lists
+    sources = {r["source"]: r for r in result.lists["sources"]}
+    assert set(sources) == {"semantic", "cooccurrence", "popular", "category", "fresh", "union"}
+    assert all(sources["union"]["recall"] >= r["recall"] for r in sources.values())
+    table = {r["list"]: r for r in result.lists["table"]}
+    assert set(table) == {"lgbm_lists", "popular", "recent_popular", "item_knn"}
+    assert table[result.lists["versus"]]["recall_diff"] == 0.0
+    for r in table.values():
+        assert 0 <= r["recall@20"] <= 1 and 0 <= r["ndcg@20"] <= 1 and r["recall_diff_se"] >= 0
+    assert saved["lists"]["note"].startswith("lists as of the cut-off")
     cost = json.loads((result.run_dir / "cost.json").read_text())
     assert cost["trainable_params"] < 0.01 * cost["total_params"]
     assert cost["items_embedded"] + cost["items_reused"] == GEN.n_items

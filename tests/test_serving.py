@@ -466,6 +466,66 @@ def test_recommendations_nightly_list_and_fallback(server, serving_run, serving_
 
 
 @pytest.mark.slow
+def test_rules_in_rank_and_recommendations(server, serving_run, serving_model, client):
+    """Exclusions, a category cap and diversity apply to /v1/rank and /v1/recommendations; an
+    unknown item or category is a 422 that names it; a list the rules leave short stays short."""
+    cat = serving_model.item_category
+    recs = pl.read_parquet(serving_run.recommendations)
+    user = recs["user_id"][0]
+    cands = [i for i in serving_model.popular_ids if i in cat][:60]
+    base = client.post(f"{server.url}/v1/rank", json={"user_id": user, "candidates": cands})
+    ranked = [i["item_id"] for i in base.json()["items"]]
+    top_cat = cat[ranked[0]]
+    body = {"user_id": user, "candidates": cands, "k": 20, "exclude_items": ranked[:2],
+            "exclude_categories": [top_cat], "max_per_category": 2}  # fmt: skip
+    r = client.post(f"{server.url}/v1/rank", json=body)
+    assert r.status_code == 200, r.text
+    got = [i["item_id"] for i in RankResponse.model_validate(r.json()).items]
+    allowed = [i for i in ranked if i not in ranked[:2] and cat[i] != top_cat]
+    per_cat: dict[str, int] = {}
+    want = []
+    for i in allowed:  # the cap, applied greedily in score order
+        if per_cat.get(cat[i], 0) < 2:
+            per_cat[cat[i]] = per_cat.get(cat[i], 0) + 1
+            want.append(i)
+    assert got == want[:20]
+    # diversity 0 is pure relevance; a high weight lowers the list's mean similarity
+    plain = client.post(f"{server.url}/v1/rank", json={**body, "diversity": 0.0, "k": 10,
+                                                        "max_per_category": 0})  # fmt: skip
+    assert [i["item_id"] for i in plain.json()["items"]] == [
+        i for i in ranked if i in set(allowed)
+    ][:10]
+    div = client.post(f"{server.url}/v1/rank", json={**body, "diversity": 0.9, "k": 10,
+                                                      "max_per_category": 0})  # fmt: skip
+
+    def mean_sim(ids: list[str]) -> float:
+        rows, _ = serving_model.vectors.lookup(ids)
+        v = serving_model.vectors.matrix[rows]
+        s = v @ v.T
+        return float((s.sum() - np.trace(s)) / (len(ids) * (len(ids) - 1)))
+
+    d_ids = [i["item_id"] for i in div.json()["items"]]
+    assert len(d_ids) == 10 and set(d_ids) <= set(allowed)
+    assert mean_sim(d_ids) < mean_sim([i["item_id"] for i in plain.json()["items"]])
+    for bad, where in (({"exclude_items": ["no-such-item"]}, "no-such-item"),
+                       ({"exclude_categories": ["no-such-cat"]}, "no-such-cat")):  # fmt: skip
+        r = client.post(f"{server.url}/v1/rank", json={**body, **bad})
+        assert r.status_code == 422 and where in _error_body(r)["error"]
+    # recommendations: the nightly list minus exclusions, shorter, never padded
+    mine = recs.filter(pl.col("user_id") == user).sort("rank")["item_id"].to_list()
+    r = client.get(f"{server.url}/v1/recommendations/{user}",
+                   params={"k": 50, "exclude_items": mine[:3]})  # fmt: skip
+    assert [i["item_id"] for i in r.json()["items"]] == mine[3:50]
+    r = client.get(f"{server.url}/v1/recommendations/stranger",
+                   params={"k": 10, "max_per_category": 1})  # fmt: skip
+    got = [i["item_id"] for i in r.json()["items"]]
+    assert r.json()["fallback"] and len({cat.get(i, i) for i in got}) == len(got)
+    r = client.get(f"{server.url}/v1/recommendations/{user}",
+                   params={"exclude_categories": "no-such-cat"})  # fmt: skip
+    assert r.status_code == 422 and "no-such-cat" in _error_body(r)["error"]
+
+
+@pytest.mark.slow
 @settings(
     max_examples=50,
     deadline=None,

@@ -1,0 +1,250 @@
+"""Ranked lists: retrieval from several sources, ranking through a bundle, business rules; and
+their evaluation against what users consumed next, beside baseline lists.
+
+The nightly job and `recsys evaluate` both build lists with `build_lists`, the same code, so the
+list metrics measure what the nightly writes. For a fast catalogue (news: a live window of a week
+or less) lists as of the cut-off are judged on the next day's consumption; for a slow one, on
+the whole test split (`list_horizon`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from recsys.data import Dataset
+from recsys.listmetrics import compare_lists, intra_list_similarity
+from recsys.retrieval import (
+    Cadence,
+    CooccurrenceSource,
+    RetrievalContext,
+    SourceRun,
+    decayed_popularity,
+    fit_cadence,
+    live_items,
+    retrieve,
+)
+from recsys.rules import ListRules, apply_rules
+from recsys.vectors import ItemVectors
+
+__all__ = [
+    "ListsResult",
+    "baseline_lists",
+    "build_lists",
+    "consumption",
+    "evaluate_lists",
+    "list_horizon",
+    "retrieval_context",
+]
+
+BASELINES = ("popular", "recent_popular", "item_knn")
+
+
+def consumption(data: Dataset) -> pl.DataFrame:
+    """user_id, item_id, ts: positive interactions plus clicked impressions."""
+    clicks = data.impressions.filter(pl.col("clicked")).select("user_id", "item_id", "ts")
+    return pl.concat([data.interactions.select("user_id", "item_id", "ts"), clicks])
+
+
+def retrieval_context(
+    data: Dataset,
+    as_of: datetime,
+    *,
+    vectors: ItemVectors | None,
+    max_history: int = 50,
+    half_life_days: float | None = None,
+    live_window_days: float | None = None,
+) -> RetrievalContext:
+    """The retrieval context at `as_of` from the data before it: the cadence is fitted on the
+    log (`fit_cadence`) unless given (half-life/window; live window 0 = every item live)."""
+    hist = consumption(data).filter(pl.col("ts").is_null() | (pl.col("ts") < as_of))
+    shows = data.impressions.filter(pl.col("ts") < as_of).select("item_id", "ts")
+    fitted = (
+        fit_cadence(hist, as_of, items=data.items, shows=shows)
+        if half_life_days is None or live_window_days is None
+        else Cadence(math.inf, math.inf)
+    )
+    hl = fitted.half_life_days if half_life_days is None else half_life_days
+    win = fitted.live_window_days if live_window_days is None else live_window_days
+    win = math.inf if win == 0 else win
+    cadence = Cadence(hl or math.inf, win, fitted.holdout_start, fitted.recall)
+    eligible = live_items(as_of, win, history=hist, items=data.items, shows=shows)
+    return RetrievalContext(
+        hist, data.items, as_of, eligible=eligible, vectors=vectors, cadence=cadence,
+        max_history=max_history, shows=shows,
+    )  # fmt: skip
+
+
+def list_horizon(cadence: Cadence, horizon_days: float | None) -> float:
+    """Days of consumption after the cut-off that judge its lists: `horizon_days` if set, else
+    1 for a fast catalogue (live window <= 7 days), else inf (the whole test split)."""
+    if horizon_days is not None:
+        return horizon_days
+    return 1.0 if cadence.live_window_days <= 7 else math.inf
+
+
+@dataclass(frozen=True)
+class ListsResult:
+    lists: pl.DataFrame  # user_id, rank, item_id, score, source
+    runs: list[SourceRun]  # per retrieval source: its candidates and time
+    candidates: pl.DataFrame  # user_id, item_id, source, retrieval_rank
+    users: int
+    short: int  # users whose list has fewer than n items
+    seconds: dict[str, float]
+
+
+def build_lists(
+    score: Callable[[pl.DataFrame], np.ndarray],
+    ctx: RetrievalContext,
+    users: Sequence[str] | pl.Series,
+    quotas: Mapping[str, int],
+    *,
+    n: int,
+    rules: ListRules | None = None,
+    chunk: int = 500,
+    progress: Callable[[int, int], None] | None = None,
+) -> ListsResult:
+    """Each user's top n: candidates from the sources (`quotas`), scored by `score` (a frame of
+    user_id, item_id -> scores, e.g. `Bundle.score`), then `rules`. Users without any
+    candidate have no list; short lists are counted, never padded."""
+    u = pl.Series("user_id", users, dtype=pl.String).unique().sort()
+    t0 = time.perf_counter()
+    cands, runs = retrieve(ctx, u, quotas)
+    t1 = time.perf_counter()
+    cusers = cands["user_id"].unique().sort()
+    parts = []
+    for i in range(0, cusers.len(), chunk):
+        sub = cands.filter(pl.col("user_id").is_in(cusers[i : i + chunk].implode()))
+        parts.append(sub.with_columns(pl.Series("score", score(sub.select("user_id", "item_id")))))
+        if progress is not None:
+            progress(min(i + chunk, cusers.len()), cusers.len())
+    scored = (
+        pl.concat(parts)
+        if parts
+        else cands.with_columns(pl.lit(0.0, dtype=pl.Float64).alias("score"))
+    )
+    t2 = time.perf_counter()
+    cats = ctx.items.select("item_id", "category") if "category" in ctx.items.columns else None
+    ranked = apply_rules(
+        scored, n, rules or ListRules(), categories=cats, vectors=ctx.vectors,
+        tiebreak="retrieval_rank",
+    )  # fmt: skip
+    lists = ranked.join(
+        scored.select("user_id", "item_id", "source"), on=["user_id", "item_id"], how="left"
+    ).select("user_id", "rank", "item_id", "score", "source")
+    counts = lists.group_by("user_id").len()
+    short = int((counts["len"] < n).sum()) + (u.len() - counts.height)
+    t3 = time.perf_counter()
+    return ListsResult(
+        lists, runs, cands, u.len(), short,
+        {"retrieve": t1 - t0, "score": t2 - t1, "rules": t3 - t2},
+    )  # fmt: skip
+
+
+def _as_list(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.with_columns((pl.int_range(pl.len()).over("user_id") + 1).alias("rank"))
+
+
+def baseline_lists(ctx: RetrievalContext, users: pl.Series, n: int) -> dict[str, pl.DataFrame]:
+    """Top-n baselines, minus what each user consumed, among live items: `popular` (all-time
+    counts), `recent_popular` (the fitted decay), `item_knn` (co-occurrence; popular fills the
+    lists of users it has nothing for)."""
+    counts = decayed_popularity(ctx.history, ctx.as_of, math.inf).join(
+        ctx.eligible_items, on="item_id", how="semi"
+    )
+    popular = _as_list(ctx.from_list(users, counts, n))
+    recent = _as_list(ctx.from_list(users, ctx.popularity, n))
+    knn = CooccurrenceSource().retrieve(ctx, users, n)
+    fill = recent.join(knn.select("user_id").unique(), on="user_id", how="anti").drop("rank")
+    knn = _as_list(pl.concat([knn, fill]).sort("user_id", maintain_order=True))
+    return {"popular": popular, "recent_popular": recent, "item_knn": knn}
+
+
+def truth_after(data: Dataset, at: datetime, horizon_days: float) -> pl.DataFrame:
+    """(user_id, item_id) consumed in [at, at + horizon) and not before `at`."""
+    cons = consumption(data)
+    after = cons.filter(pl.col("ts") >= at)
+    if not math.isinf(horizon_days):
+        after = after.filter(pl.col("ts") < at + timedelta(days=horizon_days))
+    before = cons.filter(pl.col("ts").is_null() | (pl.col("ts") < at)).select("user_id", "item_id")
+    return (
+        after.select("user_id", "item_id")
+        .unique()
+        .join(before, on=["user_id", "item_id"], how="anti")
+        .sort("user_id", "item_id")
+    )
+
+
+def evaluate_lists(
+    result: ListsResult,
+    baselines: Mapping[str, pl.DataFrame],
+    truth: pl.DataFrame,
+    ctx: RetrievalContext,
+    *,
+    n: int,
+    horizon_days: float,
+) -> dict[str, Any]:
+    """The list table (the model's lists and each baseline: recall@n, nDCG@n, coverage,
+    novelty, intra-list similarity, paired differences to the best baseline) and the per-source
+    retrieval table (recall of each source's own candidates, latency per user)."""
+    everyone = ctx.seen["user_id"].n_unique()
+    users_of_item = ctx.seen.group_by("item_id").len("users")
+    named = {"lgbm_lists": result.lists, **baselines}
+    by_recall = {
+        name: truth.join(
+            df.filter(pl.col("rank") <= n), on=["user_id", "item_id"], how="semi"
+        ).height
+        for name, df in baselines.items()
+    }
+    versus = max(by_recall, key=lambda k: (by_recall[k], k)) if by_recall else "lgbm_lists"
+    table = compare_lists(
+        named, truth, n, versus=versus, catalogue_size=ctx.items.height,
+        popularity=users_of_item, n_users=everyone,
+    )  # fmt: skip
+    if ctx.vectors is not None and len(ctx.vectors):
+        for row in table:
+            row["intra_list_sim"] = intra_list_similarity(named[str(row["list"])], ctx.vectors, n)
+
+    def recall(c: pl.DataFrame) -> float:
+        hit = truth.join(c.select("user_id", "item_id"), on=["user_id", "item_id"], how="semi")
+        return hit.height / truth.height if truth.height else math.nan
+
+    sources = [
+        {
+            "source": r.name,
+            "k": r.quota,
+            "recall": recall(r.candidates),
+            "ms_per_user": 1000 * r.seconds / max(result.users, 1),
+        }
+        for r in result.runs
+    ]
+    sources.append(
+        {
+            "source": "union",
+            "k": int(sum(r.quota for r in result.runs)),
+            "recall": recall(result.candidates),
+            "ms_per_user": 1000 * result.seconds["retrieve"] / max(result.users, 1),
+        }
+    )
+    horizon = "the whole test split" if math.isinf(horizon_days) else f"the next {horizon_days:g} d"
+    return {
+        "table": table,
+        "sources": sources,
+        "versus": versus,
+        "truth_pairs": truth.height,
+        "truth_users": truth["user_id"].n_unique(),
+        "short_lists": result.short,
+        "note": (
+            f"lists as of the cut-off, judged on what users consumed in {horizon} "
+            f"({truth.height} new (user, item) pairs of {truth['user_id'].n_unique()} users); "
+            f"{ctx.cadence.describe()}; "
+            f"{'every item live' if ctx.eligible is None else f'{ctx.eligible.len()} live items'}"
+        ),
+    }

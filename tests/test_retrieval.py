@@ -1,0 +1,223 @@
+"""Retrieval sources, their union, the fitted cadence, business rules and list metrics, on small
+logs where the right answer is known."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import polars as pl
+import pytest
+
+from recsys.data.schema import TS
+from recsys.errors import ConfigError
+from recsys.listmetrics import compare_lists, intra_list_similarity, list_metrics, per_user
+from recsys.retrieval import (
+    RetrievalContext,
+    decayed_popularity,
+    fit_cadence,
+    live_items,
+    make_sources,
+    retrieve,
+)
+from recsys.rules import ListRules, apply_rules
+from recsys.vectors import ItemVectors
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _log(rows: list[tuple[str, str, float]]) -> pl.DataFrame:
+    """(user, item, hours after T0) -> user_id, item_id, ts."""
+    return pl.DataFrame(
+        {
+            "user_id": [r[0] for r in rows],
+            "item_id": [r[1] for r in rows],
+            "ts": [T0 + timedelta(hours=r[2]) for r in rows],
+        },
+        schema={"user_id": pl.String, "item_id": pl.String, "ts": TS},
+    )
+
+
+def _items(ids: list[str], cats: list[str] | None = None) -> pl.DataFrame:
+    return pl.DataFrame(
+        {"item_id": ids, "category": cats or ["c"] * len(ids)},
+        schema={"item_id": pl.String, "category": pl.String},
+    )
+
+
+def _news(days: int = 20, per_day: int = 30, users: int = 60, seed: int = 0) -> pl.DataFrame:
+    """A fast catalogue: each day's items are consumed that day and the next only."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for d in range(days):
+        for u in range(users):
+            for _ in range(2):
+                age = rng.integers(0, 2)
+                item = f"d{max(d - age, 0)}_{rng.integers(per_day)}"
+                rows.append((f"u{u}", item, d * 24 + rng.uniform(0, 24)))
+    return _log(rows)
+
+
+def _films(users: int = 80, items: int = 40, n: int = 3000, seed: int = 0) -> pl.DataFrame:
+    """A slow catalogue: the same items are consumed over years, by a fixed popularity."""
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, items + 1)
+    p /= p.sum()
+    rows = [
+        (f"u{rng.integers(users)}", f"m{rng.choice(items, p=p)}", rng.uniform(0, 3 * 365 * 24))
+        for _ in range(n)
+    ]
+    return _log(rows)
+
+
+def test_cadence_is_fitted_to_the_catalogue():
+    news = _news()
+    as_of = T0 + timedelta(days=20)
+    fast = fit_cadence(news, as_of)
+    assert fast.half_life_days <= 3 and fast.live_window_days <= 3
+    live = live_items(as_of, fast.live_window_days, history=news)
+    assert live is not None and live.len() < news["item_id"].n_unique()
+    assert all(i.startswith(("d17_", "d18_", "d19_")) for i in live)
+
+    films = _films()
+    slow = fit_cadence(films, T0 + timedelta(days=3 * 365))
+    assert slow.live_window_days >= 30 and slow.half_life_days >= 90  # months, not days
+    # an infinite window (a catalogue whose whole log is live) means every item
+    assert live_items(T0 + timedelta(days=3 * 365), math.inf, history=films) is None
+    # a window with nothing in it gives every item too, not an empty catalogue
+    assert live_items(T0 + timedelta(days=5000), 1.0, history=films) is None
+    assert fit_cadence(films.head(10), T0).live_window_days == math.inf  # too little data
+
+
+def test_decayed_popularity_prefers_recent_consumption():
+    log = _log([("a", "old", 0), ("b", "old", 1), ("c", "new", 240)])
+    at = T0 + timedelta(days=11)
+    counts = decayed_popularity(log, at, math.inf)
+    assert counts["item_id"].to_list() == ["old", "new"] and counts["score"].to_list() == [2, 1]
+    decayed = decayed_popularity(log, at, 1.0)
+    assert decayed["item_id"].to_list() == ["new", "old"]
+    assert decayed["score"][0] == pytest.approx(2 ** -(24 / 24), rel=1e-9)
+
+
+def _ctx(history: pl.DataFrame, items: pl.DataFrame, **kw) -> RetrievalContext:
+    return RetrievalContext(history, items, T0 + timedelta(days=30), **kw)
+
+
+def test_sources_never_return_seen_or_ineligible_items_and_find_the_known_answer():
+    # u1 and u2 share taste (a, b); u2 also took c, so item-kNN offers c to u1
+    shared = [("u1", "a", 1), ("u1", "b", 2), ("u2", "a", 3), ("u2", "b", 4), ("u2", "c", 5)]
+    other = [("u3", "x", 6), ("u3", "y", 7), ("u4", "y", 8), ("u4", "x", 9), ("u4", "z", 9)]
+    hist = _log([*shared, *other])
+    ids = ["a", "b", "c", "x", "y", "z", "new"]
+    cats = ["s", "s", "s", "t", "t", "t", "s"]
+    items = _items(ids, cats).with_columns(
+        pl.Series("published_at", [T0] * 6 + [T0 + timedelta(days=29)], dtype=TS)
+    )
+    vecs = np.eye(len(ids), dtype=np.float32)
+    vecs[[1, 2], 0] = 1.0  # b and c lie near a
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    vectors = ItemVectors.from_arrays(ids, vecs)
+    ctx = _ctx(hist, items, vectors=vectors, eligible=pl.Series(["a", "b", "c", "x", "y", "new"]))
+    users = pl.Series(["u1", "u3", "cold"])
+    seen = hist.select("user_id", "item_id")
+    for source in make_sources(["semantic", "cooccurrence", "popular", "category", "fresh"]):
+        got = source.retrieve(ctx, users, 3)
+        assert got.join(seen, on=["user_id", "item_id"], how="semi").height == 0, source.name
+        assert set(got["item_id"]) <= {"a", "b", "c", "x", "y", "new"}, source.name  # z not live
+        assert got.group_by("user_id").len()["len"].max() <= 3, source.name
+        assert got.columns == ["user_id", "item_id", "score"], source.name
+    knn = make_sources(["cooccurrence"])[0].retrieve(ctx, users, 3)
+    assert knn.filter(pl.col("user_id") == "u1")["item_id"].to_list() == ["c"]
+    sem = make_sources(["semantic"])[0].retrieve(ctx, users, 1)
+    assert sem.filter(pl.col("user_id") == "u1")["item_id"].to_list() == ["c"]
+    fresh = make_sources(["fresh"])[0].retrieve(ctx, users, 1)
+    assert fresh.filter(pl.col("user_id") == "cold")["item_id"].to_list() == ["new"]
+    cat = make_sources(["category"])[0].retrieve(ctx, users, 5)
+    assert set(cat.filter(pl.col("user_id") == "u3")["item_id"]) <= {"x", "y", "z"}
+    with pytest.raises(ConfigError, match="unknown source"):
+        make_sources(["semantic", "telepathy"])
+
+
+def test_union_deduplicates_names_every_source_and_covers_each_one():
+    hist = _films(n=1500)
+    items = _items(hist["item_id"].unique().sort().to_list())
+    ctx = _ctx(hist, items)
+    users = hist["user_id"].unique().sort()
+    quotas = {"cooccurrence": 5, "popular": 5, "fresh": 2}
+    union, runs = retrieve(ctx, users, quotas)
+    assert union.columns == ["user_id", "item_id", "source", "retrieval_rank"]
+    assert union.select("user_id", "item_id").is_duplicated().sum() == 0
+    for run in runs:
+        found = run.candidates.join(union, on=["user_id", "item_id"], how="left")
+        assert found["source"].null_count() == 0
+        assert all(run.name in s.split("+") for s in found["source"])
+    assert any("+" in s for s in union["source"])  # some pairs came from two sources
+    assert union.group_by("user_id").len()["len"].max() <= sum(quotas.values())
+    again, _ = retrieve(ctx, users, quotas)
+    assert again.equals(union)  # deterministic
+    with pytest.raises(ConfigError, match="quota"):
+        retrieve(ctx, users, {"popular": -1})
+
+
+def test_rules_exclude_cap_and_diversify():
+    scored = pl.DataFrame(
+        {
+            "user_id": ["u"] * 6 + ["v"],
+            "item_id": ["a", "b", "c", "d", "e", "f", "a"],
+            "score": [6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 1.0],
+        }
+    )
+    cats = _items(["a", "b", "c", "d", "e", "f"], ["x", "x", "x", "y", "y", "z"])
+    plain = apply_rules(scored, 3, ListRules(), categories=cats)
+    assert plain.filter(pl.col("user_id") == "u")["item_id"].to_list() == ["a", "b", "c"]
+    assert plain["rank"].to_list() == [1, 2, 3, 1]
+    ruled = apply_rules(
+        scored, 4, ListRules(exclude_items=("b",), exclude_categories=("z",), max_per_category=1),
+        categories=cats,
+    )  # fmt: skip
+    # one per category, b and z excluded: a (x), d (y), and nothing else may fill the list
+    assert ruled.filter(pl.col("user_id") == "u")["item_id"].to_list() == ["a", "d"]
+    # diversity: a, b, c are near copies; with MMR the second pick leaves their cluster
+    vecs = np.array([[1, 0], [1, 0.01], [1, 0.02], [0, 1], [0.1, 1], [0.7, 0.7]], np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    vectors = ItemVectors.from_arrays(["a", "b", "c", "d", "e", "f"], vecs)
+    zero = apply_rules(scored, 3, ListRules(diversity=0.0), vectors=vectors)
+    assert zero.equals(plain)
+    mmr = apply_rules(scored, 3, ListRules(diversity=0.7), vectors=vectors)
+    picked = mmr.filter(pl.col("user_id") == "u")["item_id"].to_list()
+    assert picked[0] == "a" and picked[1] == "d"
+    lists = mmr.select("user_id", "item_id", "rank")
+    assert intra_list_similarity(lists, vectors, 3) < intra_list_similarity(plain, vectors, 3)
+    with pytest.raises(ConfigError, match="unknown categor"):
+        ListRules(exclude_categories=("nope",)).check(["a"], ["x", "y"])
+    with pytest.raises(ConfigError, match="unknown item"):
+        ListRules(exclude_items=("nope",)).check(["a"], ["x"])
+    with pytest.raises(ConfigError, match="diversity"):
+        ListRules(diversity=1.5)
+    with pytest.raises(ConfigError, match="categories"):
+        apply_rules(scored, 3, ListRules(max_per_category=1))
+
+
+def test_list_metrics_known_values_and_paired_differences():
+    truth = pl.DataFrame({"user_id": ["u", "u", "v", "w"], "item_id": ["a", "b", "c", "d"]})
+    lists = pl.DataFrame(
+        {"user_id": ["u", "u", "v", "v"], "item_id": ["x", "a", "c", "y"], "rank": [1, 2, 1, 2]}
+    )
+    pu = per_user(lists, truth, 2)
+    assert pu["hits"].to_list() == [1, 1, 0] and pu["n"].to_list() == [2, 1, 1]
+    idcg_u = 1 + 1 / math.log2(3)
+    assert pu["ndcg"].to_list() == pytest.approx([(1 / math.log2(3)) / idcg_u, 1.0, 0.0])
+    pop = pl.DataFrame({"item_id": ["a", "c", "x", "y"], "users": [9, 1, 9, 0]})
+    m = list_metrics(lists, truth, 2, catalogue_size=8, popularity=pop, n_users=9)
+    assert m["recall@2"] == pytest.approx(2 / 4) and m["coverage"] == pytest.approx(4 / 8)
+    assert m["novelty"] == pytest.approx(
+        np.mean([-math.log2(10 / 10), -math.log2(10 / 10), -math.log2(2 / 10), -math.log2(1 / 10)])
+    )
+    worse = lists.filter(pl.col("item_id") != "c")
+    rows = {r["list"]: r for r in compare_lists({"m": lists, "b": worse}, truth, 2, versus="b",
+                                                catalogue_size=8)}  # fmt: skip
+    assert rows["b"]["recall_diff"] == 0.0 and rows["m"]["recall_diff"] == pytest.approx(1 / 4)
+    assert rows["m"]["recall_diff_se"] > 0 and rows["m"]["ndcg_diff"] == pytest.approx(1 / 3)
+    with pytest.raises(ConfigError, match="versus"):
+        compare_lists({"m": lists}, truth, 2, versus="nope", catalogue_size=8)
