@@ -483,7 +483,8 @@ def run_nightly(
             # validation: the models early stopping chose, on rows none of them trained on
             vscores = _score_models(valid, selected, spec, pc.seed)
             validation = impression_metrics(vscores.rename({"lgbm_full": "score"}))
-            lists = _list_evaluation(logged, test_at, rankers, spec, cfg, vectors, log)
+            shipped = rankers["lgbm_full" if pc.use_semantic else "lgbm_behavioural"]
+            lists = _list_evaluation(logged, test_at, shipped, spec, cfg, vectors, log)
             diff, se = paired_difference(scores, "lgbm_full", "lgbm_behavioural")
             summary = {
                 "test": table,
@@ -714,14 +715,15 @@ def _context(data: Dataset, as_of: datetime, pc: Any, vectors: ItemVectors | Non
 def _list_evaluation(
     data: Dataset,
     test_at: datetime,
-    rankers: dict[str, Ranker],
+    ranker: Ranker,
     spec: FeatureSpec,
     cfg: NightlyConfig,
     vectors: ItemVectors,
     log: Any,
 ) -> dict[str, Any]:
     """The lists the nightly would have written at `test_at` (a bundle of the data before it,
-    the same `ranked_lists`), judged on what users consumed next, beside baseline lists."""
+    the same `build_lists`), judged on what users consumed next, beside baseline lists.
+    `data` holds logged impressions only (none sampled)."""
     pc = cfg.pipeline
     before = _before(data, test_at)
     ctx = _context(before, test_at, pc, vectors)
@@ -730,18 +732,24 @@ def _list_evaluation(
     if truth.height == 0:
         return {"table": [], "sources": [], "note": "no new consumption after the cut-off"}
     bundle = Bundle(
-        Path("."), {"model_version": "evaluation"}, spec,
-        rankers["lgbm_full"] if pc.use_semantic else rankers["lgbm_behavioural"],
+        Path("."), {"model_version": "evaluation"}, spec, ranker,
         build_snapshot(before, test_at, cfg.features), vectors,
         before.interactions.select("user_id", "item_id", "ts"), ctx.popularity,
     )  # fmt: skip
     users = truth["user_id"].unique().sort()
-    res = build_lists(bundle.score, ctx, users, pc.quotas, n=pc.top_n, rules=cfg.rules)
+    res = build_lists(bundle.score, ctx, users, pc.quotas, n=pc.top_n, rules=cfg.rules,
+                      known=_known_users(before))  # fmt: skip
     out = evaluate_lists(
         res, baseline_lists(ctx, users, pc.top_n), truth, ctx, n=pc.top_n, horizon_days=horizon
     )
     log(f"[evaluate] lists: {out['note']}")
     return out
+
+
+def _known_users(data: Dataset) -> pl.Series:
+    """Users the bundle of `data` knows (a history or impressions): the API ranks them with
+    the ranker, and the popularity prior ranks everyone else."""
+    return pl.concat([data.interactions["user_id"], data.impressions["user_id"]]).unique()
 
 
 def ranked_lists(
@@ -765,8 +773,9 @@ def ranked_lists(
 
     try:
         res = build_lists(
-            bundle.score, ctx, active, pc.quotas, n=pc.top_n, rules=cfg.rules, progress=progress
-        )
+            bundle.score, ctx, active, pc.quotas, n=pc.top_n, rules=cfg.rules,
+            known=_known_users(data), progress=progress,
+        )  # fmt: skip
     finally:
         bar.close()
     now = datetime.now(UTC)
@@ -801,11 +810,14 @@ def evaluate_bundle(
     bundle_path: str | os.PathLike[str],
     *,
     split_at: str | None = None,
-) -> list[dict[str, Any]]:
-    """The evaluation table of a bundle on a dataset's test split (`recsys evaluate`)."""
+    log: Any = print,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The evaluation table of a bundle on a dataset's test split and the quality of the lists
+    its nightly would write at the split (`recsys evaluate`), with the bundle's config."""
     bundle = Bundle.load(bundle_path)
     v = validate_dataset(read_dataset(data_dir))
     data = Dataset.from_validated(v)
+    logged = data
     if data.impressions.height == 0:
         pc = load_config(None).pipeline
         data = Dataset(
@@ -836,7 +848,31 @@ def evaluate_bundle(
         pl.Series("bundle", bundle.ranker.predict(matrix(frame, spec.columns))),
     )
     models = [*BASELINES, "bundle"]
-    return evaluation_table(scores, models, versus=BASELINES).to_dicts()
+    table = evaluation_table(scores, models, versus=BASELINES).to_dicts()
+    cfg = _bundle_config(bundle)
+    lists = _list_evaluation(logged, test_at, bundle.ranker, spec, cfg, bundle.vectors, log)
+    return table, lists
+
+
+def _bundle_config(bundle: Bundle) -> NightlyConfig:
+    """The nightly config a bundle was built with (its manifest's flat params), defaults for
+    what an older bundle did not record."""
+    flat = bundle.manifest.get("config", {})
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        if "." in key:
+            sec, name = key.split(".", 1)
+            sections.setdefault(sec, {})[name] = value
+    base = load_config(None)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(base):
+        cur = getattr(base, f.name)
+        if dataclasses.is_dataclass(cur) and f.name in sections:
+            names = {g.name for g in dataclasses.fields(cur)}
+            kw = {k: tuple(v) if isinstance(v, list) else v
+                  for k, v in sections[f.name].items() if k in names}  # fmt: skip
+            out[f.name] = dataclasses.replace(cur, **kw)  # type: ignore[type-var]
+    return dataclasses.replace(base, **out)
 
 
 def _versions() -> dict[str, str]:

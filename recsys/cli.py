@@ -173,9 +173,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pipelines.nightly import evaluate_bundle, freshness_note
     from recsys.bundle import Bundle
 
-    table = evaluate_bundle(args.data, args.bundle, split_at=args.split_at)
+    table, lists = evaluate_bundle(args.data, args.bundle, split_at=args.split_at)
     note = freshness_note(Bundle.load(args.bundle).spec)
     _print_table(table, f"Evaluation of {args.bundle} on {args.data}\n{note}")
+    if lists.get("sources"):
+        _print_table(lists["sources"], "Candidate retrieval by source")
+    if lists.get("table"):
+        _print_table(
+            lists["table"],
+            f"Ranked lists (diffs paired over users, versus {lists['versus']})\n{lists['note']}",
+        )
     return 0
 
 

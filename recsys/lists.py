@@ -108,27 +108,38 @@ def build_lists(
     *,
     n: int,
     rules: ListRules | None = None,
+    known: pl.Series | None = None,
     chunk: int = 500,
     progress: Callable[[int, int], None] | None = None,
 ) -> ListsResult:
     """Each user's top n: candidates from the sources (`quotas`), scored by `score` (a frame of
-    user_id, item_id -> scores, e.g. `Bundle.score`), then `rules`. Users without any
-    candidate have no list; short lists are counted, never padded."""
+    user_id, item_id -> scores, e.g. `Bundle.score`), then `rules`. Users outside `known`
+    (default: those who consumed anything) get the decayed popularity order instead of the
+    ranker, as the API ranks a user it does not know. Users without any candidate have no
+    list; short lists are counted, never padded."""
     u = pl.Series("user_id", users, dtype=pl.String).unique().sort()
     t0 = time.perf_counter()
     cands, runs = retrieve(ctx, u, quotas)
     t1 = time.perf_counter()
-    cusers = cands["user_id"].unique().sort()
+    known_users = ctx.seen["user_id"] if known is None else known.cast(pl.String)
+    is_known = pl.col("user_id").is_in(known_users.unique().implode())
+    cold = u.filter(~u.is_in(known_users.unique().implode()))
+    cold_lists = ctx.from_list(cold, ctx.popularity, max(4 * n, quotas.get("popular", 0)))
+    cold_lists = cold_lists.with_columns(
+        pl.lit("popular").alias("source"),
+        pl.int_range(pl.len()).over("user_id").cast(pl.Int64).alias("retrieval_rank"),
+    )
+    cands_known = cands.filter(is_known)
+    cusers = cands_known["user_id"].unique().sort()
     parts = []
     for i in range(0, cusers.len(), chunk):
-        sub = cands.filter(pl.col("user_id").is_in(cusers[i : i + chunk].implode()))
+        sub = cands_known.filter(pl.col("user_id").is_in(cusers[i : i + chunk].implode()))
         parts.append(sub.with_columns(pl.Series("score", score(sub.select("user_id", "item_id")))))
         if progress is not None:
             progress(min(i + chunk, cusers.len()), cusers.len())
-    scored = (
-        pl.concat(parts)
-        if parts
-        else cands.with_columns(pl.lit(0.0, dtype=pl.Float64).alias("score"))
+    scored = pl.concat(
+        [*parts, cold_lists.select("user_id", "item_id", "source", "retrieval_rank", "score")],
+        how="vertical_relaxed",
     )
     t2 = time.perf_counter()
     cats = ctx.items.select("item_id", "category") if "category" in ctx.items.columns else None

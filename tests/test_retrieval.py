@@ -101,7 +101,7 @@ def test_decayed_popularity_prefers_recent_consumption():
 
 
 def _ctx(history: pl.DataFrame, items: pl.DataFrame, **kw) -> RetrievalContext:
-    return RetrievalContext(history, items, T0 + timedelta(days=30), **kw)
+    return RetrievalContext(history, items, T0 + timedelta(days=4 * 365), **kw)
 
 
 def test_sources_never_return_seen_or_ineligible_items_and_find_the_known_answer():
@@ -221,3 +221,33 @@ def test_list_metrics_known_values_and_paired_differences():
     assert rows["m"]["recall_diff_se"] > 0 and rows["m"]["ndcg_diff"] == pytest.approx(1 / 3)
     with pytest.raises(ConfigError, match="versus"):
         compare_lists({"m": lists}, truth, 2, versus="nope", catalogue_size=8)
+
+
+def test_build_lists_ranks_known_users_and_gives_strangers_the_popular_order():
+    from recsys.lists import build_lists
+
+    hist = _films(n=1500)
+    items = _items(hist["item_id"].unique().sort().to_list())
+    ctx = _ctx(hist, items)
+    calls = []
+
+    def score(pairs: pl.DataFrame) -> np.ndarray:  # a scorer that prefers item ids backwards
+        calls.append(pairs["user_id"].unique().to_list())
+        return -pairs["item_id"].str.slice(1).cast(pl.Int64).to_numpy().astype(float)
+
+    users = ["u1", "u2", "stranger"]
+    quotas = {"cooccurrence": 10, "popular": 10}
+    res = build_lists(score, ctx, users, quotas, n=5, rules=ListRules(exclude_items=("m0",)))
+    assert "stranger" not in {u for c in calls for u in c}  # the ranker never sees strangers
+    mine = res.lists.filter(pl.col("user_id") == "u1")
+    assert mine["rank"].to_list() == [1, 2, 3, 4, 5]
+    assert mine["score"].to_list() == sorted(mine["score"].to_list(), reverse=True)
+    stranger = res.lists.filter(pl.col("user_id") == "stranger")["item_id"].to_list()
+    assert stranger == [i for i in ctx.popularity["item_id"].to_list() if i != "m0"][:5]
+    assert "m0" not in res.lists["item_id"].to_list()
+    seen = hist.select("user_id", "item_id")
+    assert res.lists.join(seen, on=["user_id", "item_id"], how="semi").height == 0
+    # quotas that leave too few candidates: the lists are short, counted, never padded
+    few = build_lists(score, ctx, users, {"popular": 3}, n=5)
+    sizes = dict(few.lists.group_by("user_id").len().iter_rows())
+    assert few.short == 2 and sizes == {"u1": 3, "u2": 3, "stranger": 5}
