@@ -514,8 +514,13 @@ def retrieve(
     quotas: Mapping[str, int],
     *,
     sources: Sequence[Source] | None = None,
+    fill: str | None = "popular",
 ) -> tuple[pl.DataFrame, list[SourceRun]]:
     """Union of the sources' candidates, `quotas[name]` from each, deduplicated.
+
+    A user for whom the union holds fewer than the sum of the quotas (sources with nothing for
+    them: no history, no vector; or overlaps) gets the rest from deeper in the `fill` source
+    (one of the quota's sources), so every user has the same candidate budget.
 
     Returns (candidates, runs). candidates: user_id, item_id, source (the names of every source
     that found the pair, joined by "+", in quota order), retrieval_rank (the pair's best rank in
@@ -533,6 +538,8 @@ def retrieve(
     u = pl.Series("user_id", users, dtype=pl.String).unique(maintain_order=True)
     runs: list[SourceRun] = []
     parts = []
+    if fill is not None and fill not in quotas:
+        raise ConfigError(f"retrieval: fill source {fill!r} has no quota; give it one (or 0)")
     for order, (name, quota) in enumerate(quotas.items()):
         if quota == 0:
             continue
@@ -560,6 +567,34 @@ def retrieve(
             ),
             runs,
         )
+    budget = sum(quotas.values())
+    if fill is not None and budget:
+        have = pl.concat(parts).select("user_id", "item_id").unique()
+        count = have.group_by("user_id").len("__n")
+        short = (
+            pl.DataFrame({"user_id": u})
+            .join(count, on="user_id", how="left")
+            .filter(pl.col("__n").fill_null(0) < budget)
+        )
+        if short.height:
+            deeper = by_name[fill].retrieve(ctx, short["user_id"], budget)
+            extra = (
+                deeper.join(have, on=["user_id", "item_id"], how="anti")
+                .join(short, on="user_id")
+                .filter(
+                    pl.int_range(pl.len()).over("user_id") < budget - pl.col("__n").fill_null(0)
+                )
+            )
+            order = list(quotas).index(fill)
+            parts.append(
+                extra.select(
+                    "user_id",
+                    "item_id",
+                    (pl.int_range(pl.len()).over("user_id") + quotas[fill]).alias("__rank"),
+                    pl.lit(order).alias("__order"),
+                    pl.lit(fill).alias("__name"),
+                )
+            )
     union = (
         pl.concat(parts)
         .sort("__order")

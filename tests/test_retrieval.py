@@ -156,6 +156,12 @@ def test_union_deduplicates_names_every_source_and_covers_each_one():
     assert union.group_by("user_id").len()["len"].max() <= sum(quotas.values())
     again, _ = retrieve(ctx, users, quotas)
     assert again.equals(union)  # deterministic
+    # a user no source but popular can serve gets the whole budget from deeper in popular
+    with_stranger, _ = retrieve(ctx, pl.Series(["u1", "stranger"]), quotas)
+    mine = with_stranger.filter(pl.col("user_id") == "stranger")
+    assert mine.height == sum(quotas.values())
+    assert set(mine["source"]) <= {"popular", "fresh", "popular+fresh"}
+    assert retrieve(ctx, users, quotas, fill=None)[0].height <= union.height
     with pytest.raises(ConfigError, match="quota"):
         retrieve(ctx, users, {"popular": -1})
 
