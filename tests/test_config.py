@@ -55,3 +55,21 @@ def test_lists_become_tuples_and_file_errors(tmp_path: Path):
     bad.write_text("[ranker\nx=1")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_list_rules_and_retrieval_settings():
+    cfg = config_from_dict(
+        {"rules": {"exclude_categories": ["sport"], "max_per_category": 2, "diversity": 0.3},
+         "pipeline": {"k_fresh": 0, "live_window_days": 0.0}}
+    )  # fmt: skip
+    assert cfg.rules.exclude_categories == ("sport",) and cfg.rules.max_per_category == 2
+    assert cfg.pipeline.quotas["fresh"] == 0 and cfg.pipeline.live_window_days == 0.0
+    assert cfg.pipeline.popular_half_life_days is None  # fitted to the data by default
+    with pytest.raises(ConfigError, match="diversity"):
+        config_from_dict({"rules": {"diversity": 2.0}})
+    with pytest.raises(ConfigError, match="max_per_category"):
+        config_from_dict({"rules": {"max_per_category": -1}})
+    with pytest.raises(ConfigError, match=r"pipeline\.k_category"):
+        config_from_dict({"pipeline": {"k_category": -3}})
+    with pytest.raises(ConfigError, match=r"pipeline\.live_window_days"):
+        config_from_dict({"pipeline": {"live_window_days": -1.0}})

@@ -202,6 +202,17 @@ def test_split_that_empties_a_side_names_the_dates(tmp_path):
                     log=lambda s: None)  # fmt: skip
 
 
+def test_rule_naming_an_unknown_category_fails_before_any_work(tmp_path):
+    data, _ = generate(GeneratorConfig(n_items=60, n_users=30, n_shown=400, seed=1))
+    write_dataset(tmp_path / "d", data)
+    cfg = config_from_dict(
+        {"tracking": {"enabled": False}, "rules": {"exclude_categories": ["no-such-category"]}}
+    )
+    with pytest.raises(ConfigError, match=r"config \[rules\].*no-such-category"):
+        run_nightly(tmp_path / "d", tmp_path / "r", config=cfg, log=lambda s: None)
+    assert not (tmp_path / "r" / "finetune").exists()
+
+
 def test_missing_dataset_is_a_clear_error(tmp_path):
     cfg = config_from_dict({"tracking": {"enabled": False}})
     with pytest.raises(DataError, match=r"items\.parquet"):
