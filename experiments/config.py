@@ -54,6 +54,8 @@ class PipelineConfig:
     # Days of consumption after the cut-off that judge the lists; None = 1 for a fast
     # catalogue (live window <= 7 d), else the whole test split
     list_horizon_days: float | None = None
+    # the semantic source answers from an HNSW index (faiss) at this many live items; exact below
+    ann_min_items: int = 200_000
     max_history: int = 50
     half_life_days: float = 7.0
     sampled_negatives: int = 20  # data sets without impressions: negatives per positive

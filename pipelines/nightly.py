@@ -709,6 +709,7 @@ def _context(data: Dataset, as_of: datetime, pc: Any, vectors: ItemVectors | Non
     return retrieval_context(
         data, as_of, vectors=vectors, max_history=pc.max_history,
         half_life_days=pc.popular_half_life_days, live_window_days=pc.live_window_days,
+        ann_min_items=pc.ann_min_items,
     )  # fmt: skip
 
 

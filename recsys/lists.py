@@ -22,6 +22,7 @@ import polars as pl
 from recsys.data import Dataset
 from recsys.listmetrics import compare_lists, intra_list_similarity
 from recsys.retrieval import (
+    ANN_MIN_ITEMS,
     Cadence,
     CooccurrenceSource,
     RetrievalContext,
@@ -61,6 +62,7 @@ def retrieval_context(
     max_history: int = 50,
     half_life_days: float | None = None,
     live_window_days: float | None = None,
+    ann_min_items: int | None = None,
 ) -> RetrievalContext:
     """The retrieval context at `as_of` from the data before it: the cadence is fitted on the
     log (`fit_cadence`) unless given (half-life/window; live window 0 = every item live)."""
@@ -79,6 +81,7 @@ def retrieval_context(
     return RetrievalContext(
         hist, data.items, as_of, eligible=eligible, vectors=vectors, cadence=cadence,
         max_history=max_history, shows=shows,
+        ann_min_items=ANN_MIN_ITEMS if ann_min_items is None else ann_min_items,
     )  # fmt: skip
 
 

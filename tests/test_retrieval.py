@@ -257,3 +257,28 @@ def test_build_lists_ranks_known_users_and_gives_strangers_the_popular_order():
     few = build_lists(score, ctx, users, {"popular": 3}, n=5)
     sizes = dict(few.lists.group_by("user_id").len().iter_rows())
     assert few.short == 2 and sizes == {"u1": 3, "u2": 3, "stranger": 5}
+
+
+def test_semantic_source_from_an_hnsw_index_agrees_with_the_exact_one():
+    rng = np.random.default_rng(0)
+    n, d = 3000, 32
+    centres = rng.normal(size=(30, d))
+    mat = (centres[rng.integers(30, size=n)] + 0.3 * rng.normal(size=(n, d))).astype(np.float32)
+    ids = [f"i{j}" for j in range(n)]
+    vectors = ItemVectors.from_arrays(ids, mat)
+    hist = _log(
+        [(f"u{u}", ids[int(rng.integers(n))], float(h)) for u in range(40) for h in range(3)]
+    )
+    items = _items(ids)
+    users = hist["user_id"].unique().sort()
+    exact = make_sources(["semantic"])[0].retrieve(_ctx(hist, items, vectors=vectors), users, 20)
+    ctx = _ctx(hist, items, vectors=vectors, ann_min_items=100)
+    ann = make_sources(["semantic"])[0].retrieve(ctx, users, 20)
+    assert ann.join(hist, on=["user_id", "item_id"], how="semi").height == 0
+    assert ann.group_by("user_id").len()["len"].min() == 20
+    overlap = ann.join(exact, on=["user_id", "item_id"], how="semi").height / exact.height
+    assert overlap > 0.9
+    again = make_sources(["semantic"])[0].retrieve(
+        _ctx(hist, items, vectors=vectors, ann_min_items=100), users, 20
+    )
+    assert again.equals(ann)  # a rebuilt index gives the same lists
