@@ -738,11 +738,13 @@ def _list_evaluation(
         before.interactions.select("user_id", "item_id", "ts"), ctx.popularity,
     )  # fmt: skip
     users = truth["user_id"].unique().sort()
+    known = _known_users(before)
     res = build_lists(bundle.score, ctx, users, pc.quotas, n=pc.top_n, rules=cfg.rules,
-                      known=_known_users(before))  # fmt: skip
+                      known=known)  # fmt: skip
     out = evaluate_lists(
-        res, baseline_lists(ctx, users, pc.top_n), truth, ctx, n=pc.top_n, horizon_days=horizon
-    )
+        res, baseline_lists(ctx, users, pc.top_n), truth, ctx, n=pc.top_n, horizon_days=horizon,
+        known=known,
+    )  # fmt: skip
     log(f"[evaluate] lists: {out['note']}")
     return out
 
@@ -1025,6 +1027,11 @@ def print_summary(result: NightlyResult, *, show_users: int = 3) -> None:
             f"Ranked lists (top {n}; diffs: paired over users, versus {lists.get('versus')})\n"
             f"{lists.get('note', '')}",
         )
+        if lists.get("table_known"):
+            _print_table(
+                [{k: r[k] for k in cols if k in r} for r in lists["table_known"]],
+                "The same over the users known at the cut-off (the others get popular lists)",
+            )
         if lists.get("short_lists"):
             print(f"{lists['short_lists']} users got fewer than {n} items")
     if result.registry:

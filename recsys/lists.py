@@ -204,10 +204,13 @@ def evaluate_lists(
     *,
     n: int,
     horizon_days: float,
+    known: pl.Series | None = None,
 ) -> dict[str, Any]:
     """The list table (the model's lists and each baseline: recall@n, nDCG@n, coverage,
     novelty, intra-list similarity, paired differences to the best baseline) and the per-source
-    retrieval table (recall of each source's own candidates, latency per user)."""
+    retrieval table (recall of each source's own candidates, latency per user). With `known`
+    (the users the bundle knows) and some truth users outside it, `table_known` repeats the
+    list table over the known users only: where personalisation can act."""
     everyone = ctx.seen["user_id"].n_unique()
     users_of_item = ctx.seen.group_by("item_id").len("users")
     named = {"lgbm_lists": result.lists, **baselines}
@@ -225,6 +228,15 @@ def evaluate_lists(
     if ctx.vectors is not None and len(ctx.vectors):
         for row in table:
             row["intra_list_sim"] = intra_list_similarity(named[str(row["list"])], ctx.vectors, n)
+
+    table_known: list[dict[str, Any]] = []
+    if known is not None:
+        mine = truth.filter(pl.col("user_id").is_in(known.cast(pl.String).unique().implode()))
+        if 0 < mine.height < truth.height:
+            table_known = compare_lists(
+                named, mine, n, versus=versus, catalogue_size=ctx.items.height,
+                popularity=users_of_item, n_users=everyone,
+            )  # fmt: skip
 
     def recall(c: pl.DataFrame) -> float:
         hit = truth.join(c.select("user_id", "item_id"), on=["user_id", "item_id"], how="semi")
@@ -250,6 +262,7 @@ def evaluate_lists(
     horizon = "the whole test split" if math.isinf(horizon_days) else f"the next {horizon_days:g} d"
     return {
         "table": table,
+        "table_known": table_known,
         "sources": sources,
         "versus": versus,
         "truth_pairs": truth.height,
