@@ -287,6 +287,17 @@ class RetrievalContext:
         pop = decayed_popularity(self.history, self.as_of, self.cadence.half_life_days)
         return pop.join(self.eligible_items, on="item_id", how="semi")
 
+    @cached_property
+    def live_vectors(self) -> ItemVectors:
+        """The vectors of the eligible items only (the exact product then skips the rest)."""
+        assert self.vectors is not None
+        if self.eligible is None:
+            return self.vectors
+        rows, found = self.vectors.lookup(self.eligible_items["item_id"].sort())
+        rows = rows[found]
+        ids = [self.vectors.ids[r] for r in rows.tolist()]
+        return ItemVectors(ids, self.vectors.matrix[rows], {i: n for n, i in enumerate(ids)})
+
     def ann_index(self) -> tuple[pl.Series, Any]:
         """(item ids, faiss HNSW inner-product index) over the eligible items with a vector;
         built once, on one thread (a reproducible graph)."""
@@ -430,11 +441,10 @@ class SemanticSource:
         n_live = len(ctx.vectors) if ctx.eligible is None else ctx.eligible.len()
         if n_live >= ctx.ann_min_items:
             return self._ann(ctx, uids, umat, k)
-        eligible = None if ctx.eligible is None else set(ctx.eligible.to_list())
         # exclusion of seen items happens inside, so k rows remain after it
         mine = ctx.seen.filter(pl.col("user_id").is_in(pl.Series(uids, dtype=pl.String).implode()))
         got = retrieve_candidates(
-            uids, umat, ctx.vectors, k_semantic=k, k_popular=0, exclude=mine, eligible=eligible
+            uids, umat, ctx.live_vectors, k_semantic=k, k_popular=0, exclude=mine
         )
         return got.select("user_id", "item_id", pl.col("sem_score").cast(pl.Float64).alias("score"))
 

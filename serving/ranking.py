@@ -335,12 +335,15 @@ class ServingModel:
         known = self.known_items
         unknown = [c for c in cands if c not in known and c not in with_text]
         strategy = self.strategy(req.user_id, req.history)
-        rules = self.request_rules(
-            exclude_items=req.exclude_items, exclude_categories=req.exclude_categories,
-            max_per_category=req.max_per_category, diversity=req.diversity,
-            extra_items=[*cands, *with_text],
-            extra_categories=[i.category for i in req.items if i.category],
-        )  # fmt: skip
+        asks = req.exclude_items or req.exclude_categories or req.max_per_category is not None
+        rules = self.rules
+        if asks or req.diversity is not None:
+            rules = self.request_rules(
+                exclude_items=req.exclude_items, exclude_categories=req.exclude_categories,
+                max_per_category=req.max_per_category, diversity=req.diversity,
+                extra_items=[*cands, *with_text],
+                extra_categories=[i.category for i in req.items if i.category],
+            )  # fmt: skip
         items: list[dict[str, Any]]
         if strategy == "popularity":
             pop = self.popularity
