@@ -777,7 +777,7 @@ def ranked_lists(
     try:
         res = build_lists(
             bundle.score, ctx, active, pc.quotas, n=pc.top_n, rules=cfg.rules,
-            known=_known_users(data), progress=progress,
+            known=_known_users(data), progress=progress, keep_candidates=False,
         )  # fmt: skip
     finally:
         bar.close()

@@ -46,6 +46,10 @@ __all__ = [
 ]
 
 BASELINES = ("popular", "recent_popular", "item_knn")
+CANDIDATE_FRAME = pl.DataFrame(
+    schema={"user_id": pl.String, "item_id": pl.String, "source": pl.String,
+            "retrieval_rank": pl.Int64}
+)  # fmt: skip
 
 
 def consumption(data: Dataset) -> pl.DataFrame:
@@ -113,6 +117,8 @@ def build_lists(
     rules: ListRules | None = None,
     known: pl.Series | None = None,
     chunk: int = 500,
+    block: int = 10_000,
+    keep_candidates: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> ListsResult:
     """Each user's top n: candidates from the sources (`quotas`), scored by `score` (a frame of
@@ -121,45 +127,65 @@ def build_lists(
     ranker, as the API ranks a user it does not know. Users without any candidate have no
     list; short lists are counted, never padded."""
     u = pl.Series("user_id", users, dtype=pl.String).unique().sort()
-    t0 = time.perf_counter()
-    cands, runs = retrieve(ctx, u, quotas)
-    t1 = time.perf_counter()
-    known_users = ctx.seen["user_id"] if known is None else known.cast(pl.String)
-    is_known = pl.col("user_id").is_in(known_users.unique().implode())
-    cold = u.filter(~u.is_in(known_users.unique().implode()))
-    cold_lists = ctx.from_list(cold, ctx.popularity, max(4 * n, quotas.get("popular", 0)))
-    cold_lists = cold_lists.with_columns(
-        pl.lit("popular").alias("source"),
-        pl.int_range(pl.len()).over("user_id").cast(pl.Int64).alias("retrieval_rank"),
-    )
-    cands_known = cands.filter(is_known)
-    cusers = cands_known["user_id"].unique().sort()
-    parts = []
-    for i in range(0, cusers.len(), chunk):
-        sub = cands_known.filter(pl.col("user_id").is_in(cusers[i : i + chunk].implode()))
-        parts.append(sub.with_columns(pl.Series("score", score(sub.select("user_id", "item_id")))))
-        if progress is not None:
-            progress(min(i + chunk, cusers.len()), cusers.len())
-    scored = pl.concat(
-        [*parts, cold_lists.select("user_id", "item_id", "source", "retrieval_rank", "score")],
-        how="vertical_relaxed",
-    )
-    t2 = time.perf_counter()
+    known_users = (ctx.seen["user_id"] if known is None else known.cast(pl.String)).unique()
     cats = ctx.items.select("item_id", "category") if "category" in ctx.items.columns else None
-    ranked = apply_rules(
-        scored, n, rules or ListRules(), categories=cats, vectors=ctx.vectors,
-        tiebreak="retrieval_rank",
-    )  # fmt: skip
-    lists = ranked.join(
-        scored.select("user_id", "item_id", "source"), on=["user_id", "item_id"], how="left"
-    ).select("user_id", "rank", "item_id", "score", "source")
+    secs = {"retrieve": 0.0, "score": 0.0, "rules": 0.0}
+    out_lists, out_cands, out_runs = [], [], []
+    # users in blocks, end to end, so memory holds one block's candidates at a time
+    for lo in range(0, max(u.len(), 1), block):
+        bu = u[lo : lo + block]
+        t0 = time.perf_counter()
+        cands, runs = retrieve(ctx, bu, quotas)
+        t1 = time.perf_counter()
+        is_known = pl.col("user_id").is_in(known_users.implode())
+        cold = bu.filter(~bu.is_in(known_users.implode()))
+        cold_lists = ctx.from_list(cold, ctx.popularity, max(4 * n, quotas.get("popular", 0)))
+        cold_lists = cold_lists.with_columns(
+            pl.lit("popular").alias("source"),
+            pl.int_range(pl.len()).over("user_id").cast(pl.Int64).alias("retrieval_rank"),
+        )
+        cands_known = cands.filter(is_known)
+        cusers = cands_known["user_id"].unique().sort()
+        parts = []
+        for i in range(0, cusers.len(), chunk):
+            sub = cands_known.filter(pl.col("user_id").is_in(cusers[i : i + chunk].implode()))
+            parts.append(
+                sub.with_columns(pl.Series("score", score(sub.select("user_id", "item_id"))))
+            )
+        scored = pl.concat(
+            [*parts, cold_lists.select("user_id", "item_id", "source", "retrieval_rank", "score")],
+            how="vertical_relaxed",
+        )
+        t2 = time.perf_counter()
+        ranked = apply_rules(
+            scored, n, rules or ListRules(), categories=cats, vectors=ctx.vectors,
+            tiebreak="retrieval_rank",
+        )  # fmt: skip
+        out_lists.append(
+            ranked.join(
+                scored.select("user_id", "item_id", "source"), on=["user_id", "item_id"], how="left"
+            ).select("user_id", "rank", "item_id", "score", "source")
+        )
+        if keep_candidates:
+            out_cands.append(cands)
+        else:  # keep the times only: the nightly needs no candidates after ranking
+            runs = [SourceRun(r.name, r.quota, r.candidates.clear(), r.seconds) for r in runs]
+        out_runs.append(runs)
+        t3 = time.perf_counter()
+        for key, dt in (("retrieve", t1 - t0), ("score", t2 - t1), ("rules", t3 - t2)):
+            secs[key] += dt
+        if progress is not None:
+            progress(min(lo + block, u.len()), u.len())
+    lists = pl.concat(out_lists)
+    runs = [
+        SourceRun(r.name, r.quota, pl.concat([b[j].candidates for b in out_runs]),
+                  sum(b[j].seconds for b in out_runs))
+        for j, r in enumerate(out_runs[0])
+    ]  # fmt: skip
+    cands = pl.concat(out_cands) if out_cands else CANDIDATE_FRAME.clear()
     counts = lists.group_by("user_id").len()
     short = int((counts["len"] < n).sum()) + (u.len() - counts.height)
-    t3 = time.perf_counter()
-    return ListsResult(
-        lists, runs, cands, u.len(), short,
-        {"retrieve": t1 - t0, "score": t2 - t1, "rules": t3 - t2},
-    )  # fmt: skip
+    return ListsResult(lists, runs, cands, u.len(), short, secs)
 
 
 def _as_list(frame: pl.DataFrame) -> pl.DataFrame:

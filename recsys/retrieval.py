@@ -298,6 +298,28 @@ class RetrievalContext:
         ids = [self.vectors.ids[r] for r in rows.tolist()]
         return ItemVectors(ids, self.vectors.matrix[rows], {i: n for n, i in enumerate(ids)})
 
+    @cached_property
+    def cooccurrence(self) -> tuple[pl.Series, pl.Series, pl.DataFrame, pl.DataFrame, Any, Any]:
+        """(item ids, user ids, their key frames, the user x item consumption matrix, the
+        cosine-normalised item x item co-occurrence matrix), built once per context."""
+        from scipy import sparse
+
+        item_ids = self.seen["item_id"].unique().sort()
+        user_ids = self.seen["user_id"].unique().sort()
+        ikey = pl.DataFrame({"item_id": item_ids, "__i": np.arange(item_ids.len())})
+        ukey = pl.DataFrame({"user_id": user_ids, "__u": np.arange(user_ids.len())})
+        pairs = self.seen.join(ukey, on="user_id").join(ikey, on="item_id")
+        x = sparse.csr_matrix(
+            (np.ones(pairs.height, np.float32), (pairs["__u"].to_numpy(), pairs["__i"].to_numpy())),
+            shape=(user_ids.len(), item_ids.len()),
+        )
+        counts = np.asarray(x.sum(axis=0)).ravel()
+        inv = sparse.diags((1.0 / np.sqrt(np.maximum(counts, 1))).astype(np.float32))
+        sim = (inv @ (x.T @ x) @ inv).tocsr()
+        sim.setdiag(0)
+        sim.eliminate_zeros()
+        return item_ids, user_ids, ikey, ukey, x, sim
+
     def ann_index(self) -> tuple[pl.Series, Any]:
         """(item ids, faiss HNSW inner-product index) over the eligible items with a vector;
         built once, on one thread (a reproducible graph)."""
@@ -405,12 +427,12 @@ class CategorySource:
             .sort(["user_id", "share", "category"], descending=[False, True, False])
             .filter(pl.int_range(pl.len()).over("user_id") < self.top_categories)
         )
-        counts = ctx.seen.group_by("user_id").len()["len"].to_numpy()
-        max_seen = int(counts.max()) if counts.size else 0
+        # each category's best 2k: enough for k after the few of them a user has seen (a
+        # user who saw more gets fewer here, and the fill source tops the budget up)
         per_cat = (
             ctx.popularity.join(cat, on="item_id", how="inner")
             .sort(["category", "score", "item_id"], descending=[False, True, False])
-            .filter(pl.int_range(pl.len()).over("category") < k + max_seen)
+            .filter(pl.int_range(pl.len()).over("category") < 2 * k)
         )
         rows = shares.join(per_cat, on="category", how="inner").select(
             "user_id", "item_id", (pl.col("share") * pl.col("score")).alias("score")
@@ -486,26 +508,13 @@ class CooccurrenceSource:
     name = "cooccurrence"
 
     def retrieve(self, ctx: RetrievalContext, users: pl.Series, k: int) -> pl.DataFrame:
-        from scipy import sparse
-
         seen = ctx.seen
         if seen.height == 0 or k == 0:
             return CANDIDATES.to_frame()
-        item_ids = seen["item_id"].unique().sort()
-        user_ids = seen["user_id"].unique().sort()
-        ikey = pl.DataFrame({"item_id": item_ids, "__i": np.arange(item_ids.len())})
-        ukey = pl.DataFrame({"user_id": user_ids, "__u": np.arange(user_ids.len())})
-        pairs = seen.join(ukey, on="user_id").join(ikey, on="item_id")
+        from scipy import sparse
+
+        item_ids, user_ids, ikey, ukey, x, sim = ctx.cooccurrence
         n_u, n_i = user_ids.len(), item_ids.len()
-        x = sparse.csr_matrix(
-            (np.ones(pairs.height, np.float32), (pairs["__u"].to_numpy(), pairs["__i"].to_numpy())),
-            shape=(n_u, n_i),
-        )
-        counts = np.asarray(x.sum(axis=0)).ravel()
-        inv = sparse.diags((1.0 / np.sqrt(np.maximum(counts, 1))).astype(np.float32))
-        sim = (inv @ (x.T @ x) @ inv).tocsr()
-        sim.setdiag(0)
-        sim.eliminate_zeros()
 
         target = (
             ctx.recent.join(

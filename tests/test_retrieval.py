@@ -282,3 +282,24 @@ def test_semantic_source_from_an_hnsw_index_agrees_with_the_exact_one():
         _ctx(hist, items, vectors=vectors, ann_min_items=100), users, 20
     )
     assert again.equals(ann)  # a rebuilt index gives the same lists
+
+
+def test_lists_in_blocks_equal_lists_in_one_go():
+    from recsys.lists import build_lists
+
+    hist = _films(n=1500)
+    items = _items(hist["item_id"].unique().sort().to_list())
+    users = [*hist["user_id"].unique().sort().to_list(), "stranger"]
+    quotas = {"cooccurrence": 6, "popular": 6, "fresh": 2}
+
+    def score(pairs: pl.DataFrame) -> np.ndarray:
+        return pairs["item_id"].str.slice(1).cast(pl.Int64).to_numpy().astype(float) % 7
+
+    one = build_lists(score, _ctx(hist, items), users, quotas, n=5)
+    blocks = build_lists(score, _ctx(hist, items), users, quotas, n=5, block=7, chunk=3)
+    assert blocks.lists.equals(one.lists) and blocks.short == one.short
+    assert blocks.candidates.sort("user_id", "item_id").equals(
+        one.candidates.sort("user_id", "item_id")
+    )
+    lean = build_lists(score, _ctx(hist, items), users, quotas, n=5, keep_candidates=False)
+    assert lean.lists.equals(one.lists) and lean.candidates.height == 0
