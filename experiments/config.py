@@ -55,7 +55,7 @@ class PipelineConfig:
     # catalogue (live window <= 7 d), else the whole test split
     list_horizon_days: float | None = None
     # the semantic source answers from an HNSW index (faiss) at this many live items; exact below
-    ann_min_items: int = 200_000
+    ann_min_items: int = 100_000
     max_history: int = 50
     half_life_days: float = 7.0
     sampled_negatives: int = 20  # data sets without impressions: negatives per positive
@@ -86,7 +86,7 @@ class PipelineConfig:
                 f"pipeline.sampled_popular_share must be in [0, 1], got "
                 f"{self.sampled_popular_share}"
             )
-        for name in ("top_n", "max_history", "sampled_negatives"):
+        for name in ("top_n", "max_history", "sampled_negatives", "ann_min_items"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"pipeline.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("k_semantic", "k_cooccurrence", "k_popular", "k_category", "k_fresh"):
