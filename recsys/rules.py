@@ -2,10 +2,11 @@
 
 `ListRules` excludes items and categories, caps the items per category, and re-ranks with
 maximal marginal relevance (MMR): each next item maximises
-    (1 - diversity) * relevance - diversity * (highest cosine to an item already chosen),
-relevance being the ranker's score min-max scaled within the user's candidates (so the weight
-does not depend on the score's scale). diversity 0 is pure relevance. A list that cannot be
-filled to n is shorter; excluded items never pad it.
+    (1 - diversity) * relevance - diversity * (highest similarity to an item already chosen),
+relevance being the ranker's score and similarity the items' cosine, both min-max scaled over
+the user's candidates (so the weight depends on neither the score's nor the encoder's
+scale). diversity 0 is pure relevance. A list that cannot be filled to n is shorter; excluded
+items never pad it.
 """
 
 from __future__ import annotations
@@ -187,6 +188,11 @@ def _mmr(df: pl.DataFrame, n: int, rules: ListRules, vectors: ItemVectors) -> pl
         ok = found[lo:hi]
         v[ok] = mat[rows[lo:hi][ok]]
         sim = v @ v.T  # (m, m) cosines; 0 for items without a vector
+        if m > 1:  # scaled to [0, 1] over the user's candidate pairs, as relevance is: an
+            # encoder whose cosines all lie in [0.8, 1] still gets a penalty that matters
+            off = sim[~np.eye(m, dtype=bool)]
+            lo_s, hi_s = float(off.min()), float(off.max())
+            sim = (sim - lo_s) / (hi_s - lo_s) if hi_s > lo_s else np.zeros_like(sim)
         best_sim = np.full(m, -np.inf)  # highest similarity to a chosen item (none yet)
         free = np.ones(m, bool)
         per_cat: dict[str, int] = {}
