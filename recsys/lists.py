@@ -163,7 +163,10 @@ def build_lists(
         )  # fmt: skip
         out_lists.append(
             ranked.join(
-                scored.select("user_id", "item_id", "source"), on=["user_id", "item_id"], how="left"
+                scored.select("user_id", "item_id", "source"),
+                on=["user_id", "item_id"],
+                how="left",
+                maintain_order="left",
             ).select("user_id", "rank", "item_id", "score", "source")
         )
         if keep_candidates:
@@ -202,7 +205,9 @@ def baseline_lists(ctx: RetrievalContext, users: pl.Series, n: int) -> dict[str,
     popular = _as_list(ctx.from_list(users, counts, n))
     recent = _as_list(ctx.from_list(users, ctx.popularity, n))
     knn = CooccurrenceSource().retrieve(ctx, users, n)
-    fill = recent.join(knn.select("user_id").unique(), on="user_id", how="anti").drop("rank")
+    fill = recent.join(
+        knn.select("user_id").unique(), on="user_id", how="anti", maintain_order="left"
+    ).drop("rank")
     knn = _as_list(pl.concat([knn, fill]).sort("user_id", maintain_order=True))
     return {"popular": popular, "recent_popular": recent, "item_knn": knn}
 

@@ -663,8 +663,8 @@ def retrieve(
         if short.height:
             deeper = by_name[fill].retrieve(ctx, short["user_id"], budget)
             extra = (
-                deeper.join(have, on=["user_id", "item_id"], how="anti")
-                .join(short, on="user_id")
+                deeper.join(have, on=["user_id", "item_id"], how="anti", maintain_order="left")
+                .join(short, on="user_id", maintain_order="left")
                 .filter(
                     pl.int_range(pl.len()).over("user_id") < budget - pl.col("__n").fill_null(0)
                 )

@@ -435,7 +435,9 @@ class ServingModel:
             schema={"item_id": pl.String, "category": pl.String},
         )
         out = apply_rules(frame, k, rules, categories=cats, vectors=self.vectors, tiebreak="pos")
-        return out.join(frame.select("item_id", "pos"), on="item_id")["pos"].to_numpy()
+        return out.join(frame.select("item_id", "pos"), on="item_id", maintain_order="left")[
+            "pos"
+        ].to_numpy()
 
     def explain(self, x: np.ndarray, top: int = EXPLAIN_TOP) -> list[list[dict[str, Any]]]:
         """Each row's `top` features by |contribution| (LightGBM pred_contrib, bias left out):

@@ -480,7 +480,7 @@ def test_rules_in_rank_and_recommendations(server, serving_run, serving_model, c
             "exclude_categories": [top_cat], "max_per_category": 2}  # fmt: skip
     r = client.post(f"{server.url}/v1/rank", json=body)
     assert r.status_code == 200, r.text
-    got = [i["item_id"] for i in RankResponse.model_validate(r.json()).items]
+    got = [i.item_id for i in RankResponse.model_validate(r.json()).items]
     allowed = [i for i in ranked if i not in ranked[:2] and cat[i] != top_cat]
     per_cat: dict[str, int] = {}
     want = []
