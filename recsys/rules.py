@@ -190,7 +190,7 @@ def _mmr(df: pl.DataFrame, n: int, rules: ListRules, vectors: ItemVectors) -> pl
         sim = v @ v.T  # (m, m) cosines; 0 for items without a vector
         if m > 1:  # scaled to [0, 1] over the user's candidate pairs, as relevance is: an
             # encoder whose cosines all lie in [0.8, 1] still gets a penalty that matters
-            off = sim[~np.eye(m, dtype=bool)]
+            off = sim[~np.eye(int(m), dtype=bool)]
             lo_s, hi_s = float(off.min()), float(off.max())
             sim = (sim - lo_s) / (hi_s - lo_s) if hi_s > lo_s else np.zeros_like(sim)
         best_sim = np.full(m, -np.inf)  # highest similarity to a chosen item (none yet)
