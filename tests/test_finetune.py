@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -320,6 +321,26 @@ def test_fit_restores_the_best_epoch_and_falls_back_to_the_start(tiny_model_dir:
     assert result.best_epoch == 0 and result.scores == [0.9, 0.5, 0.4] and result.losses
     for n, p in model.named_parameters():
         assert torch.equal(p, start[n]), n
+
+
+def test_fit_stops_after_patience_epochs_without_a_better_score(tiny_model_dir: Path) -> None:
+    data = topic_dataset(n_users=15)
+    cfg = FinetuneConfig(method="full", epochs=5, max_steps=None, batch_size=8, lr=1e-2,
+                         val_fraction=0.0, patience=2)  # fmt: skip
+    train, _ = prepare_examples(cfg, data)
+    model, tokenizer = build_model(cfg, tiny_model_dir)
+    scores = iter([0.5, 0.7, 0.6, 0.65, 0.9, 0.95])  # epoch 1 best, 2 and 3 worse: stop
+    epochs: list[int] = []
+    tokens = TokenCache(tokenizer, train.texts, 32)
+    result = fit(model, tokens, train, cfg, validate=lambda: next(scores),
+                 on_epoch=lambda m: epochs.append(m["epoch"]))  # fmt: skip
+    assert epochs == [1, 2, 3] and result.best_epoch == 1 and result.scores == [0.5, 0.7, 0.6, 0.65]
+    scores = iter([0.5, 0.7, 0.6, 0.65, 0.9, 0.95])
+    epochs.clear()
+    fit(model, TokenCache(tokenizer, train.texts, 32), train,
+        dataclasses.replace(cfg, patience=None), validate=lambda: next(scores),
+        on_epoch=lambda m: epochs.append(m["epoch"]))  # fmt: skip
+    assert epochs == [1, 2, 3, 4, 5]  # without patience every epoch runs
 
 
 # --- encoder directories ------------------------------------------------------------------------

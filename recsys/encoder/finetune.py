@@ -99,6 +99,9 @@ class FinetuneConfig:
         val_examples: at most this many of them are scored. val_new_items: when at least 30% of
         them click an item that no training example clicked (a fast catalogue such as news),
         validate on those clicks only: tomorrow's clicks are on new items.
+    patience: stop after this many epochs in a row that do not beat the best validation score
+        so far (the frozen encoder counts as epoch 0); unset = run every epoch. Only a single
+        worker stops early (validation runs on rank 0).
     template: item text template (see `recsys.encoder.text`).
     num_workers: Ray Train workers (the plain loop ignores it).
     cache_frozen_layers: with LoRA in the top `lora_layers` only, run the frozen layers below
@@ -131,6 +134,7 @@ class FinetuneConfig:
     cache_frozen_layers: bool = True
     bf16: bool = True
     val_new_items: bool = True
+    patience: int | None = 2
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -143,6 +147,8 @@ class FinetuneConfig:
                 raise ConfigError(f"finetune.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"finetune.max_steps must be >= 1 or unset, got {self.max_steps}")
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError(f"finetune.patience must be >= 1 or unset, got {self.patience}")
         if self.lora_layers is not None and self.lora_layers < 1:
             raise ConfigError(f"finetune.lora_layers must be >= 1 or unset, got {self.lora_layers}")
         if self.negatives < 0:
@@ -578,6 +584,13 @@ def fit(
                 on_epoch(payload)
         if step >= total:
             break
+        if (
+            config.patience is not None
+            and world == 1
+            and best is not None
+            and epochs_run - best[1] >= config.patience
+        ):
+            break  # the last `patience` epochs did not beat the best: stop early
     model.eval()
     best_epoch = epochs_run if best is None else best[1]
     if best is not None:
