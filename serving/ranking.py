@@ -401,8 +401,8 @@ class ServingModel:
             max_per_category=max_per_category, diversity=diversity,
         )  # fmt: skip
         if exclude_items or exclude_categories:
-            known_items = self.known_items
-            bad = [i for i in exclude_items if i not in known_items and i not in set(extra_items)]
+            known_items, extra = self.known_items, set(extra_items)
+            bad = [i for i in exclude_items if i not in known_items and i not in extra]
             cats = self.categories | set(extra_categories)
             bad_cats = [c for c in exclude_categories if c not in cats]
             if bad or bad_cats:
@@ -462,8 +462,10 @@ class ServingModel:
         self, user_id: str, k: int, rules: ListRules | None = None
     ) -> dict[str, Any]:
         """The nightly list of `user_id` (top k), else the popular items the user has not
-        consumed, marked `fallback`; the `RecommendationsResponse` wire format. `rules` (see
-        `request_rules`) filter and re-rank either list; the answer may then be shorter."""
+        consumed, marked `fallback`; the `RecommendationsResponse` wire format. `rules` (a
+        request's, see `request_rules`) filter and re-rank either list; without them the nightly
+        list is served as the nightly made it (under the bundle's rules already) and the
+        fallback gets the bundle's rules. The answer may be shorter than k."""
         span = self.lists.ptr.get(user_id)
         if span is not None:
             lo, hi = span
@@ -471,6 +473,7 @@ class ServingModel:
             scores = self.lists.scores[lo:hi]
             fallback, generated_at = False, self.lists.generated_at
         else:
+            rules = rules if rules is not None else self.rules
             plo, phi = self.histories.ptr.get(user_id, (0, 0))
             seen = set(self.histories.item_ids[plo:phi].tolist())
             # enough unseen popular items for k after any exclusion or category cap
