@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from recsys.candidates import candidate_recall
 from recsys.data import Dataset
 from recsys.listmetrics import compare_lists, intra_list_similarity
 from recsys.retrieval import (
@@ -269,15 +270,11 @@ def evaluate_lists(
                 popularity=users_of_item, n_users=everyone,
             )  # fmt: skip
 
-    def recall(c: pl.DataFrame) -> float:
-        hit = truth.join(c.select("user_id", "item_id"), on=["user_id", "item_id"], how="semi")
-        return hit.height / truth.height if truth.height else math.nan
-
     sources = [
         {
             "source": r.name,
             "k": r.quota,
-            "recall": recall(r.candidates),
+            "recall": candidate_recall(r.candidates, truth),
             "ms_per_user": 1000 * r.seconds / max(result.users, 1),
         }
         for r in result.runs
@@ -286,7 +283,7 @@ def evaluate_lists(
         {
             "source": "union",
             "k": int(sum(r.quota for r in result.runs)),
-            "recall": recall(result.candidates),
+            "recall": candidate_recall(result.candidates, truth),
             "ms_per_user": 1000 * result.seconds["retrieve"] / max(result.users, 1),
         }
     )

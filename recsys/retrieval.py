@@ -81,8 +81,11 @@ def decayed_popularity(
 ) -> pl.DataFrame:
     """item_id, score: Σ 2^(-age / half_life) over the consumption events before `as_of`
     (inf = plain counts), best first, ties by item id. Undated events count as very old."""
-    ev = _events(history)
-    now = _us(as_of)
+    return _decayed(_events(history), _us(as_of), half_life_days)
+
+
+def _decayed(ev: pl.DataFrame, now: int, half_life_days: float) -> pl.DataFrame:
+    """`decayed_popularity` of events already in `_events` form (t in epoch µs)."""
     ev = ev.filter(pl.col("t").is_null() | (pl.col("t") < now))
     if math.isinf(half_life_days):
         score = pl.len().cast(pl.Float64)
@@ -158,10 +161,7 @@ def fit_cadence(
     for hl in HALF_LIVES:
         if not math.isinf(hl) and hl > 4 * span_days:
             continue  # decays too slowly to differ from counts over this span
-        top = decayed_popularity(
-            past_all.with_columns(pl.from_epoch("t", "us").alias("ts")), start, hl
-        )
-        top = top.head(k).select("item_id")
+        top = _decayed(past_all, t0, hl).head(k).select("item_id")
         recall[hl] = hold.join(top, on="item_id", how="semi").height / hold.height
     best = max(recall.values())
     # the slowest decay within 2% of the best: prefer stable lists when they are as good
