@@ -24,7 +24,10 @@ from recsys.encoder import (
 )
 from recsys.encoder.finetune import (
     Examples,
+    StepBatch,
     TokenCache,
+    _chunks,
+    batch_loss,
     build_model,
     contrastive_loss,
     count_params,
@@ -342,6 +345,40 @@ def test_fit_stops_after_patience_epochs_without_a_better_score(tiny_model_dir: 
         dataclasses.replace(cfg, patience=None), validate=lambda: next(scores),
         on_epoch=lambda m: epochs.append(m["epoch"]))  # fmt: skip
     assert epochs == [1, 2, 3, 4, 5]  # without patience every epoch runs
+
+
+def test_chunked_backward_gives_the_whole_batch_gradient(tiny_model_dir: Path) -> None:
+    """Shown negatives only: the loss is a mean of per-example losses, so backward passes over
+    chunks of `grad_chunk` examples sum to the whole batch's gradient (and loss)."""
+    cfg = FinetuneConfig(lora_layers=1, lora_r=4, negatives=3, in_batch_negatives=False)
+    train, _ = prepare_examples(cfg, topic_dataset(n_users=12))
+    model, tokenizer = build_model(cfg, tiny_model_dir)
+    model.eval()  # no dropout: both ways see the same function
+    tokens = TokenCache(tokenizer, train.texts, 32)
+    cache = LayerCache(model, tokens, first_tuned_layer(model, "lora", 1), torch.device("cpu"))
+    idx = np.arange(10)
+    batch = StepBatch(train.history[idx], train.positive[idx], train.shown[idx][:, 1:4])
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(config: FinetuneConfig) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        total = 0.0
+        parts = list(_chunks(batch, config))
+        for part, share in parts:
+            loss = batch_loss(model, tokens, part, config, torch.device("cpu"), cache=cache)
+            (loss * share).backward()
+            total += float(loss.detach()) * share
+        assert len(parts) == (1 if config.grad_chunk is None else 3)  # 10 = 4 + 4 + 2
+        return total, [p.grad.clone() for p in params]
+
+    whole_loss, whole = grads(dataclasses.replace(cfg, grad_chunk=None))
+    chunk_loss, chunked = grads(dataclasses.replace(cfg, grad_chunk=4))
+    assert chunk_loss == pytest.approx(whole_loss, rel=1e-5)
+    for a, b in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+    # In-batch negatives couple the examples: the batch stays whole.
+    coupled = dataclasses.replace(cfg, grad_chunk=4, in_batch_negatives=True)
+    assert [p for p, _ in _chunks(batch, coupled)] == [batch]
 
 
 # --- encoder directories ------------------------------------------------------------------------

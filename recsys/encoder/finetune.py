@@ -21,7 +21,7 @@ import hashlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +102,10 @@ class FinetuneConfig:
     patience: stop after this many epochs in a row that do not beat the best validation score
         so far (the frozen encoder counts as epoch 0); unset = run every epoch. Only a single
         worker stops early (validation runs on rank 0).
+    grad_chunk: examples per backward pass when each example's loss stands alone (no in-batch
+        negatives): the gradient is the whole batch's, but the tuned layers' activations are
+        held for one chunk at a time, so memory does not grow with batch_size x negatives
+        (unset = the whole batch in one pass).
     template: item text template (see `recsys.encoder.text`).
     num_workers: Ray Train workers (the plain loop ignores it).
     cache_frozen_layers: with LoRA in the top `lora_layers` only, run the frozen layers below
@@ -135,6 +139,7 @@ class FinetuneConfig:
     bf16: bool = True
     val_new_items: bool = True
     patience: int | None = 2
+    grad_chunk: int | None = 4
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -147,6 +152,8 @@ class FinetuneConfig:
                 raise ConfigError(f"finetune.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"finetune.max_steps must be >= 1 or unset, got {self.max_steps}")
+        if self.grad_chunk is not None and self.grad_chunk < 1:
+            raise ConfigError(f"finetune.grad_chunk must be >= 1 or unset, got {self.grad_chunk}")
         if self.patience is not None and self.patience < 1:
             raise ConfigError(f"finetune.patience must be >= 1 or unset, got {self.patience}")
         if self.lora_layers is not None and self.lora_layers < 1:
@@ -382,6 +389,29 @@ def batch_loss(
     )
 
 
+def _chunks(batch: StepBatch, config: FinetuneConfig) -> Iterator[tuple[StepBatch, float]]:
+    """The parts of a batch that go through one backward pass each, with their share of the
+    batch loss.
+
+    Without in-batch negatives, each example's loss depends on its own user and candidates
+    only, so the batch loss is the mean of the examples' losses and the sum of
+    share * part loss over parts of `grad_chunk` examples has the full batch's gradient, while
+    the autograd graph (the activations of the tuned layers) holds one part at a time. With
+    in-batch negatives the examples share one softmax: the batch stays whole.
+    """
+    n = batch.positive.shape[0]
+    size = config.grad_chunk
+    if config.in_batch_negatives is not False or size is None or size >= n:
+        yield batch, 1.0
+        return
+    for s in range(0, n, size):
+        part = slice(s, s + size)
+        yield (
+            StepBatch(batch.history[part], batch.positive[part], batch.negatives[part]),
+            batch.positive[part].shape[0] / n,
+        )
+
+
 def _lr_lambda(total: int) -> Callable[[int], float]:
     warm = max(1, total // 10)
 
@@ -540,16 +570,18 @@ def fit(
                     neg_rng,
                 ),
             )
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = batch_loss(model, tokens, batch, config, dev, plain_model, cache, table)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            value = 0.0
+            for part, share in _chunks(batch, config):
+                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+                    loss = batch_loss(model, tokens, part, config, dev, plain_model, cache, table)
+                (loss * share).backward()
+                value += float(loss.detach()) * share
             if cache is not None and world > 1:
                 _all_reduce_grads(params, world)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
-            value = float(loss.detach())
             losses.append(value)
             epoch_losses.append(value)
             step += 1
