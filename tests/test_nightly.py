@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -144,10 +143,11 @@ def test_mlflow_run_and_champion(reference, data_dir):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_with_identical_lists(data_dir, tmp_path):
-    """Kill a run mid-stage (SIGKILL, no clean-up), rerun it: it resumes and its lists equal
-    those of an uninterrupted run from the same fine-tuned encoder. (CPU fine-tuning is not
-    bit-reproducible across processes, so both runs share the finetune stage's output.)"""
+@pytest.mark.parametrize("stage", ["finetune", "embed"])
+def test_killed_run_resumes_with_identical_lists(data_dir, tmp_path, stage):
+    """Kill a run mid-stage (SIGKILL, no clean-up) and rerun it: it resumes, and its lists and
+    scores equal those of an independent, uninterrupted run in another process (nothing is
+    copied between the two)."""
     out, ref = tmp_path / "killed", tmp_path / "uninterrupted"
     cfg_file = tmp_path / "fast.toml"
     cfg_file.write_text(
@@ -162,27 +162,21 @@ def test_killed_run_resumes_with_identical_lists(data_dir, tmp_path):
     proc = subprocess.Popen(cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
     deadline = time.time() + 600
-    # kill it in the middle of the embed stage (its temporary folder exists)
+    # kill it in the middle of the stage (while its temporary folder exists)
     while time.time() < deadline and proc.poll() is None:
-        if any(p.name.startswith(".embed.") for p in out.glob(".*")):
+        if any(p.name.startswith(f".{stage}.") for p in out.glob(".*")):
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (out / "embed" / "_stage.json").exists()
-    assert (out / "finetune" / "_stage.json").exists()
+    assert not (out / stage / "_stage.json").exists()
     assert not (out / "recommendations.parquet").exists()
-    # the uninterrupted reference starts from the same fine-tuned encoder
-    ref.mkdir()
-    for stage in ("validate", "split", "finetune"):
-        shutil.copytree(out / stage, ref / stage)
     first = subprocess.run(cmd(ref), capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-2000:]
     done = subprocess.run(cmd(out), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "[finetune] unchanged inputs" in done.stdout
-    assert "[embed] running" in done.stdout
+    assert f"[{stage}] running" in done.stdout
     assert not list(out.glob(".*.tmp"))  # the killed run's partial folder is gone
     assert _lists(out / "recommendations.parquet").equals(_lists(ref / "recommendations.parquet"))
 
