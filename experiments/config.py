@@ -17,6 +17,7 @@ what is allowed; each section's own checks run when it is built (`__post_init__`
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -121,9 +122,16 @@ class TrackingConfig:
     enabled: bool = True
     experiment: str = "recsys-nightly"
     model_name: str = "recsys"  # registered model name
-    primary_metric: str = "ndcg@10"  # champion decision: validation metric, higher is better
+    primary_metric: str = "ndcg@10"  # the promotion gate's metric, higher is better
+    # promote only when the challenger's paired gain on the gate slice exceeds this many
+    # standard errors (experiments.registry)
+    promote_margin_se: float = 2.0
 
     def __post_init__(self) -> None:
+        if not (self.promote_margin_se >= 0 and math.isfinite(self.promote_margin_se)):
+            raise ConfigError(
+                f"tracking.promote_margin_se must be a number >= 0, got {self.promote_margin_se}"
+            )
         allowed = ("auc", "mrr", "ndcg@5", "ndcg@10")
         if self.primary_metric not in allowed:
             raise ConfigError(

@@ -1,18 +1,50 @@
-"""The model registry: every nightly bundle becomes a registered model version; the alias
-`champion` moves to it only if its validation metric is no worse than the current champion's on
-the same validation data. The decision and its reason are recorded on the version and returned."""
+"""The model registry and its promotion gate.
+
+Every nightly bundle becomes a registered model version. The alias `champion` moves to it only
+when it beats the current champion by more than the noise on the *gate slice*: the run's test
+impressions, which neither early stopping nor any fit has seen. Both versions are scored there
+by the same function, at the same feature freshness, and compared per impression (paired): the
+challenger is promoted when its mean advantage in the primary metric exceeds `margin_se`
+standard errors of that paired difference. The gate fails closed: a champion that cannot be
+scored keeps the alias, and the reason says why. Every decision, with its numbers, is recorded
+on the model version (tags), on the run (tags and a `gate.json` artifact) and returned.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
 from experiments.tracking import _metric_key, _quiet_mlflow
+from recsys.metrics import paired_difference
 
 logger = logging.getLogger(__name__)
 ALIAS = "champion"
+GateScores = Callable[[str], pl.DataFrame]  # bundle path -> impression_id, clicked, score
+
+
+def gate_decision(
+    ours: pl.DataFrame, theirs: pl.DataFrame, metric: str, margin_se: float
+) -> dict[str, Any]:
+    """Challenger (`ours`) against champion (`theirs`), both one row per shown item of the same
+    gate impressions in the same order (impression_id, clicked, score).
+
+    Returns {diff, se, n_impressions, promote}: diff is the mean over impressions of the
+    challenger's `metric` minus the champion's, se its standard error; promote is
+    diff > margin_se * se (a tie, or a gain within the noise, keeps the champion)."""
+    if ours.height != theirs.height or not ours["impression_id"].equals(theirs["impression_id"]):
+        raise ValueError("gate: challenger and champion were not scored on the same rows")
+    frame = ours.select("impression_id", "clicked", pl.col("score").alias("challenger"))
+    frame = frame.with_columns(theirs["score"].alias("champion"))
+    diff, se = paired_difference(frame, "challenger", "champion", metric)
+    n = frame["impression_id"].n_unique()
+    promote = bool(math.isfinite(diff) and math.isfinite(se) and diff > margin_se * se)
+    return {"diff": diff, "se": se, "n_impressions": n, "promote": promote}
 
 
 def register_bundle(
@@ -24,13 +56,14 @@ def register_bundle(
     validation: dict[str, float],
     validation_key: str,
     primary_metric: str,
-    evaluate_champion: Callable[[str], dict[str, float]],
+    gate_scores: GateScores,
+    margin_se: float = 2.0,
 ) -> dict[str, Any]:
     """Log `bundle_dir` to the active run, register it and decide whether it becomes champion.
 
-    `validation_key` identifies the validation data (dataset fingerprint + split); when the
-    champion was validated on other data, `evaluate_champion(local_bundle_path)` re-scores it on
-    this run's validation data so the comparison is like for like.
+    gate_scores(bundle_path): the bundle's scores on the gate slice (see the module docstring),
+    called for this bundle and for the champion's downloaded copy. validation and
+    validation_key are recorded on the version (tags).
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -43,7 +76,6 @@ def register_bundle(
         client.get_registered_model(model_name)
     except MlflowException:
         client.create_registered_model(model_name, description="recsys model bundles (nightly)")
-    ours = float(validation[primary_metric])
     tags = {_metric_key(f"valid.{k}"): str(v) for k, v in validation.items()}
     tags["validation_key"] = validation_key
     mv = client.create_model_version(
@@ -54,46 +86,59 @@ def register_bundle(
     except MlflowException:
         champ = None
 
+    gate: dict[str, Any] = {"metric": primary_metric, "margin_se": margin_se}
     if champ is None:
         promote, reason = True, f"no {ALIAS} yet: version {mv.version} becomes {ALIAS}"
-        theirs = None
     else:
-        theirs = None
-        if champ.tags.get("validation_key") == validation_key:
-            theirs = float(champ.tags.get(_metric_key(f"valid.{primary_metric}"), "nan"))
-            how = "its recorded validation metrics"
-        else:
-            try:
-                path = mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"models:/{model_name}/{champ.version}", tracking_uri=tracking_uri
-                )
-                theirs = float(evaluate_champion(path)[primary_metric])
-                how = "re-scored on this run's validation data"
-            except Exception as e:  # an unreadable champion must not block a new, valid model
-                logger.warning("could not evaluate the champion: %s", e)
-                how = f"the champion could not be evaluated ({type(e).__name__}: {e})"
-        if theirs is None or theirs != theirs:  # missing or NaN
-            promote = True
-            reason = f"version {mv.version} becomes {ALIAS}: {how}"
-        else:
-            promote = ours >= theirs - 1e-12
-            verb = "becomes" if promote else "does not become"
-            cmp = ">=" if promote else "<"
-            reason = (
-                f"version {mv.version} {verb} {ALIAS}: validation {primary_metric} {ours:.4f} "
-                f"{cmp} {ALIAS} version {champ.version}'s {theirs:.4f} ({how})"
+        ours = theirs = None
+        try:
+            ours = gate_scores(str(bundle_dir))
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{model_name}/{champ.version}", tracking_uri=tracking_uri
             )
+            theirs = gate_scores(path)
+        except Exception as e:  # fail closed: the champion keeps the alias
+            who = "this version" if ours is None else f"{ALIAS} version {champ.version}"
+            logger.warning("could not score %s on the gate slice: %s", who, e)
+            promote = False
+            reason = (
+                f"version {mv.version} does not become {ALIAS}: {who} could not be scored on "
+                f"the gate slice ({type(e).__name__}: {e}), so version {champ.version} stays "
+                f"{ALIAS}; to promote anyway, set the alias by hand (MlflowClient()."
+                f"set_registered_model_alias({model_name!r}, {ALIAS!r}, {mv.version}))"
+            )
+        if ours is not None and theirs is not None:
+            gate.update(gate_decision(ours, theirs, primary_metric, margin_se))
+            promote = gate["promote"]
+            diff, se = gate["diff"], gate["se"]
+            why = (
+                f"{primary_metric} {diff:+.4f} (se {se:.4f}) over {ALIAS} version "
+                f"{champ.version} on {gate['n_impressions']} gate impressions"
+            )
+            if promote:
+                reason = f"version {mv.version} becomes {ALIAS}: {why}, > {margin_se:g} se"
+            else:
+                reason = (
+                    f"version {mv.version} does not become {ALIAS}: {why}, not > "
+                    f"{margin_se:g} se ({'worse' if diff < 0 else 'within the noise'})"
+                )
+    gate.update({"promoted": promote, "reason": reason})
     if promote:
         client.set_registered_model_alias(model_name, ALIAS, mv.version)
     client.set_model_version_tag(model_name, mv.version, "decision", reason)
     client.set_model_version_tag(model_name, mv.version, "promoted", str(promote).lower())
+    numbers = {k: gate[k] for k in ("diff", "se", "n_impressions") if k in gate}
+    for k, v in numbers.items():
+        client.set_model_version_tag(model_name, mv.version, f"gate.{k}", str(v))
+    client.set_tag(run_id, "gate.promoted", str(promote).lower())
+    client.log_dict(run_id, {"version": str(mv.version), **gate}, "gate.json")
     return {
         "model_name": model_name,
         "version": str(mv.version),
         "promoted": promote,
         "reason": reason,
         "metric": primary_metric,
-        "value": ours,
-        "champion_value": theirs,
+        "value": float(validation[primary_metric]),
+        "gate": gate,
         "previous_champion": None if champ is None else str(champ.version),
     }

@@ -618,7 +618,8 @@ def run_nightly(
                 validation=result.validation,
                 validation_key=f"{data_fp}:{st_split.fingerprint}",
                 primary_metric=cfg.tracking.primary_metric,
-                evaluate_champion=lambda path: evaluate_on_split(path, data, imp, "valid"),
+                gate_scores=lambda path: gate_scores(path, data, imp, spec.refresh),
+                margin_se=cfg.tracking.promote_margin_se,
             )
             tracker.set_tags({"champion_decision": result.registry.get("reason", "")[:5000]})
             write_json(result.registry, run_dir / "registry.json")
@@ -794,18 +795,20 @@ def ranked_lists(
     return recs, res.short
 
 
-def evaluate_on_split(
-    bundle_path: str | os.PathLike[str], data: Dataset, imp: pl.DataFrame, split: str
-) -> dict[str, float]:
-    """Metrics of a bundle's ranker on one split of `imp` (features point in time)."""
+def gate_scores(
+    bundle_path: str | os.PathLike[str], data: Dataset, imp: pl.DataFrame, refresh: str
+) -> pl.DataFrame:
+    """A bundle's ranker scores on the promotion gate's slice, the test split of `imp`
+    (impression_id, clicked, score), with features at freshness `refresh` whatever the bundle
+    was trained for, so that champion and challenger are compared as they would be served."""
     bundle = Bundle.load(bundle_path)
-    rows = imp.filter(pl.col("split") == split)
+    spec = dataclasses.replace(bundle.spec, refresh=refresh)
+    rows = imp.filter(pl.col("split") == "test")
     frame = point_in_time_frame(
-        bundle.spec, _requests(rows), data, bundle.vectors if bundle.spec.use_semantic else None
+        spec, _requests(rows), data, bundle.vectors if spec.use_semantic else None
     )
-    scores = bundle.ranker.predict(matrix(frame, bundle.spec.columns))
-    df = rows.select("impression_id", "clicked").with_columns(pl.Series("score", scores))
-    return impression_metrics(df)
+    scores = bundle.ranker.predict(matrix(frame, spec.columns))
+    return rows.select("impression_id", "clicked").with_columns(pl.Series("score", scores))
 
 
 def evaluate_bundle(

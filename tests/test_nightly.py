@@ -137,6 +137,13 @@ def test_mlflow_run_and_champion(reference, data_dir):
     )
     assert worse.registry["promoted"] is False, worse.registry
     assert "does not become champion" in worse.registry["reason"]
+    assert worse.registry["gate"]["diff"] < 0 and "worse" in worse.registry["reason"]
+    # The same data and config again: the same model, within the noise, also refused.
+    again = run_nightly(
+        data_dir, data_dir.parent / "again", config=_config(), tracking_uri=uri, log=lambda s: None
+    )
+    assert again.registry["promoted"] is False, again.registry
+    assert again.registry["gate"]["diff"] == 0 and "within the noise" in again.registry["reason"]
     assert str(client.get_model_version_by_alias("recsys", "champion").version) == str(
         champ.version
     )
