@@ -31,6 +31,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -251,11 +252,21 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 # --------------------------------------------------------------------------- middleware
 
 
+def _request_id(scope: Scope) -> str:
+    """The client's X-Request-ID (printable, at most 128 characters), else a new one."""
+    given = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), b"")
+    text = given.decode("latin-1")
+    if 0 < len(text) <= 128 and text.isprintable():
+        return text
+    return uuid.uuid4().hex
+
+
 class EdgeMiddleware:
     """Body size limit (413 before the app reads it), per-route metrics, a Server-Timing
     header (`app;dur=<ms>`: time from receiving the request to the response start) and the
-    catch-all for bugs: an unexpected exception is logged with its trace, counted, and
-    answered with a 500 JSON message that carries no trace (the connection stays usable)."""
+    catch-all for bugs: an unexpected exception is logged with its trace and the request id,
+    counted, and answered with a 503 JSON message that carries the id but no trace (the
+    connection stays usable). Every response carries X-Request-ID (the client's, else new)."""
 
     def __init__(self, app: Any, metrics: Metrics, max_body_bytes: int, paths: set[str]) -> None:
         self.app = app
@@ -264,16 +275,13 @@ class EdgeMiddleware:
         self.paths = paths  # route paths, to label requests refused before routing
 
     @staticmethod
-    async def _send_error(send: Send, status: int, message: str) -> None:
+    async def _send_error(send: Send, status: int, message: str, request_id: str = "") -> None:
         body = json.dumps({"error": message, "detail": []}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())],
-            }
-        )  # fmt: skip
+        headers = [(b"content-type", b"application/json"),
+                   (b"content-length", str(len(body)).encode())]  # fmt: skip
+        if request_id:
+            headers.append((b"x-request-id", request_id.encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     async def _too_large(self, send: Send) -> None:
@@ -292,6 +300,7 @@ class EdgeMiddleware:
         status = 500
         started = False
         method = scope.get("method", "GET")
+        request_id = _request_id(scope)
 
         def label() -> str:
             route = scope.get("route")
@@ -338,6 +347,7 @@ class EdgeMiddleware:
                     message["headers"] = [
                         *message.get("headers", ()),
                         (b"server-timing", f"app;dur={ms:.3f}".encode()),
+                        (b"x-request-id", request_id.encode()),
                     ]
                 await send(message)
 
@@ -345,14 +355,19 @@ class EdgeMiddleware:
                 await self.app(scope, receive, timed_send)
             except Exception as exc:
                 self.metrics.unhandled_error()
-                logger.exception("unhandled error on %s %s", method, scope.get("path"))
+                logger.exception(
+                    "unhandled error on %s %s (request id %s)", method, scope.get("path"),
+                    request_id,
+                )  # fmt: skip
                 if started:
                     raise  # too late for a clean answer; the server closes the connection
-                status = 500
+                status = 503
                 await self._send_error(
                     send,
-                    500,
-                    f"internal error ({type(exc).__name__}); it was logged, please report it",
+                    503,
+                    f"internal error ({type(exc).__name__}), logged with request id {request_id}; "
+                    "retry, and report it with that id if it persists",
+                    request_id,
                 )
         finally:
             self.metrics.observe(label(), method, status, time.perf_counter() - t0)
@@ -424,8 +439,8 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
             if any(i.item_id in needed and i.item_id not in model.vectors.index
                    for i in body.items):  # fmt: skip
                 new = await run_in_threadpool(model.embed, body.items, needed)
-        try:
-            return _json(model.rank(body, new))
+        try:  # features, LightGBM and explanations off the event loop (health stays live)
+            return _json(await run_in_threadpool(model.rank, body, new))
         except ConfigError as e:  # a rule names an unknown item or category
             return _error(422, str(e))
 
@@ -456,7 +471,7 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
         model = _model(request)
         asks = (exclude_items, exclude_categories, max_per_category, diversity)
         if all(a is None for a in asks):  # the list as the nightly made it
-            return _json(model.recommendations(user_id, k))
+            return _json(await run_in_threadpool(model.recommendations, user_id, k))
         try:
             rules = model.request_rules(
                 exclude_items=exclude_items or (), exclude_categories=exclude_categories or (),
@@ -464,7 +479,7 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
             )  # fmt: skip
         except ConfigError as e:
             return _error(422, str(e))
-        return _json(model.recommendations(user_id, k, rules))
+        return _json(await run_in_threadpool(model.recommendations, user_id, k, rules))
 
     @app.get("/healthz", response_model=Health, response_model_exclude_none=True,
              tags=["operations"])  # fmt: skip

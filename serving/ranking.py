@@ -16,6 +16,7 @@ on many random requests; a difference refuses the bundle rather than serving ske
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -176,6 +177,7 @@ class ServingModel:
         self.categories = set(self.item_category.values())
         self.rules = ListRules.from_dict(bundle.manifest.get("lists", {}).get("rules", {}))
         self.encoder: Any = bundle.encoder("int8") if preload_encoder else None
+        self._encoder_lock = threading.Lock()
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, *, preload_encoder: bool = True) -> ServingModel:
@@ -296,6 +298,14 @@ class ServingModel:
         (Threads: the server caps OpenMP at one per worker, see serving/app.py.)"""
         return self.bundle.ranker.predict(x)
 
+    def text_encoder(self) -> Any:
+        """The bundle's int8 encoder, loaded on first use by one thread (requests run on a
+        thread pool: two first requests must not both load it)."""
+        with self._encoder_lock:
+            if self.encoder is None:
+                self.encoder = self.bundle.encoder("int8")
+            return self.encoder
+
     def embed(self, items: Sequence[ItemText], needed: set[str]) -> NewItems | None:
         """Vectors of the `items` the bundle has no vector for and that `needed` names.
 
@@ -306,7 +316,7 @@ class ServingModel:
             return None
         from recsys.encoder import item_texts
 
-        encoder = self.encoder if self.encoder is not None else self.bundle.encoder("int8")
+        encoder = self.text_encoder()
         frame = pl.DataFrame(
             [i.model_dump() for i in todo],
             schema={c: pl.String for c in ("item_id", "title", "description", "category",

@@ -734,16 +734,54 @@ def test_corrupt_bundle_keeps_the_old_one(server, corrupt_bundle, tmp_path, clie
 
 
 @pytest.mark.slow
-def test_unexpected_error_is_a_500_without_trace(server, monkeypatch, client):
+def test_unexpected_error_is_a_503_with_request_id_without_trace(
+    server, monkeypatch, client, caplog
+):
     def boom(*a: Any, **k: Any) -> Any:
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(server.state.model, "rank", boom)
-    r = client.post(f"{server.url}/v1/rank", json={"candidates": ["a"], "history": ["b"]})
-    assert r.status_code == 500
+    r = client.post(f"{server.url}/v1/rank", json={"candidates": ["a"], "history": ["b"]},
+                    headers={"X-Request-ID": "req-42"})  # fmt: skip
+    assert r.status_code == 503 and r.headers["x-request-id"] == "req-42"
     err = _error_body(r)["error"]
-    assert "RuntimeError" in err and "secret internals" not in err
+    assert "RuntimeError" in err and "req-42" in err and "secret internals" not in err
+    assert any("req-42" in rec.getMessage() for rec in caplog.records)  # the log line has it
     assert "recsys_unhandled_errors_total 1" in client.get(f"{server.url}/metrics").text
+    ok = client.get(f"{server.url}/healthz")  # a fresh id on every response
+    assert len(ok.headers["x-request-id"]) == 32 and ok.headers["x-request-id"] != "req-42"
+
+
+@pytest.mark.slow
+def test_health_answers_while_a_rank_request_is_busy(server, monkeypatch, client):
+    """Ranking runs off the event loop: a rank request stuck in its computation does not hold
+    up /healthz (on the loop, the health request would wait for it)."""
+    import threading
+
+    busy, release = threading.Event(), threading.Event()
+    real = server.state.model.rank
+
+    def slow_rank(*a: Any, **k: Any) -> Any:
+        busy.set()
+        release.wait(30)
+        return real(*a, **k)
+
+    monkeypatch.setattr(server.state.model, "rank", slow_rank)
+    a, b = (str(i) for i in server.state.model.popular_ids[:2])
+    body = {"candidates": [a], "history": [b]}
+    result: dict[str, Any] = {}
+    t = threading.Thread(
+        target=lambda: result.update(r=httpx.post(f"{server.url}/v1/rank", json=body, timeout=60))
+    )
+    t.start()
+    try:
+        assert busy.wait(30), "the rank request never started"
+        health = client.get(f"{server.url}/healthz", timeout=10)
+        assert health.status_code == 200 and not release.is_set()
+    finally:
+        release.set()
+        t.join(60)
+    assert result["r"].status_code == 200, result["r"].text
 
 
 @pytest.mark.slow
