@@ -1,10 +1,10 @@
 """Load benchmark of the ranking API: `recsys serve` in a subprocess, driven from another process.
 
-    .venv/bin/python -m experiments.bench_api --bundle /tmp/serve-demo/run/bundle/bundle \
+    .venv/bin/python -m experiments.bench_api --bundle /tmp/serve-demo/run/bundles/current \
         [--seconds 30] [--rates 250,500,1000,1500] [--workers 2] [--candidates 100]
 
 Build the bundle first with `recsys demo --out /tmp/serve-demo` (the bundle folder is
-RUN/bundle/bundle, here /tmp/serve-demo/run/bundle/bundle). The server listens on 127.0.0.1
+RUN/bundles/current, here /tmp/serve-demo/run/bundles/current). The server listens on 127.0.0.1
 only. Each step offers POST /v1/rank at a fixed rate (open loop: requests are scheduled 1/rate
 apart and timed from their scheduled start, so a server that falls behind shows it in the
 latency) over `--connections` keep-alive connections; a last step (`max`) sends as fast as the
@@ -269,7 +269,7 @@ def _step_quantiles(before: list[tuple[float, int]], after: list[tuple[float, in
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--bundle", type=Path, default=Path("/tmp/serve-demo/run/bundle/bundle"))
+    p.add_argument("--bundle", type=Path, default=Path("/tmp/serve-demo/run/bundles/current"))
     p.add_argument("--seconds", type=float, default=30.0, help="per load step")
     p.add_argument("--rates", default="250,500,1000,1500", help="req/s per step; then `max`")
     p.add_argument("--no-max", action="store_true", help="skip the closed-loop max step")
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.bundle / "manifest.json").is_file():
         raise SystemExit(
             f"{args.bundle}: not a model bundle; build one with "
-            "`recsys demo --out /tmp/serve-demo` (bundle: /tmp/serve-demo/run/bundle/bundle)"
+            "`recsys demo --out /tmp/serve-demo` (bundle: /tmp/serve-demo/run/bundles/current)"
         )
     port = args.port or _free_port()
     bodies = request_bodies(args.bundle, 500, args.candidates)

@@ -72,6 +72,8 @@ class PipelineConfig:
     # on the rest, so no ranker row has semantic features from an encoder fitted on it.
     encoder_fraction: float = 0.5
     refit: bool = True  # after early stopping, retrain the ranker on train + validation
+    # published bundle versions kept in RUN_DIR/bundles (RUN_DIR/bundles/current: the newest)
+    keep_bundles: int = 3
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -89,7 +91,7 @@ class PipelineConfig:
                 f"pipeline.sampled_popular_share must be in [0, 1], got "
                 f"{self.sampled_popular_share}"
             )
-        for name in ("top_n", "max_history", "sampled_negatives", "ann_min_items"):
+        for name in ("top_n", "max_history", "sampled_negatives", "ann_min_items", "keep_bundles"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"pipeline.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("k_semantic", "k_cooccurrence", "k_popular", "k_category", "k_fresh"):

@@ -9,12 +9,14 @@ polars/LightGBM stages run in process, where they already use every core of the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,7 +34,7 @@ from recsys.data import Dataset, dataset_fingerprint, read_dataset, validate_dat
 from recsys.data.schema import IMPRESSIONS, INTERACTIONS, ITEMS, TS
 from recsys.errors import ConfigError, DataError
 from recsys.featurize import ONLINE, FeatureSpec, matrix, point_in_time_frame, semantic_only
-from recsys.io import write_json, write_parquet
+from recsys.io import CURRENT, publish_version, write_json, write_parquet
 from recsys.lists import (
     baseline_lists,
     build_lists,
@@ -130,6 +132,26 @@ def _before(data: Dataset, t: datetime) -> Dataset:
     return Dataset(data.items, inter, imp)
 
 
+@contextlib.contextmanager
+def _run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold RUN_DIR/.nightly.lock for the run: a second nightly on the same run folder is
+    refused at once (two runs would clear each other's temporary folders)."""
+    import filelock
+
+    lock = filelock.FileLock(run_dir / ".nightly.lock")
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise ConfigError(
+            f"another nightly is running in {run_dir} (it holds {lock.lock_file}); wait for it "
+            "to finish, or give this one another --out"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _dir_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
@@ -172,7 +194,7 @@ def run_nightly(
     else:
         uri = ""
         tracker_cm = _null_cm()
-    with tracker_cm as tracker:
+    with _run_lock(run_dir), tracker_cm as tracker:
         tracker.log_params(
             {**cfg.to_params(), "data_dir": str(data_dir), "split_at": str(split_at)}
         )
@@ -581,10 +603,17 @@ def run_nightly(
             do_lists,
         )
         recs_path = run_dir / "recommendations.parquet"
-        for target in (recs_path, bundle_dir / "recommendations.parquet"):
-            tmp = target.with_name(f".{target.name}.tmp")
-            shutil.copy2(st_lists.path / "recommendations.parquet", tmp)
-            os.replace(tmp, target)
+        tmp = recs_path.with_name(f".{recs_path.name}.tmp")
+        shutil.copy2(st_lists.path / "recommendations.parquet", tmp)
+        os.replace(tmp, recs_path)
+
+        def fill_version(folder: Path) -> None:  # the bundle with its lists, never edited again
+            shutil.copytree(bundle_dir, folder, dirs_exist_ok=True)
+            shutil.copy2(st_lists.path / "recommendations.parquet", folder)
+
+        version = f"{st_bundle.summary['model_version']}-{st_lists.fingerprint[:8]}"
+        bundle_dir = publish_version(fill_version, run_dir / "bundles", version, pc.keep_bundles)
+        log(f"[publish] {bundle_dir.name}: {run_dir / 'bundles' / CURRENT} points at it")
 
         # 10. tracking and registry -----------------------------------------
         result = NightlyResult(

@@ -96,3 +96,73 @@ def file_digest(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
 def json_digest(obj: Any) -> str:
     """SHA-256 of the canonical JSON form of `obj` (sorted keys)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fsync_tree(path: str | os.PathLike[str]) -> None:
+    """Flush every file under `path`, then every folder (deepest first) and `path` itself, so
+    that what a rename or a pointer flip publishes is on disk first."""
+    root = Path(path)
+    dirs = [root]
+    for p in sorted(root.rglob("*")):
+        if p.is_symlink():
+            continue
+        if p.is_dir():
+            dirs.append(p)
+        else:
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+        _fsync_dir(d)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+CURRENT = "current"
+
+
+def publish_version(build: Any, versions_dir: str | os.PathLike[str], name: str, keep: int) -> Path:
+    """Publish an immutable version folder `versions_dir/name` and point `versions_dir/current`
+    at it.
+
+    build(folder): fills an empty temporary folder with the version's files. The folder is
+    fsynced and renamed to `name` (an existing `name` is the same version: it is kept as it is
+    and `build` is not called), then the `current` symlink is replaced in one rename, so a
+    reader that resolves `current` always finds a complete version. The `keep` newest versions
+    (by publication) stay, older ones are deleted; `current`'s target is never deleted.
+    Returns the version folder.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    root = Path(versions_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / name
+    if not target.is_dir():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
+        try:
+            build(tmp)
+            fsync_tree(tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    os.utime(target)  # publication order, for pruning
+    link = root / f".{CURRENT}.{os.getpid()}.tmp"
+    link.unlink(missing_ok=True)
+    os.symlink(name, link)
+    os.replace(link, root / CURRENT)
+    _fsync_dir(root)
+    versions = sorted(
+        (p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and p.name[0] != "."),
+        key=lambda p: p.stat().st_mtime_ns,
+        reverse=True,
+    )
+    for old in versions[keep:]:
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return target

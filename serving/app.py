@@ -13,8 +13,9 @@ Routes
                                         one, then swaps one reference (off without a token)
 
 Every error is compact JSON `{"error": "...", "detail": [{"loc", "msg"}]}`: 4xx saying what to
-fix for bad input, 413 above RECSYS_MAX_BODY_BYTES, 503 before a bundle is loaded, and a 500
-without a trace (counted in `recsys_unhandled_errors_total`) for bugs.
+fix for bad input, 413 above RECSYS_MAX_BODY_BYTES, 503 before a bundle is loaded, and a 503
+without a trace but with the request id (logged with it, counted in
+`recsys_unhandled_errors_total`) for bugs. Ranking runs on a thread pool, off the event loop.
 
 A request reads the model reference once and uses that object to the end, so a reload never
 changes the model under a request in flight; the old model is freed when the last one finishes.
@@ -88,7 +89,9 @@ def resolve_source(source: str, tracking_uri: str | None = None) -> Path:
     The registry is looked up at `tracking_uri` (None: MLflow's default). Download errors
     become a `DataError`."""
     if "://" not in source and not source.startswith(("models:/", "runs:/")):
-        return Path(source)
+        # Resolved once: through RUN_DIR/bundles/current, a load reads one published version
+        # even if the nightly flips the pointer meanwhile.
+        return Path(source).resolve()
     try:
         return Path(_download(source, tracking_uri))
     except Exception as e:
@@ -546,7 +549,7 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
                 metrics.reload(ok=False)
                 logger.exception("reload of %s failed", source)
                 return _error(
-                    500, f"reload failed ({type(e).__name__}: {e}), still serving {previous}"
+                    503, f"reload failed ({type(e).__name__}: {e}), still serving {previous}"
                 )
             state.swap(new, source)
             metrics.reload(ok=True)

@@ -289,3 +289,37 @@ def test_read_dataset_unreadable_or_mistyped_file_names_it(tmp_path: Path) -> No
     pl.DataFrame({"item_id": ["a"]}).write_parquet(tmp_path / "items.parquet")
     with pytest.raises(DataError, match=r"missing required column\(s\) \['title'\]"):
         read_dataset(tmp_path)
+
+
+def test_publish_version_flips_current_and_keeps_the_newest(tmp_path: Path) -> None:
+    from recsys.io import publish_version
+
+    root = tmp_path / "bundles"
+    calls: list[str] = []
+
+    def build(text: str):
+        def fill(folder: Path) -> None:
+            calls.append(text)
+            (folder / "sub").mkdir()
+            (folder / "sub" / "file.txt").write_text(text)
+
+        return fill
+
+    for name in ("v1", "v2", "v3"):
+        out = publish_version(build(name), root, name, keep=2)
+        assert out == root / name and (root / "current").resolve() == out.resolve()
+        assert (root / "current" / "sub" / "file.txt").read_text() == name
+    assert sorted(p.name for p in root.iterdir()) == ["current", "v2", "v3"]  # v1 pruned
+    # the same name again is the same version: reused, not rebuilt; current moves back to it
+    publish_version(build("other"), root, "v2", keep=2)
+    assert calls == ["v1", "v2", "v3"] and (root / "current").resolve() == (root / "v2").resolve()
+
+    # a failing build leaves no folder behind and current where it was
+    def broken(folder: Path) -> None:
+        (folder / "half").write_text("x")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        publish_version(broken, root, "v4", keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["current", "v2", "v3"]
+    assert (root / "current").resolve() == (root / "v2").resolve()

@@ -112,6 +112,10 @@ def test_outputs_and_known_answer(reference):
     cost = json.loads((result.run_dir / "cost.json").read_text())
     assert cost["trainable_params"] < 0.01 * cost["total_params"]
     assert cost["items_embedded"] + cost["items_reused"] == GEN.n_items
+    # the published bundle: RUN_DIR/bundles/current -> an immutable version holding the lists
+    current = result.run_dir / "bundles" / "current"
+    assert current.is_symlink() and current.resolve() == Path(result.bundle_dir).resolve()
+    assert pl.read_parquet(current / "recommendations.parquet").equals(recs)
 
 
 @pytest.mark.slow
@@ -212,6 +216,17 @@ def test_rule_naming_an_unknown_category_fails_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match=r"config \[rules\].*no-such-category"):
         run_nightly(tmp_path / "d", tmp_path / "r", config=cfg, log=lambda s: None)
     assert not (tmp_path / "r" / "finetune").exists()
+
+
+def test_a_second_run_on_a_busy_run_folder_is_refused(tmp_path):
+    import filelock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    busy = filelock.FileLock(out / ".nightly.lock")  # as a run in progress holds it
+    with busy, pytest.raises(ConfigError, match="another nightly is running"):
+        run_nightly(tmp_path / "no-data", out, config=_config(), log=lambda s: None)
+    assert not [p for p in out.iterdir() if p.name != ".nightly.lock"]  # nothing started
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
