@@ -8,16 +8,20 @@ Ray (none at all: Ray is not even started), and each distinct text among them go
 variants share a text: half of H&M's articles). Items gone from the catalogue are dropped. The
 file is replaced atomically.
 
-Actors: one per GPU when Ray sees GPUs (fp16 unless `EncoderConfig.quantize` says otherwise),
-else CPU actors with the CPU form ("auto" = int8), each using its share of the CPUs as torch
-threads. The job's own logic (what to embed, assembling the table) is `recsys.encoder.vectors`.
+Actors: one per GPU when Ray sees GPUs ("auto" = fp16), else CPU actors ("auto" = int8), each
+using its share of one node's CPUs as torch threads; the texts are split into enough blocks for
+every actor. A configured form the device cannot compute (int8 on CUDA, fp16 on CPU) is refused.
+The vectors' `encoder_id` names the encoder and the form (`<encoder id>+cpu-int8`), so vectors
+of different forms never mix under one id. The job's own logic (what to embed, assembling the
+table) is `recsys.encoder.vectors`.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,7 @@ import numpy as np
 import polars as pl
 import ray
 
-from pipelines.ray_utils import cluster_cpus, cluster_gpus, init_ray, quiet_ray_data
+from pipelines.ray_utils import cluster_cpus, cluster_gpus, init_ray, node_cpus, quiet_ray_data
 from recsys.encoder import EncoderConfig, encoder_id_for
 from recsys.encoder.vectors import (
     EmbedPlan,
@@ -58,6 +62,7 @@ class EmbedReport:
     out_path: Path
     actors: int = 0
     distinct_texts: int = 0
+    texts_per_actor: dict[str, int] = field(default_factory=dict)  # "node:pid" -> texts
 
 
 class EmbedActor:
@@ -93,14 +98,39 @@ class EmbedActor:
                 f"(id {self.encoder.encoder_id[:12]}, expected {expected_id[:12]})"
             )
         self.batch_size = batch_size
+        self.name = f"{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         vectors = self.encoder.embed([str(t) for t in batch["text"]], batch_size=self.batch_size)
-        return {"text_hash": batch["text_hash"], "vector": vectors}
+        who = np.full(len(vectors), self.name)  # which actor did it (the job's report)
+        return {"text_hash": batch["text_hash"], "vector": vectors, "actor": who}
 
 
 def _previous(out_path: Path) -> pl.DataFrame | None:
     return read_item_vectors(out_path) if out_path.is_file() else None
+
+
+def vector_form(quantize: str, gpus: int) -> str:
+    """The device class and numeric form vectors get: "cpu-int8", "cuda-fp16", "cpu-fp32"...
+
+    A configured form the device cannot compute is refused (ConfigError), never swapped."""
+    import torch
+
+    from recsys.encoder.model import resolve_precision
+
+    device = "cuda" if gpus else "cpu"
+    return f"{device}-{resolve_precision(quantize, torch.device(device))}"
+
+
+def _cluster_gpus(ray_address: str | None) -> int:
+    """GPUs the embedding would run on, without starting a local Ray to ask (a local Ray sees
+    this machine's GPUs)."""
+    if ray_address is None and not ray.is_initialized():
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    init_ray(ray_address)
+    return cluster_gpus()
 
 
 def _embed_on_ray(
@@ -108,41 +138,48 @@ def _embed_on_ray(
     encoder_path: str | None,
     config: EncoderConfig,
     encoder_id: str,
+    vector_id: str,
     num_actors: int | None,
-) -> tuple[pl.DataFrame, str, int]:
-    """(fresh vectors table, device description, actors) for `plan.todo` on the Ray cluster.
+) -> tuple[pl.DataFrame, str, int, dict[str, int]]:
+    """(fresh vectors table, device description, actors, texts embedded per actor) for
+    `plan.todo` on the Ray cluster.
 
     Only distinct texts travel (keyed by text hash); items sharing a text share its vector.
+    The texts are split into at least 4 blocks per actor, so every actor of the pool gets work.
     """
     gpus = cluster_gpus()
+    form = vector_id.rsplit("+", 1)[-1]
     if gpus:
         actors = num_actors or gpus
         num_gpus, num_cpus, threads = 1, 1, 1
-        quantize = "fp16" if config.quantize in ("auto", "int8") else config.quantize
-        device = f"cuda x{actors} ({quantize})"
+        device = f"cuda x{actors} ({form})"
     else:
         cpus = cluster_cpus()
         actors = num_actors or max(1, cpus // 4)  # a few threads per actor beats many actors
-        threads = max(1, cpus // actors)
+        threads = max(1, min(node_cpus(), cpus // actors))
         num_gpus, num_cpus = 0, threads
-        quantize = "int8" if config.quantize in ("auto", "fp16") else config.quantize
-        device = f"cpu x{actors} ({'fp32' if quantize == 'none' else quantize})"
+        device = f"cpu x{actors} ({form})"
     todo = plan.todo.select("item_id", "text", "text_hash")
     distinct = todo.unique(subset="text_hash", keep="first", maintain_order=True)
     quiet_ray_data()
-    ds = ray.data.from_arrow(distinct.select("text_hash", "text").to_arrow())
+    blocks = min(distinct.height, max(4 * actors, math.ceil(distinct.height / RAY_BATCH)))
+    # Blocks cut here, not by a Ray repartition: its tasks would wait for CPUs the actors hold.
+    arrow = distinct.select("text_hash", "text").to_arrow()
+    size = math.ceil(arrow.num_rows / max(1, blocks))
+    ds = ray.data.from_arrow([arrow.slice(s, size) for s in range(0, arrow.num_rows, size)])
     out = ds.map_batches(
         EmbedActor,
         fn_constructor_kwargs={
             "encoder_path": encoder_path,
-            "quantize": quantize,
+            "quantize": config.quantize,
             "max_length": config.max_length,
             "template": config.template,
             "batch_size": config.batch_size,
             "threads": threads,
             "expected_id": encoder_id,
         },
-        batch_size=RAY_BATCH,
+        batch_size=min(RAY_BATCH, size),  # a block per call: bundling blocks up to a larger
+        # batch would hand a small catalogue to one actor
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=num_cpus,
@@ -150,18 +187,22 @@ def _embed_on_ray(
     )
     row_of: dict[str, int] = {}
     vectors: list[np.ndarray] = []
+    per_actor: dict[str, int] = {}
     returned = 0
     for batch in out.iter_batches(batch_format="numpy", batch_size=None):
         for h in batch["text_hash"]:
             row_of[str(h)] = returned
             returned += 1
         vectors.append(np.asarray(batch["vector"], dtype=np.float32))
+        for a in batch["actor"]:
+            per_actor[str(a)] = per_actor.get(str(a), 0) + 1
     hashes = todo["text_hash"].to_list()
     if not returned == len(row_of) == distinct.height or not row_of.keys() >= set(hashes):
         raise RuntimeError(f"embedding returned {returned} vectors for {distinct.height} texts")
     rows = np.fromiter((row_of[h] for h in hashes), dtype=np.int64, count=len(hashes))
     fresh = np.concatenate(vectors)[rows]
-    return vectors_frame(todo["item_id"].to_list(), fresh, hashes, encoder_id), device, actors
+    table = vectors_frame(todo["item_id"].to_list(), fresh, hashes, vector_id)
+    return table, device, actors, dict(sorted(per_actor.items()))
 
 
 def run_embed(
@@ -187,12 +228,18 @@ def run_embed(
     path = encoder_dir if encoder_dir is not None else config.model_path
     encoder_path = str(path) if path is not None else None
     encoder_id = encoder_id_for(encoder_path, config.max_length, config.template)
-    plan = plan_embedding(items, config.template, encoder_id, _previous(out))
+    # The vectors' identity: the encoder's and the form they are computed in, so vectors of
+    # another precision or device class are re-embedded, never mixed in.
+    vector_id = f"{encoder_id}+{vector_form(config.quantize, _cluster_gpus(ray_address))}"
+    plan = plan_embedding(items, config.template, vector_id, _previous(out))
     fresh, device, actors = empty_vectors(), "none (all reused)", 0
+    per_actor: dict[str, int] = {}
     distinct_texts = plan.todo["text_hash"].n_unique()
     if plan.todo.height:
         init_ray(ray_address)
-        fresh, device, actors = _embed_on_ray(plan, encoder_path, config, encoder_id, num_actors)
+        fresh, device, actors, per_actor = _embed_on_ray(
+            plan, encoder_path, config, encoder_id, vector_id, num_actors
+        )
     table = assemble(plan, fresh)
     write_parquet(table, out)
     return EmbedReport(
@@ -202,8 +249,9 @@ def run_embed(
         fallback_texts=plan.fallback_texts,
         seconds=time.perf_counter() - t0,
         device=device,
-        encoder_id=encoder_id,
+        encoder_id=vector_id,
         out_path=out,
         actors=actors,
         distinct_texts=distinct_texts,
+        texts_per_actor=per_actor,
     )

@@ -33,7 +33,7 @@ from typing import Any
 import ray
 import ray.train
 
-from pipelines.ray_utils import cluster_cpus, cluster_gpus, init_ray
+from pipelines.ray_utils import cluster_cpus, cluster_gpus, init_ray, node_cpus
 from recsys.data import Dataset
 from recsys.encoder import FinetuneConfig, default_model_path, save_encoder
 from recsys.encoder.finetune import prepare_examples
@@ -248,7 +248,7 @@ def run_finetune(
     init_ray(ray_address)
     gpus = cluster_gpus()
     workers = config.num_workers
-    threads = max(1, cluster_cpus() // workers) if not gpus else 1
+    threads = max(1, min(node_cpus(), cluster_cpus() // workers)) if not gpus else 1
     scaling = ray.train.ScalingConfig(
         num_workers=workers,
         use_gpu=gpus > 0,

@@ -28,8 +28,8 @@ def init_ray(
     """Make sure Ray is up; return True when this call started it.
 
     address: a Ray cluster ("ray://host:10001", "host:6379" or "auto"); None starts a local
-        Ray with `num_cpus` CPUs (default: min(2, os.cpu_count())) and a small object store,
-        without dashboard and without worker logs on the driver.
+        Ray with `num_cpus` CPUs (default: $RECSYS_RAY_CPUS, else every core) and a small
+        object store, without dashboard and without worker logs on the driver.
     """
     if ray.is_initialized():
         return False
@@ -44,7 +44,7 @@ def init_ray(
             ) from e
         return True
     ray.init(
-        num_cpus=num_cpus or min(2, os.cpu_count() or 1),
+        num_cpus=num_cpus or _local_cpus(),
         object_store_memory=object_store_memory,
         include_dashboard=False,
         log_to_driver=False,
@@ -54,6 +54,16 @@ def init_ray(
     return True
 
 
+def _local_cpus() -> int:
+    """CPUs for a local Ray: RECSYS_RAY_CPUS if set, else every core of the machine."""
+    raw = os.environ.get("RECSYS_RAY_CPUS", "").strip()
+    if not raw:
+        return os.cpu_count() or 1
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"RECSYS_RAY_CPUS must be a whole number >= 1, got {raw!r}")
+    return int(raw)
+
+
 def cluster_gpus() -> int:
     """Number of GPUs Ray sees in the cluster (0 on a CPU-only machine)."""
     return int(ray.cluster_resources().get("GPU", 0))
@@ -61,6 +71,13 @@ def cluster_gpus() -> int:
 
 def cluster_cpus() -> int:
     return int(ray.cluster_resources().get("CPU", 1))
+
+
+def node_cpus() -> int:
+    """CPUs of the largest alive node: what one worker or actor can be given (a request for
+    the cluster-wide total would never be scheduled on a multi-node cluster)."""
+    sizes = [int(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    return max([*sizes, 1])
 
 
 def device_name(gpus: int) -> str:

@@ -12,6 +12,7 @@ from test_finetune import topic_dataset
 
 from recsys.encoder import (
     DEFAULT_TEMPLATE,
+    EncoderConfig,
     FinetuneConfig,
     TextEncoder,
     embed_catalogue,
@@ -125,6 +126,32 @@ def test_embed_job_on_ray_is_incremental(tmp_path: Path, tiny_model_dir: Path, r
     assert ids4 == twins["item_id"].to_list()
     np.testing.assert_array_equal(v4[:12], v4[12:])
     np.testing.assert_allclose(v4[:12], v1, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_embed_job_gives_every_actor_work_and_names_the_form(
+    tmp_path: Path, tiny_model_dir: Path, ray_local
+) -> None:
+    from pipelines.embed import run_embed
+
+    out = tmp_path / "v.parquet"
+    items = catalogue(400).with_columns(pl.format("{} {}", "title", "item_id").alias("title"))
+    r = run_embed(items, tiny_model_dir, out, num_actors=2)
+    assert r.actors == 2 and sum(r.texts_per_actor.values()) == 400
+    assert len(r.texts_per_actor) == 2 and min(r.texts_per_actor.values()) > 0, r.texts_per_actor
+    form = "cuda-fp16" if torch.cuda.is_available() else "cpu-int8"
+    base = TextEncoder.load(tiny_model_dir).encoder_id
+    assert r.encoder_id == f"{base}+{form}"
+    assert read_item_vectors(out)["encoder_id"].unique().to_list() == [r.encoder_id]
+    # Another form is another identity: every vector is recomputed, none mixed in.
+    other = "none" if not torch.cuda.is_available() else "bf16"
+    r2 = run_embed(items, tiny_model_dir, out, config=EncoderConfig(quantize=other))
+    assert (r2.embedded, r2.reused) == (400, 0) and r2.encoder_id != r.encoder_id
+    # A form the device cannot compute is refused, not swapped.
+    wrong = "int8" if torch.cuda.is_available() else "fp16"
+    with pytest.raises(ConfigError, match="quantize"):
+        run_embed(catalogue(), tiny_model_dir, tmp_path / "w.parquet",
+                  config=EncoderConfig(quantize=wrong))  # fmt: skip
 
 
 @pytest.mark.slow
