@@ -607,8 +607,10 @@ def run_nightly(
         shutil.copy2(st_lists.path / "recommendations.parquet", tmp)
         os.replace(tmp, recs_path)
 
+        stage_bundle = bundle_dir
+
         def fill_version(folder: Path) -> None:  # the bundle with its lists, never edited again
-            shutil.copytree(bundle_dir, folder, dirs_exist_ok=True)
+            shutil.copytree(stage_bundle, folder, dirs_exist_ok=True)
             shutil.copy2(st_lists.path / "recommendations.parquet", folder)
 
         version = f"{st_bundle.summary['model_version']}-{st_lists.fingerprint[:8]}"
