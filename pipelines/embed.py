@@ -138,7 +138,7 @@ def _embed_on_ray(
     encoder_path: str | None,
     config: EncoderConfig,
     encoder_id: str,
-    vector_id: str,
+    form: str,
     num_actors: int | None,
 ) -> tuple[pl.DataFrame, str, int, dict[str, int]]:
     """(fresh vectors table, device description, actors, texts embedded per actor) for
@@ -148,7 +148,7 @@ def _embed_on_ray(
     The texts are split into at least 4 blocks per actor, so every actor of the pool gets work.
     """
     gpus = cluster_gpus()
-    form = vector_id.rsplit("+", 1)[-1]
+    vector_id = f"{encoder_id}+{form}"
     if gpus:
         actors = num_actors or gpus
         num_gpus, num_cpus, threads = 1, 1, 1
@@ -230,7 +230,8 @@ def run_embed(
     encoder_id = encoder_id_for(encoder_path, config.max_length, config.template)
     # The vectors' identity: the encoder's and the form they are computed in, so vectors of
     # another precision or device class are re-embedded, never mixed in.
-    vector_id = f"{encoder_id}+{vector_form(config.quantize, _cluster_gpus(ray_address))}"
+    form = vector_form(config.quantize, _cluster_gpus(ray_address))
+    vector_id = f"{encoder_id}+{form}"
     plan = plan_embedding(items, config.template, vector_id, _previous(out))
     fresh, device, actors = empty_vectors(), "none (all reused)", 0
     per_actor: dict[str, int] = {}
@@ -238,7 +239,7 @@ def run_embed(
     if plan.todo.height:
         init_ray(ray_address)
         fresh, device, actors, per_actor = _embed_on_ray(
-            plan, encoder_path, config, encoder_id, vector_id, num_actors
+            plan, encoder_path, config, encoder_id, form, num_actors
         )
     table = assemble(plan, fresh)
     write_parquet(table, out)

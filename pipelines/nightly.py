@@ -607,15 +607,13 @@ def run_nightly(
         shutil.copy2(st_lists.path / "recommendations.parquet", tmp)
         os.replace(tmp, recs_path)
 
-        stage_bundle = bundle_dir
-
         def fill_version(folder: Path) -> None:  # the bundle with its lists, never edited again
-            shutil.copytree(stage_bundle, folder, dirs_exist_ok=True)
+            shutil.copytree(bundle_dir, folder, dirs_exist_ok=True)
             shutil.copy2(st_lists.path / "recommendations.parquet", folder)
 
         version = f"{st_bundle.summary['model_version']}-{st_lists.fingerprint[:8]}"
-        bundle_dir = publish_version(fill_version, run_dir / "bundles", version, pc.keep_bundles)
-        log(f"[publish] {bundle_dir.name}: {run_dir / 'bundles' / CURRENT} points at it")
+        published = publish_version(fill_version, run_dir / "bundles", version, pc.keep_bundles)
+        log(f"[publish] {published.name}: {run_dir / 'bundles' / CURRENT} points at it")
 
         # 10. tracking and registry -----------------------------------------
         result = NightlyResult(
@@ -630,7 +628,7 @@ def run_nightly(
             versus=st_eval.summary.get("versus", ""),
             full_vs_behavioural=st_eval.summary.get("full_vs_behavioural", {}),
             finetune=st_ft.summary,
-            bundle_dir=bundle_dir,
+            bundle_dir=published,
             recommendations=recs_path,
             mlflow_run_id=tracker.run_id,
             tracking_uri=uri,
@@ -644,7 +642,7 @@ def run_nightly(
             result.registry = register_bundle(
                 uri,
                 cfg.tracking.model_name,
-                bundle_dir,
+                published,
                 run_id=tracker.run_id,
                 validation=result.validation,
                 validation_key=f"{data_fp}:{st_split.fingerprint}",

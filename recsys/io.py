@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +126,9 @@ def _fsync_dir(path: Path) -> None:
 CURRENT = "current"
 
 
-def publish_version(build: Any, versions_dir: str | os.PathLike[str], name: str, keep: int) -> Path:
+def publish_version(
+    build: Callable[[Path], None], versions_dir: str | os.PathLike[str], name: str, keep: int
+) -> Path:
     """Publish an immutable version folder `versions_dir/name` and point `versions_dir/current`
     at it.
 
