@@ -116,6 +116,7 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         epochs.append(
             {
                 "epoch": m["epoch"],
+                "phase": m.get("phase", "adapter"),
                 "loss": m["loss"],
                 "steps": m["steps"],
                 "train_seconds": m["seconds"],
@@ -123,6 +124,12 @@ def _train_loop(cfg: dict[str, Any]) -> None:
                 **({"val_auc": m["val_score"]} if "val_score" in m else {}),
             }
         )
+        if progress is not None and progress.lines is not None:
+            val = f"  val_auc {m['val_score']:.4f}" if "val_score" in m else ""
+            progress.lines.put_nowait(
+                f"[finetune] epoch {m['epoch']} ({m.get('phase', 'adapter')})  "
+                f"loss {m['loss']:.4f}{val}  {m['seconds']:.0f} s"
+            )
 
     result = fit(
         wrapped,

@@ -168,21 +168,32 @@ def test_finetune_job_on_ray_train(tmp_path: Path, tiny_model_dir: Path, ray_loc
         val_fraction=0.2,
         history_grad=True,
         target_modules=("query", "value"),
+        head_epochs=2,
+        patience=None,
     )
     seen: list[dict] = []
+    lines: list[str] = []
     report = run_finetune(
-        topic_dataset(), tmp_path / "enc", cfg, base_model=tiny_model_dir, on_epoch=seen.append
-    )
-    assert [m["epoch"] for m in seen] == [1, 2] and len(report.losses) == 2
-    assert len(report.val_scores) == 3 and report.best_epoch >= 1 and not report.fell_back
+        topic_dataset(), tmp_path / "enc", cfg, base_model=tiny_model_dir, on_epoch=seen.append,
+        log=lines.append,
+    )  # fmt: skip
+    # the head's 2 epochs, then the adapter's 2, numbered on
+    assert [(m["epoch"], m["phase"]) for m in seen] == [
+        (1, "head"), (2, "head"), (3, "adapter"), (4, "adapter")
+    ]  # fmt: skip
+    assert len(report.losses) == 4
+    assert len(report.val_scores) == 5 and report.best_epoch >= 1 and not report.fell_back
     assert report.val_scores[report.best_epoch] == max(report.val_scores)
     assert report.peak_rss_mb > 0
-    assert len(report.step_losses) == 24
+    assert sum(len(m["step_losses"]) for m in report.epochs if m["phase"] == "adapter") == 24
+    assert any("epoch 1 (head)" in line for line in lines)  # per-epoch progress on the driver
     assert report.device == ("cuda x1" if torch.cuda.is_available() else "cpu x1")
     assert report.val_metrics["val_auc"] > 0.9 and 0 < report.val_metrics["val_mrr"] <= 1
-    assert report.trainable_params == 2 * 2 * (4 * 32 + 32 * 4) < report.total_params
+    # the adapter: 2 layers x (query, value) x (A: 4x32 + B: 32x4); the head: 32 x 32
+    assert report.trainable_params == 2 * 2 * (4 * 32 + 32 * 4) + 32 * 32 < report.total_params
     manifest = read_manifest(report.encoder_dir)
     assert manifest["method"] == "lora" and (report.encoder_dir / "adapter").is_dir()
+    assert (report.encoder_dir / "adapter" / "head.safetensors").is_file()
     # Downstream: the embed job takes the encoder directory.
     r = run_embed(catalogue(), report.encoder_dir, tmp_path / "v.parquet")
     base_id = TextEncoder.load(tiny_model_dir).encoder_id
@@ -198,7 +209,7 @@ def test_finetune_job_falls_back_to_the_frozen_encoder(
     from pipelines.finetune import run_finetune
 
     cfg = FinetuneConfig(max_steps=4, epochs=2, batch_size=8, lr=1e-12, lora_r=4,
-                         val_fraction=0.2)  # fmt: skip
+                         val_fraction=0.2, head=False, patience=None)  # fmt: skip
     lines: list[str] = []
     report = run_finetune(topic_dataset(), tmp_path / "enc", cfg, base_model=tiny_model_dir,
                           log=lines.append)  # fmt: skip

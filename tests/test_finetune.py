@@ -245,6 +245,7 @@ def test_lora_trains_only_the_adapter(tiny_model_dir: Path) -> None:
         lora_r=4,
         history_grad=True,
         target_modules=("query", "value"),
+        head=False,
     )
     before, _ = build_model(FinetuneConfig(method="none"), tiny_model_dir)
     result = train_encoder(cfg, data, base_model=tiny_model_dir)
@@ -268,7 +269,7 @@ def test_history_without_gradient_still_trains_the_item_side(tiny_model_dir: Pat
 
 
 def test_lora_layers_limits_the_adapter_to_the_last_layers(tiny_model_dir: Path) -> None:
-    cfg = FinetuneConfig(lora_layers=1, lora_r=4, target_modules=("query", "value"))
+    cfg = FinetuneConfig(lora_layers=1, lora_r=4, target_modules=("query", "value"), head=False)
     model, _ = build_model(cfg, tiny_model_dir)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all(".layer.1." in n for n in names)
@@ -286,6 +287,19 @@ def test_default_finetune_beats_frozen_on_the_toy_topics(tiny_model_dir: Path) -
     assert not tuned.fell_back and tuned.best_epoch >= 1
     assert tuned.val_scores[0] == pytest.approx(frozen.val_metrics["val_auc"])
     assert tuned.val_metrics["val_auc"] > frozen.val_metrics["val_auc"] + 0.05
+
+
+def test_head_epochs_come_first_and_learn_the_toy_topics(tiny_model_dir: Path) -> None:
+    """Known answer: users click their own topic. The projection head alone, over the frozen
+    encoder's vectors (both towers get its gradient), beats the frozen encoder; its epochs come
+    before the adapter's, which are numbered on."""
+    data = topic_dataset(n_users=200)
+    cfg = FinetuneConfig(lora_layers=1, lora_r=4, epochs=1, max_steps=2, head_epochs=3,
+                         head_lr=1e-2, patience=None)  # fmt: skip
+    tuned = train_encoder(cfg, data, base_model=tiny_model_dir)
+    assert len(tuned.val_scores) == 1 + 3 + 1  # frozen, 3 head epochs, 1 adapter epoch
+    assert max(tuned.val_scores[1:4]) > tuned.val_scores[0] + 0.05
+    assert tuned.best_epoch >= 1 and len(tuned.losses) == 2  # losses: the adapter's steps
 
 
 def test_cached_lower_layers_equal_the_full_forward(tiny_model_dir: Path) -> None:
@@ -315,7 +329,7 @@ def test_fit_restores_the_best_epoch_and_falls_back_to_the_start(tiny_model_dir:
     """Validation that only gets worse: fit ends on the weights it started with."""
     data = topic_dataset(n_users=15)
     cfg = FinetuneConfig(method="full", epochs=2, max_steps=None, batch_size=8, lr=1e-2,
-                         val_fraction=0.0)  # fmt: skip
+                         val_fraction=0.0, head=False, patience=None)  # fmt: skip
     train, _ = prepare_examples(cfg, data)
     model, tokenizer = build_model(cfg, tiny_model_dir)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -330,7 +344,7 @@ def test_fit_restores_the_best_epoch_and_falls_back_to_the_start(tiny_model_dir:
 def test_fit_stops_after_patience_epochs_without_a_better_score(tiny_model_dir: Path) -> None:
     data = topic_dataset(n_users=15)
     cfg = FinetuneConfig(method="full", epochs=5, max_steps=None, batch_size=8, lr=1e-2,
-                         val_fraction=0.0, patience=2)  # fmt: skip
+                         val_fraction=0.0, patience=2, head=False)  # fmt: skip
     train, _ = prepare_examples(cfg, data)
     model, tokenizer = build_model(cfg, tiny_model_dir)
     scores = iter([0.5, 0.7, 0.6, 0.65, 0.9, 0.95])  # epoch 1 best, 2 and 3 worse: stop
@@ -401,6 +415,7 @@ def test_lora_dir_holds_the_adapter_only_and_loads_merged(tmp_path: Path, lora_r
     assert "encoder.json" in files and "adapter/adapter_model.safetensors" in files
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl"))]
     assert not (out / "model").exists()  # not the full weights
+    assert "adapter/head.safetensors" in files  # the projection head, beside the adapter
     m = read_manifest(out)
     assert m["method"] == "lora" and m["config"]["lora_r"] == 16 and m["max_length"] == 32
     loaded = TextEncoder.load(out, max_length=32)
@@ -430,6 +445,11 @@ def test_full_and_frozen_dirs(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert (out / "model" / "model.safetensors").is_file() and read_manifest(out)[
         "method"
     ] == "full"
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "model" / "model.safetensors"))
+    assert not [k for k in saved if "recsys_head" in k]  # the head is saved apart
+    assert (out / "model" / "head.safetensors").is_file()
     np.testing.assert_allclose(
         TextEncoder.load(out, max_length=48).embed(TEXTS), full.encoder.embed(TEXTS), atol=1e-5
     )
@@ -461,10 +481,12 @@ def test_encoder_dir_with_changed_base_or_missing_adapter(
 
 
 @pytest.mark.slow
-def test_lora_on_minilm_trains_under_one_percent() -> None:
+def test_lora_on_minilm_trains_under_two_percent() -> None:
+    """The default adapter (under 1% of the weights) plus the 384 x 384 projection head."""
     model, _ = build_model(FinetuneConfig())
     trainable, total = count_params(model)
-    assert 0 < trainable <= 0.01 * total
+    head = 384 * 384
+    assert 0 < trainable - head <= 0.01 * total and trainable <= 0.02 * total
 
 
 def _examples(positives: list[int]) -> Examples:

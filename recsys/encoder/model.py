@@ -19,12 +19,13 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers/huggingface_hub read it at import time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib
 import functools
 import importlib.resources
 import io
 import itertools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,16 +200,68 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
+HEAD = "recsys_head"
+
+
+def projection_head(model: nn.Module) -> nn.Linear | None:
+    """The model's projection head (see `attach_head`), None when it has none. Looks through
+    DistributedDataParallel-style wrappers."""
+    while HEAD not in model._modules and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module  # type: ignore[assignment]
+    head = model._modules.get(HEAD)
+    return head if isinstance(head, nn.Linear) else None
+
+
+def attach_head(
+    model: nn.Module, weight: torch.Tensor | None = None, *, trainable: bool = False
+) -> nn.Linear:
+    """Give `model` a projection head: a (D, D) linear map without bias applied to the pooled
+    unit vector, the result normalised again, so a vector is normalize(W normalize(pool(h))).
+    weight None = the identity (the head then changes nothing). The head stays float32 on the
+    model's device whatever precision the transformer runs in."""
+    dim = int(getattr(model.config, "hidden_size"))  # noqa: B009
+    head = nn.Linear(dim, dim, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(dim) if weight is None else weight.float())
+    head.weight.requires_grad_(trainable)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model.add_module(HEAD, head.to(device))
+    return head
+
+
+@contextlib.contextmanager
+def without_head(model: nn.Module) -> Iterator[nn.Linear | None]:
+    """Run the block with the model's projection head taken off (yields it, or None)."""
+    owner = model
+    while HEAD not in owner._modules and isinstance(getattr(owner, "module", None), nn.Module):
+        owner = owner.module  # type: ignore[assignment]
+    head = owner._modules.pop(HEAD, None)
+    try:
+        yield head if isinstance(head, nn.Linear) else None
+    finally:
+        if head is not None:
+            owner._modules[HEAD] = head
+
+
+def apply_head(model: nn.Module, vecs: torch.Tensor) -> torch.Tensor:
+    """`vecs` (B, D) unit vectors through the model's projection head, when it has one."""
+    head = projection_head(model)
+    if head is None:
+        return vecs
+    return F.normalize(F.linear(vecs, head.weight.to(vecs.dtype)).float(), p=2, dim=-1)
+
+
 def embed_tokens(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
-    """Unit vectors (B, D) float32 for token batches (B, T): forward, mean pool, L2 normalise.
+    """Unit vectors (B, D) float32 for token batches (B, T): forward, mean pool, L2 normalise,
+    then the projection head when the model has one (`attach_head`).
 
     Runs with or without gradients (the caller chooses); pooling is done in float32.
     """
     hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     pooled = mean_pool(hidden.float(), attention_mask)
-    return F.normalize(pooled, p=2, dim=-1)
+    return apply_head(model, F.normalize(pooled, p=2, dim=-1))
 
 
 def pad_batch(
@@ -555,6 +608,8 @@ class TextEncoder:
             if callable(set_attn):
                 set_attn("eager")
         model = to_precision(model, precision, dev)
+        if loaded.head is not None:  # after the precision change: the head stays float32
+            attach_head(model, loaded.head.to(dev))
         model.eval()
         return cls(
             model,

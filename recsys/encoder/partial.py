@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.encoder.model import mean_pool
+from recsys.encoder.model import apply_head, mean_pool
 
 __all__ = ["LayerCache", "encoder_layers", "first_tuned_layer"]
 
@@ -74,6 +74,7 @@ class LayerCache:
         layers = encoder_layers(model)
         if layers is None or not 0 < start < len(layers):
             raise ValueError(f"LayerCache: start must be in 1..{len(layers or []) - 1}")
+        self.model = model  # its projection head applies to the pooled vectors
         self.bert = _bert(model)
         self.top = list(layers)[start:]
         self.start = start
@@ -130,4 +131,4 @@ class LayerCache:
             for layer in self.top:
                 out = layer(hidden, attention_mask=extended)
                 hidden = out[0] if isinstance(out, tuple) else out
-        return F.normalize(mean_pool(hidden.float(), mask), p=2, dim=-1)
+        return apply_head(self.model, F.normalize(mean_pool(hidden.float(), mask), p=2, dim=-1))

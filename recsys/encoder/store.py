@@ -3,6 +3,8 @@
 ENCODER_DIR/encoder.json                      manifest (see `save_encoder`)
 ENCODER_DIR/adapter/adapter_model.safetensors LoRA weights (method "lora"), adapter_config.json
 ENCODER_DIR/model/model.safetensors           all weights (method "full"), config, tokenizer
+ENCODER_DIR/{adapter,model}/head.safetensors  the projection head's weight, when trained
+                                              (`recsys.encoder.model.attach_head`)
 (method "none" writes the manifest alone: the base model is the encoder)
 
 Only safetensors are written and read, never pickle. A directory is complete when it exists: it
@@ -20,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from recsys.encoder.finetune import TrainResult
@@ -28,13 +31,16 @@ from recsys.encoder.model import (
     default_model_path,
     encoder_identity,
     load_base,
+    projection_head,
     weights_digest,
+    without_head,
 )
 from recsys.encoder.text import DEFAULT_TEMPLATE, template_fields
 from recsys.errors import ConfigError, DataError
 from recsys.io import atomic_dir, replace_dir, write_json
 
 MANIFEST = "encoder.json"
+HEAD_FILE = "head.safetensors"  # in the delta folder, so the delta digest covers it
 FORMAT = "recsys-encoder/1"
 METHODS: tuple[str, ...] = ("lora", "full", "none")
 
@@ -50,6 +56,7 @@ class LoadedWeights:
     template: str
     source: Path
     manifest: dict[str, Any] | None
+    head: torch.Tensor | None = None  # the projection head's weight (D, D), if any
 
 
 def is_encoder_dir(path: str | os.PathLike[str]) -> bool:
@@ -133,7 +140,7 @@ def load_encoder_weights(path: Path) -> LoadedWeights:
         model, tokenizer = load_base(base)
         return LoadedWeights(model, tokenizer, base_digest, None, template, path, manifest)
     assert delta is not None
-    if not delta.is_dir() or not list(delta.glob("*.safetensors")):
+    if not delta.is_dir() or not [f for f in delta.glob("*.safetensors") if f.name != HEAD_FILE]:
         raise DataError(
             f"{path}: encoder.json says method {method!r} but {delta} holds no safetensors; "
             "the directory is incomplete, re-run the fine-tuning"
@@ -154,8 +161,19 @@ def load_encoder_weights(path: Path) -> LoadedWeights:
             ) from e
         model = model.merge_and_unload()  # type: ignore[operator]
         model.eval()
+    head = None
+    if (delta / HEAD_FILE).is_file():
+        from safetensors.torch import load_file
+
+        try:
+            head = load_file(str(delta / HEAD_FILE))["weight"]
+        except Exception as e:  # a truncated or foreign file
+            raise DataError(
+                f"{delta / HEAD_FILE}: cannot read the projection head ({e}); re-run the "
+                "fine-tuning"
+            ) from e
     return LoadedWeights(
-        model, tokenizer, base_digest, weights_digest(delta), template, path, manifest
+        model, tokenizer, base_digest, weights_digest(delta), template, path, manifest, head
     )
 
 
@@ -219,21 +237,27 @@ def save_encoder(
     packaged = base.resolve() == default_model_path().resolve()
 
     out = Path(out_dir)
+    head = projection_head(model) if model is not None else None
     with atomic_dir(out) as tmp:
         delta_digest = None
-        if method == "lora":
+        if method in ("lora", "full"):
             assert model is not None
-            model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
-            delta_digest = weights_digest(tmp / "adapter")
-        elif method == "full":
-            assert model is not None
-            from transformers import AutoTokenizer
+            delta = _delta_dir(tmp, method)
+            assert delta is not None
+            with without_head(model):  # saved apart: the transformer's own files stay standard
+                model.save_pretrained(str(delta), safe_serialization=True)
+            if method == "full":
+                from transformers import AutoTokenizer
 
-            model.save_pretrained(str(tmp / "model"), safe_serialization=True)
-            AutoTokenizer.from_pretrained(str(base), local_files_only=True).save_pretrained(
-                str(tmp / "model")
-            )
-            delta_digest = weights_digest(tmp / "model")
+                AutoTokenizer.from_pretrained(str(base), local_files_only=True).save_pretrained(
+                    str(delta)
+                )
+            if head is not None:
+                from safetensors.torch import save_file
+
+                save_file({"weight": head.weight.detach().float().cpu().contiguous()},
+                          str(delta / HEAD_FILE))  # fmt: skip
+            delta_digest = weights_digest(delta)
         name = json.loads((base / "config.json").read_text()).get("_name_or_path") or base.name
         manifest = {
             "format": FORMAT,
