@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -80,6 +81,7 @@ class NightlyResult:
     freshness: str = ""
     versus: str = ""
     full_vs_behavioural: dict[str, float] = field(default_factory=dict)
+    shipped_ranker: dict[str, str] = field(default_factory=dict)  # name, reason
     finetune: dict[str, Any] = field(default_factory=dict)
     lists: dict[str, Any] = field(default_factory=dict)  # list metrics, retrieval sources
     mlflow_run_id: str | None = None
@@ -505,13 +507,17 @@ def run_nightly(
             # validation: the models early stopping chose, on rows none of them trained on
             vscores = _score_models(valid, selected, spec, pc.seed)
             validation = impression_metrics(vscores.rename({"lgbm_full": "score"}))
-            shipped = rankers["lgbm_full" if pc.use_semantic else "lgbm_behavioural"]
-            lists = _list_evaluation(logged, test_at, shipped, spec, cfg, vectors, log)
             diff, se = paired_difference(scores, "lgbm_full", "lgbm_behavioural")
+            name, reason = ship_choice(diff, se, pc.use_semantic, cfg.tracking.promote_margin_se)
+            log(f"[evaluate] ships {name}: {reason}")
+            lists = _list_evaluation(
+                logged, test_at, rankers[name], ranker_spec(spec, name), cfg, vectors, log
+            )
             summary = {
                 "test": table,
                 "versus": table[0]["versus"],
                 "full_vs_behavioural": {"auc_diff": diff, "auc_diff_se": se},
+                "shipped_ranker": {"name": name, "reason": reason},
                 "freshness": freshness_note(spec),
                 "validation": validation,
                 "lists": lists,
@@ -528,6 +534,7 @@ def run_nightly(
                 "rank": st_rank.fingerprint,
                 "pipeline": cfg.section("pipeline"),
                 "rules": cfg.section("rules"),
+                "ship_margin_se": cfg.tracking.promote_margin_se,
             },
             do_evaluate,
         )
@@ -535,6 +542,7 @@ def run_nightly(
         os.replace(run_dir / ".evaluation.json.tmp", run_dir / "evaluation.json")
 
         # 8. bundle ----------------------------------------------------------
+        shipped_name = st_eval.summary.get("shipped_ranker", {}).get("name", "lgbm_full")
         as_of = max(
             _as_time(t)
             for t in (data.impressions["ts"].max(), data.interactions["ts"].max())
@@ -557,6 +565,7 @@ def run_nightly(
                 "split": st_split.summary,
                 "versions": _versions(),
                 "model_version": f"{cfg.name}-{st_rank.fingerprint[:10]}",
+                "ranker": st_eval.summary.get("shipped_ranker", {}),
                 "lists": {
                     "half_life_days": ctx.cadence.half_life_days,
                     "live_window_days": ctx.cadence.live_window_days,
@@ -571,8 +580,8 @@ def run_nightly(
                 snapshot=snapshot,
                 history=history,
                 popular=popular,
-                ranker=rankers["lgbm_full"] if pc.use_semantic else rankers["lgbm_behavioural"],
-                spec=spec,
+                ranker=rankers[shipped_name],
+                spec=ranker_spec(spec, shipped_name),
                 manifest=manifest,
             )
             return {"as_of": as_of.isoformat(), "model_version": manifest["model_version"]}
@@ -627,6 +636,7 @@ def run_nightly(
             freshness=st_eval.summary.get("freshness", ""),
             versus=st_eval.summary.get("versus", ""),
             full_vs_behavioural=st_eval.summary.get("full_vs_behavioural", {}),
+            shipped_ranker=st_eval.summary.get("shipped_ranker", {}),
             finetune=st_ft.summary,
             bundle_dir=published,
             recommendations=recs_path,
@@ -741,6 +751,30 @@ def _context(data: Dataset, as_of: datetime, pc: Any, vectors: ItemVectors | Non
         half_life_days=pc.popular_half_life_days, live_window_days=pc.live_window_days,
         ann_min_items=pc.ann_min_items,
     )  # fmt: skip
+
+
+def ship_choice(
+    auc_diff: float, auc_diff_se: float, use_semantic: bool, margin_se: float
+) -> tuple[str, str]:
+    """(the ranker to ship, why): `lgbm_full` only when its paired AUC gain over
+    `lgbm_behavioural` on the gate slice (the test impressions) is more than `margin_se`
+    standard errors; else the behavioural ranker, which needs no text encoder per request and
+    is as good within the noise (fail closed: the more complex model must earn its place)."""
+    if not use_semantic:
+        return "lgbm_behavioural", "semantic features are off (pipeline.use_semantic = false)"
+    gain = f"lgbm_full - lgbm_behavioural AUC {auc_diff:+.4f} (se {auc_diff_se:.4f})"
+    if math.isfinite(auc_diff) and auc_diff > margin_se * auc_diff_se and auc_diff > 0:
+        return "lgbm_full", f"{gain}, more than {margin_se:g} se"
+    return "lgbm_behavioural", (
+        f"{gain}, not more than {margin_se:g} se (tracking.promote_margin_se): the semantic "
+        "half does not pay for itself on this data"
+    )
+
+
+def ranker_spec(spec: FeatureSpec, name: str) -> FeatureSpec:
+    """The feature spec the named ranker reads: the behavioural ranker's has no semantic
+    columns (so serving computes none per request)."""
+    return spec if name == "lgbm_full" else dataclasses.replace(spec, use_semantic=False)
 
 
 def _list_evaluation(
@@ -969,6 +1003,10 @@ def _log_to_tracker(
                       "evaluation.versus": result.versus})  # fmt: skip
     tracker.log_metrics({f"test.full_vs_behavioural.{k}": v
                          for k, v in result.full_vs_behavioural.items()})  # fmt: skip
+    if result.shipped_ranker:
+        shipped = result.shipped_ranker
+        tracker.set_tags({"ranker.shipped": shipped["name"],
+                          "ranker.shipped_reason": shipped["reason"][:5000]})  # fmt: skip
     tracker.log_metrics({f"candidates.{k}": v for k, v in result.candidate_recall.items()})
     for row in result.lists.get("table", []):
         tracker.log_metrics({f"lists.{row['list']}.{k}": v for k, v in row.items()
@@ -1043,6 +1081,9 @@ def print_summary(result: NightlyResult, *, show_users: int = 3) -> None:
             f"lgbm_full - lgbm_behavioural: AUC {fb['auc_diff']:+.4f} "
             f"(paired standard error {fb['auc_diff_se']:.4f})"
         )
+    if result.shipped_ranker:
+        shipped = result.shipped_ranker
+        print(f"Shipped ranker: {shipped['name']} ({shipped['reason']})")
     lists = result.lists
     if lists.get("sources"):
         _print_table(

@@ -19,7 +19,7 @@ import polars as pl
 import pytest
 
 from experiments.config import config_from_dict
-from pipelines.nightly import run_nightly
+from pipelines.nightly import run_nightly, ship_choice
 from recsys.data import write_dataset
 from recsys.errors import ConfigError, DataError
 from recsys.generate import GeneratorConfig, generate
@@ -55,6 +55,17 @@ def reference(data_dir):
     return result, uri
 
 
+def test_the_full_ranker_ships_only_when_it_beats_the_behavioural_one_beyond_the_noise() -> None:
+    assert ship_choice(0.02, 0.005, True, 2.0)[0] == "lgbm_full"
+    name, why = ship_choice(0.008, 0.005, True, 2.0)  # 1.6 se: within the noise
+    assert name == "lgbm_behavioural" and "not more than 2 se" in why
+    assert ship_choice(-0.01, 0.001, True, 2.0)[0] == "lgbm_behavioural"
+    assert ship_choice(0.0, 0.0, True, 2.0)[0] == "lgbm_behavioural"  # a tie
+    assert ship_choice(float("nan"), float("nan"), True, 2.0)[0] == "lgbm_behavioural"
+    name, why = ship_choice(0.5, 0.001, False, 2.0)
+    assert name == "lgbm_behavioural" and "use_semantic" in why
+
+
 def _lists(path: Path) -> pl.DataFrame:
     return (
         pl.read_parquet(path).select("user_id", "rank", "item_id", "score").sort("user_id", "rank")
@@ -83,6 +94,12 @@ def test_outputs_and_known_answer(reference):
         rows["lgbm_full"]["auc"] - rows["lgbm_behavioural"]["auc"], abs=1e-9
     )
     assert "refreshed every 1d" in result.freshness
+    # The gate slice chose the shipped ranker: full only when it beats behavioural beyond 2 se.
+    fb = result.full_vs_behavioural
+    beats = fb["auc_diff"] > 2.0 * fb["auc_diff_se"]
+    assert result.shipped_ranker["name"] == ("lgbm_full" if beats else "lgbm_behavioural")
+    manifest = json.loads((result.run_dir / "bundles" / "current" / "manifest.json").read_text())
+    assert manifest["ranker"] == result.shipped_ranker
     recs = pl.read_parquet(result.recommendations)
     assert recs.columns == [
         "user_id", "rank", "item_id", "score", "source", "model_version", "generated_at"
@@ -110,7 +127,8 @@ def test_outputs_and_known_answer(reference):
         assert 0 <= r["recall@20"] <= 1 and 0 <= r["ndcg@20"] <= 1 and r["recall_diff_se"] >= 0
     assert saved["lists"]["note"].startswith("lists as of the cut-off")
     cost = json.loads((result.run_dir / "cost.json").read_text())
-    assert cost["trainable_params"] < 0.01 * cost["total_params"]
+    # the LoRA adapter (under 1% of MiniLM's weights) and the 384 x 384 projection head
+    assert cost["trainable_params"] - 384 * 384 < 0.01 * cost["total_params"]
     assert cost["items_embedded"] + cost["items_reused"] == GEN.n_items
     # the published bundle: RUN_DIR/bundles/current -> an immutable version holding the lists
     current = result.run_dir / "bundles" / "current"
