@@ -43,6 +43,7 @@ from recsys.errors import DataError
 from recsys.io import write_parquet
 
 RAY_BATCH = 1024  # texts per Ray Data batch; the encoder length-sorts within it
+ACTORS_READY_S = 600  # how long the embed job waits for its actor pool to start
 
 
 @dataclass
@@ -167,6 +168,11 @@ def _embed_on_ray(
     arrow = distinct.select("text_hash", "text").to_arrow()
     size = math.ceil(arrow.num_rows / max(1, blocks))
     ds = ray.data.from_arrow([arrow.slice(s, size) for s in range(0, arrow.num_rows, size)])
+    # Work is handed out only once every actor of the pool has started: by default Ray Data
+    # starts as soon as one is ready, and a fast first actor can take every block of a small
+    # catalogue while the second is still importing torch.
+    data_ctx = ray.data.DataContext.get_current()
+    data_ctx.wait_for_min_actors_s = max(data_ctx.wait_for_min_actors_s, ACTORS_READY_S)
     out = ds.map_batches(
         EmbedActor,
         fn_constructor_kwargs={
