@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,8 @@ class EmbedReport:
     actors: int = 0
     distinct_texts: int = 0
     texts_per_actor: dict[str, int] = field(default_factory=dict)  # "node:pid" -> texts
+    worker_cpu_seconds: float = 0.0  # CPU time of the actor processes, all of them together
+    worker_peak_rss_mb: float = 0.0  # the largest actor's peak resident memory
 
 
 class EmbedActor:
@@ -103,8 +106,12 @@ class EmbedActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         vectors = self.encoder.embed([str(t) for t in batch["text"]], batch_size=self.batch_size)
-        who = np.full(len(vectors), self.name)  # which actor did it (the job's report)
-        return {"text_hash": batch["text_hash"], "vector": vectors, "actor": who}
+        n = len(vectors)
+        who = np.full(n, self.name)  # which actor did it, and its process's cost so far
+        cpu = np.full(n, time.process_time())
+        rss = np.full(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return {"text_hash": batch["text_hash"], "vector": vectors, "actor": who,
+                "cpu_s": cpu, "rss_mb": rss}  # fmt: skip
 
 
 def _previous(out_path: Path) -> pl.DataFrame | None:
@@ -141,9 +148,9 @@ def _embed_on_ray(
     encoder_id: str,
     form: str,
     num_actors: int | None,
-) -> tuple[pl.DataFrame, str, int, dict[str, int]]:
-    """(fresh vectors table, device description, actors, texts embedded per actor) for
-    `plan.todo` on the Ray cluster.
+) -> tuple[pl.DataFrame, str, int, dict[str, int], dict[str, tuple[float, float]]]:
+    """(fresh vectors table, device description, actors, texts embedded per actor, each
+    actor's (CPU seconds, peak RSS MB)) for `plan.todo` on the Ray cluster.
 
     Only distinct texts travel (keyed by text hash); items sharing a text share its vector.
     The texts are split into at least 4 blocks per actor, so every actor of the pool gets work.
@@ -194,21 +201,24 @@ def _embed_on_ray(
     row_of: dict[str, int] = {}
     vectors: list[np.ndarray] = []
     per_actor: dict[str, int] = {}
+    usage: dict[str, tuple[float, float]] = {}  # actor -> (CPU seconds, peak RSS MB)
     returned = 0
     for batch in out.iter_batches(batch_format="numpy", batch_size=None):
         for h in batch["text_hash"]:
             row_of[str(h)] = returned
             returned += 1
         vectors.append(np.asarray(batch["vector"], dtype=np.float32))
-        for a in batch["actor"]:
+        for a, cpu, rss in zip(batch["actor"], batch["cpu_s"], batch["rss_mb"], strict=True):
             per_actor[str(a)] = per_actor.get(str(a), 0) + 1
+            was = usage.get(str(a), (0.0, 0.0))
+            usage[str(a)] = (max(was[0], float(cpu)), max(was[1], float(rss)))
     hashes = todo["text_hash"].to_list()
     if not returned == len(row_of) == distinct.height or not row_of.keys() >= set(hashes):
         raise RuntimeError(f"embedding returned {returned} vectors for {distinct.height} texts")
     rows = np.fromiter((row_of[h] for h in hashes), dtype=np.int64, count=len(hashes))
     fresh = np.concatenate(vectors)[rows]
     table = vectors_frame(todo["item_id"].to_list(), fresh, hashes, vector_id)
-    return table, device, actors, dict(sorted(per_actor.items()))
+    return table, device, actors, dict(sorted(per_actor.items())), usage
 
 
 def run_embed(
@@ -241,10 +251,11 @@ def run_embed(
     plan = plan_embedding(items, config.template, vector_id, _previous(out))
     fresh, device, actors = empty_vectors(), "none (all reused)", 0
     per_actor: dict[str, int] = {}
+    usage: dict[str, tuple[float, float]] = {}
     distinct_texts = plan.todo["text_hash"].n_unique()
     if plan.todo.height:
         init_ray(ray_address)
-        fresh, device, actors, per_actor = _embed_on_ray(
+        fresh, device, actors, per_actor, usage = _embed_on_ray(
             plan, encoder_path, config, encoder_id, form, num_actors
         )
     table = assemble(plan, fresh)
@@ -261,4 +272,6 @@ def run_embed(
         actors=actors,
         distinct_texts=distinct_texts,
         texts_per_actor=per_actor,
+        worker_cpu_seconds=sum(u[0] for u in usage.values()),
+        worker_peak_rss_mb=max((u[1] for u in usage.values()), default=0.0),
     )

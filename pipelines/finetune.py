@@ -67,6 +67,7 @@ class FinetuneReport:
     best_epoch: int = 0
     fell_back: bool = False
     peak_rss_mb: float = 0.0  # of the rank-0 training worker process
+    worker_cpu_seconds: float = 0.0  # CPU time of the training worker processes, summed
 
 
 def _train_loop(cfg: dict[str, Any]) -> None:
@@ -145,9 +146,14 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         on_step=progress,
         on_epoch=on_epoch,
     )
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = torch.tensor([usage.ru_utime + usage.ru_stime], dtype=torch.float64)
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(cpu)  # every worker's CPU time, summed
     metrics: dict[str, Any] = {
         "best_epoch": result.best_epoch,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "worker_cpu_seconds": float(cpu.item()),
         "trainable_params": trainable,
         "total_params": total,
     }
@@ -326,4 +332,5 @@ def run_finetune(
         best_epoch=int(summary["best_epoch"]),
         fell_back=fell_back,
         peak_rss_mb=float(summary["peak_rss_mb"]),
+        worker_cpu_seconds=float(summary.get("worker_cpu_seconds", 0.0)),
     )

@@ -350,6 +350,7 @@ def run_nightly(
                 "best_epoch": rep.best_epoch,
                 "fell_back": rep.fell_back,
                 "peak_rss_mb": round(rep.peak_rss_mb),
+                "worker_cpu_seconds": round(rep.worker_cpu_seconds, 3),
                 "trainable_params": int(rep.trainable_params),
                 "total_params": int(rep.total_params),
                 "seconds": float(rep.seconds),
@@ -397,6 +398,8 @@ def run_nightly(
                     "seconds": float(rep.seconds),
                     "device": str(rep.device),
                     "encoder_id": rep.encoder_id,
+                    "worker_cpu_seconds": round(rep.worker_cpu_seconds, 3),
+                    "worker_peak_rss_mb": round(rep.worker_peak_rss_mb),
                 }
             return summary
 
@@ -960,15 +963,28 @@ def _cost_report(
     runner: StageRunner, st_ft: StageResult, st_emb: StageResult, encoder_dir: Path
 ) -> dict[str, Any]:
     emb = st_emb.summary.get("item_vectors", {})
+    runs = [e for e in st_emb.summary.values() if isinstance(e, dict) and "reused_from" not in e]
+    workers = {  # Ray worker processes: fine-tune workers, embed actors
+        "finetune": (st_ft.summary.get("worker_cpu_seconds"), st_ft.summary.get("peak_rss_mb")),
+        "embed": (
+            sum(e.get("worker_cpu_seconds", 0.0) for e in runs) if runs else None,
+            max((e.get("worker_peak_rss_mb", 0) for e in runs), default=None),
+        ),
+    }
+    stages: dict[str, dict[str, Any]] = {}
+    for name, r in runner.results.items():
+        row: dict[str, Any] = {
+            "wall_seconds": round(r.seconds, 3),
+            "driver_cpu_seconds": round(r.cpu_seconds, 3),
+            "skipped": r.skipped,
+        }
+        cpu, rss = workers.get(name, (None, None))
+        if cpu is not None and not r.skipped:
+            row["worker_cpu_seconds"] = round(float(cpu), 3)
+            row["worker_peak_rss_mb"] = rss
+        stages[name] = row
     return {
-        "stages": {
-            name: {
-                "wall_seconds": round(r.seconds, 3),
-                "driver_cpu_seconds": round(r.cpu_seconds, 3),
-                "skipped": r.skipped,
-            }
-            for name, r in runner.results.items()
-        },
+        "stages": stages,
         "gpu_seconds": 0.0
         if "cuda" not in str(st_ft.summary.get("device", ""))
         else st_ft.summary.get("seconds", 0.0),
@@ -979,7 +995,8 @@ def _cost_report(
         "items_embedded": emb.get("embedded"),
         "items_reused": emb.get("reused"),
         "embed_device": emb.get("device"),
-        "note": "driver CPU seconds exclude Ray worker processes; wall seconds are per stage",
+        "note": "driver CPU seconds are this process's; worker CPU seconds and peak RSS are the "
+        "Ray workers' (fine-tune workers, embed actors); wall seconds are per stage",
     }
 
 
@@ -1024,7 +1041,9 @@ def _log_to_tracker(
         for i in range(0, len(values), max(1, len(values) // 200)):
             tracker.log_metrics({f"ranker.{metric}": values[i]}, step=i + 1)
     for name, r in cost["stages"].items():
-        tracker.log_metrics({f"seconds.{name}": r["wall_seconds"]})
+        tracker.log_metrics({f"seconds.{name}": r["wall_seconds"],
+                             f"cpu_seconds.{name}": r["driver_cpu_seconds"]
+                             + r.get("worker_cpu_seconds", 0.0)})  # fmt: skip
     art = run_dir / "artifacts"
     art.mkdir(exist_ok=True)
     plot_importance(st_rank.summary["lgbm_full"]["importance"], art / "feature_importance.png")

@@ -127,6 +127,10 @@ def test_outputs_and_known_answer(reference):
         assert 0 <= r["recall@20"] <= 1 and 0 <= r["ndcg@20"] <= 1 and r["recall_diff_se"] >= 0
     assert saved["lists"]["note"].startswith("lists as of the cut-off")
     cost = json.loads((result.run_dir / "cost.json").read_text())
+    # The Ray workers' cost is counted: fine-tune workers and embed actors.
+    for stage in ("finetune", "embed"):
+        assert cost["stages"][stage]["worker_cpu_seconds"] > 0, stage
+        assert cost["stages"][stage]["worker_peak_rss_mb"] > 0, stage
     # the LoRA adapter (under 1% of MiniLM's weights) and the 384 x 384 projection head
     assert cost["trainable_params"] - 384 * 384 < 0.01 * cost["total_params"]
     assert cost["items_embedded"] + cost["items_reused"] == GEN.n_items
