@@ -651,15 +651,37 @@ def fit(
     scores: list[float] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
 
-    def checkpoint(epoch: int) -> float | None:
+    def checkpoint(
+        epoch: int, vectors: Callable[[np.ndarray], torch.Tensor] | None = None
+    ) -> float | None:
+        """Validate (the head phase's `vectors` directly, when the validator can); keep the
+        best weights."""
         nonlocal best
         if validate is None:
             return None
-        score = float(validate())
+        if vectors is not None and isinstance(validate, Validator):
+            score = validate(vectors)
+        else:
+            score = float(validate())
         scores.append(score)
         if best is None or score > best[0]:
             best = (score, epoch, {n: p.detach().clone() for n, p in named})
         return score
+
+    def report(epoch: int, phase: str, epoch_losses: list[float], score: float | None) -> None:
+        if on_epoch is None:
+            return
+        payload: dict[str, Any] = {
+            "epoch": epoch,
+            "phase": phase,
+            "loss": float(np.mean(epoch_losses)),
+            "steps": len(epoch_losses),
+            "seconds": time.perf_counter() - t0,
+            "step_losses": epoch_losses,
+        }
+        if score is not None:
+            payload["val_score"] = score
+        on_epoch(payload)
 
     checkpoint(0)
     t0 = time.perf_counter()
@@ -674,24 +696,7 @@ def fit(
         )  # fmt: skip
         for head_losses, vectors in phase:
             epochs_run += 1
-            score = None
-            if validate is not None:
-                score = float(validate(vectors) if isinstance(validate, Validator) else validate())
-                scores.append(score)
-                if best is None or score > best[0]:
-                    best = (score, epochs_run, {n: p.detach().clone() for n, p in named})
-            if on_epoch is not None:
-                payload: dict[str, Any] = {
-                    "epoch": epochs_run,
-                    "phase": "head",
-                    "loss": float(np.mean(head_losses)),
-                    "steps": len(head_losses),
-                    "seconds": time.perf_counter() - t0,
-                    "step_losses": head_losses,
-                }
-                if score is not None:
-                    payload["val_score"] = score
-                on_epoch(payload)
+            report(epochs_run, "head", head_losses, checkpoint(epochs_run, vectors))
             if (
                 config.patience is not None
                 and best is not None
@@ -762,18 +767,7 @@ def fit(
             model.eval()
             score = checkpoint(epochs_run)
             model.train()
-            if on_epoch is not None:
-                payload = {
-                    "epoch": epochs_run,
-                    "phase": "adapter",
-                    "loss": float(np.mean(epoch_losses)),
-                    "steps": len(epoch_losses),
-                    "seconds": time.perf_counter() - t0,
-                    "step_losses": epoch_losses,
-                }
-                if score is not None:
-                    payload["val_score"] = score
-                on_epoch(payload)
+            report(epochs_run, "adapter", epoch_losses, score)
         if step >= total:
             break
         if (
