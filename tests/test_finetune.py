@@ -302,6 +302,47 @@ def test_head_epochs_come_first_and_learn_the_toy_topics(tiny_model_dir: Path) -
     assert tuned.best_epoch >= 1 and len(tuned.losses) == 2  # losses: the adapter's steps
 
 
+def test_deterministic_ops_make_gather_gradients_reproducible() -> None:
+    """The head phase's step (gathers of a projected table, whose backward accumulates rows)
+    gives the same weights bit for bit under `deterministic_ops`, and the global torch setting
+    is restored after the block."""
+    from recsys.encoder.finetune import deterministic_ops
+
+    def train() -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        base = torch.nn.functional.normalize(torch.randn(4000, 256, generator=g), dim=-1)
+        w = torch.nn.Parameter(torch.eye(256))
+        opt = torch.optim.Adam([w], lr=1e-3)
+        for _ in range(20):
+            hist = torch.randint(0, 4000, (64, 50), generator=g)
+            pos = torch.randint(0, 4000, (64,), generator=g)
+            x = torch.nn.functional.linear(base, w)
+            users = torch.nn.functional.normalize(x[hist].mean(1), dim=-1)
+            loss = -(x[pos] * users).sum(-1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return w.detach().clone()
+
+    before = torch.are_deterministic_algorithms_enabled()
+    with deterministic_ops():
+        assert torch.are_deterministic_algorithms_enabled()
+        first, second = train(), train()
+    assert torch.equal(first, second)
+    assert torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_default_fit_twice_gives_the_same_weights(tiny_model_dir: Path) -> None:
+    data = topic_dataset(n_users=60)
+    cfg = FinetuneConfig(max_steps=6, epochs=2, batch_size=8, head_epochs=2, patience=None)
+    a = train_encoder(cfg, data, base_model=tiny_model_dir)
+    b = train_encoder(cfg, data, base_model=tiny_model_dir)
+    assert a.val_scores == b.val_scores and a.best_epoch == b.best_epoch
+    pairs = zip(a.model.named_parameters(), b.model.named_parameters(), strict=True)
+    for (name, p), (_, q) in pairs:
+        assert torch.equal(p, q), name
+
+
 def test_cached_lower_layers_equal_the_full_forward(tiny_model_dir: Path) -> None:
     model, tokenizer = build_model(FinetuneConfig(lora_layers=1, lora_r=4), tiny_model_dir)
     tokens = TokenCache(tokenizer, [*TEXTS, "red red red apple tree ocean"], 32)
