@@ -203,12 +203,17 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 HEAD = "recsys_head"
 
 
-def projection_head(model: nn.Module) -> nn.Linear | None:
-    """The model's projection head (see `attach_head`), None when it has none. Looks through
-    DistributedDataParallel-style wrappers."""
+def _head_owner(model: nn.Module) -> nn.Module:
+    """The module that holds (or would hold) the projection head: `model`, or the module
+    under DistributedDataParallel-style wrappers."""
     while HEAD not in model._modules and isinstance(getattr(model, "module", None), nn.Module):
         model = model.module  # type: ignore[assignment]
-    head = model._modules.get(HEAD)
+    return model
+
+
+def projection_head(model: nn.Module) -> nn.Linear | None:
+    """The model's projection head (see `attach_head`), None when it has none."""
+    head = _head_owner(model)._modules.get(HEAD)
     return head if isinstance(head, nn.Linear) else None
 
 
@@ -232,9 +237,7 @@ def attach_head(
 @contextlib.contextmanager
 def without_head(model: nn.Module) -> Iterator[nn.Linear | None]:
     """Run the block with the model's projection head taken off (yields it, or None)."""
-    owner = model
-    while HEAD not in owner._modules and isinstance(getattr(owner, "module", None), nn.Module):
-        owner = owner.module  # type: ignore[assignment]
+    owner = _head_owner(model)
     head = owner._modules.pop(HEAD, None)
     try:
         yield head if isinstance(head, nn.Linear) else None
