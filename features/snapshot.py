@@ -16,6 +16,10 @@ Tables (counts Float64):
     user_category     user_id, category, shows, clicks, history
     user_subcategory  user_id, subcategory, shows, clicks, history
     user_item         user_id, item_id, shows, history
+    item_recent       item_id, ts, shows, clicks, interactions: the item events of the last
+                      (longest finite) window before as_of, summed per (item, ts), so that
+                      `features.live` can slide the windows past as_of (optional on load:
+                      snapshots written before it exist)
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from features.behavioural import ITEM_META
-from features.config import FeatureConfig
+from features.config import ALL, FeatureConfig
 from features.derive import GROUP_TABLES, derive_features, feature_names, prefixed
 from features.events import (
     AT,
     GROUPS,
+    ITEM_COUNTS,
+    Events,
     group_stats,
     item_stats,
     prepare_events,
@@ -54,6 +60,8 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 MANIFEST = "snapshot.json"
 TABLE_NAMES = ("items", "users", *GROUP_TABLES.values(), "user_item")
+RECENT = "item_recent"
+_OPTIONAL = (RECENT,)
 _KEYS = {
     "items": ["item_id"],
     "users": ["user_id"],
@@ -93,7 +101,7 @@ class FeatureSnapshot:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         files = {}
-        for name in TABLE_NAMES:
+        for name in [*TABLE_NAMES, *(t for t in _OPTIONAL if t in self.tables)]:
             path = write_parquet(self.tables[name], out / f"{name}.parquet")
             files[name] = {
                 "file": path.name,
@@ -133,6 +141,13 @@ class FeatureSnapshot:
                     f"overwritten?); save the snapshot again ({_HINT})"
                 )
             tables[name] = pl.read_parquet(path)
+        for name in _OPTIONAL:
+            entry = manifest["tables"].get(name)
+            if entry is not None:
+                path = d / entry["file"]
+                if not path.is_file() or file_digest(path) != entry["sha256"]:
+                    raise DataError(f"{path}: snapshot table missing or changed; {_HINT}")
+                tables[name] = pl.read_parquet(path)
         return cls(datetime.fromisoformat(manifest["as_of"]), config, tables)
 
     def index(self) -> SnapshotIndex:
@@ -194,7 +209,32 @@ def build_snapshot(
     tables["user_item"] = pl.concat(
         [ui_q.drop(AT), user_item_stats(events, ui_q)], how="horizontal"
     )
+    tables[RECENT] = recent_item_events(events, as_of, config)
     return FeatureSnapshot(as_of, config, tables)
+
+
+def recent_item_events(events: Events, as_of: datetime, config: FeatureConfig) -> pl.DataFrame:
+    """item_id, ts, shows, clicks, interactions: per (item, ts) sums of the item events in
+    [start, as_of), start the earliest finite window's start at as_of (empty: no finite window)."""
+    starts = [
+        pl.select(pl.lit(as_of, dtype=TS).dt.offset_by(f"-{w}")).item()
+        for w in config.windows
+        if w != ALL
+    ]
+    log = events.item_log.sort("item_id", "ts")
+    per_time = log.select(
+        "item_id",
+        "ts",
+        *[
+            (pl.col(c) - pl.col(c).shift(1).over("item_id").fill_null(0.0)).alias(c)
+            for c in ITEM_COUNTS
+        ],
+    )
+    if not starts:
+        return per_time.clear()
+    ts = pl.col("ts")
+    window = (ts >= pl.lit(min(starts), dtype=TS)) & (ts < pl.lit(as_of, dtype=TS))
+    return per_time.filter(window).sort("ts", "item_id")
 
 
 def snapshot_features(

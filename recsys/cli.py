@@ -196,6 +196,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         tracking_uri=args.tracking_uri,
+        event_log=args.event_log,
     )
     return 0
 
@@ -351,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument(
+        "--event-log",
+        default=None,
+        help="event log folder: turns on POST /v1/events, and features as of now (one worker)",
+    )
     _add_tracking(p)
     p.set_defaults(func=_cmd_serve)
 

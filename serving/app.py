@@ -11,6 +11,8 @@ Routes
     GET  /metrics                       Prometheus text (serving/metrics.py)
     POST /v1/admin/reload               bearer RECSYS_ADMIN_TOKEN; loads a bundle beside the old
                                         one, then swaps one reference (off without a token)
+    POST /v1/events                     items, impressions and clicks into the event log and the
+                                        live features (on with RECSYS_EVENT_LOG; serving/events.py)
 
 Every error is compact JSON `{"error": "...", "detail": [{"loc", "msg"}]}`: 4xx saying what to
 fix for bad input, 413 above RECSYS_MAX_BODY_BYTES, 503 before a bundle is loaded, and a 503
@@ -35,6 +37,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -46,12 +49,17 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from features.live import epoch_us
 from recsys.bundle import Bundle
 from recsys.errors import ConfigError, DataError, RecsysError
+from serving.events import EventStore
 from serving.metrics import CONTENT_TYPE, Metrics
 from serving.ranking import ServingModel
 from serving.schemas import (
+    MAX_EVENTS,
     ErrorResponse,
+    EventsRequest,
+    EventsResponse,
     Health,
     RankRequest,
     RankResponse,
@@ -166,11 +174,22 @@ class AppState:
         )
         self.reload_lock = asyncio.Lock()
         self.applied_note: str | None = None  # the last cross-worker reload note applied
+        self.events = EventStore(settings.event_log) if settings.event_log is not None else None
 
     def swap(self, model: ServingModel, source: str | None) -> ServingModel | None:
-        old, self.model = self.model, model  # the single reference swap
-        self.source, self.status, self.detail = source, "ready", None
-        self.metrics.model_loaded(model.model_version)
+        """Serve `model` from now on (with events on: after the event log is replayed into it,
+        under the writers' lock, so no event falls between the old model and the new)."""
+        old = self.model
+
+        def install(m: ServingModel) -> None:
+            self.model = m  # the single reference swap
+            self.source, self.status, self.detail = source, "ready", None
+            self.metrics.model_loaded(m.model_version)
+
+        if self.events is not None:
+            self.events.attach(model, install)
+        else:
+            install(model)
         return old
 
 
@@ -436,6 +455,17 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
         in `unknown_items`. `explain` adds each item's top feature contributions.
         """
         model = _model(request)  # read the reference once: a reload cannot change it under us
+        at_us = None
+        if body.at is not None:
+            at_us = epoch_us(body.at)
+            if at_us < model.as_of_us:
+                return _error(
+                    422,
+                    f"at {body.at.isoformat()} is before the bundle's cut-off "
+                    f"{model.bundle.snapshot.as_of.isoformat()}; give a later moment",
+                )
+        elif state.events is not None:  # events keep the state fresh: features as of now
+            at_us = max(epoch_us(datetime.now(UTC)), model.as_of_us)
         new = None
         if body.items and model.strategy(body.user_id, body.history) != "popularity":
             needed = set(body.candidates) | set(body.history)
@@ -443,7 +473,7 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
                    for i in body.items):  # fmt: skip
                 new = await run_in_threadpool(model.embed, body.items, needed)
         try:  # features, LightGBM and explanations off the event loop (health stays live)
-            return _json(await run_in_threadpool(model.rank, body, new))
+            return _json(await run_in_threadpool(model.rank, body, new, at_us))
         except ConfigError as e:  # a rule names an unknown item or category
             return _error(422, str(e))
 
@@ -483,6 +513,51 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
         except ConfigError as e:
             return _error(422, str(e))
         return _json(await run_in_threadpool(model.recommendations, user_id, k, rules))
+
+    @app.post(
+        "/v1/events",
+        response_model=EventsResponse,
+        tags=["events"],
+        responses={
+            **_ERRORS,
+            409: {"model": ErrorResponse, "description": "events are off (no RECSYS_EVENT_LOG)"},
+            503: {"model": ErrorResponse, "description": "no bundle yet, or the log is unwritable"},
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": EventsRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def events(request: Request) -> Any:
+        """Items, impressions and clicks (at most 1,000 per request), each with an `event_id`
+        (idempotent) and a `ts`. Each event is checked on its own: a bad one is listed in
+        `rejected` with its reason and the others are accepted. An accepted event is written to
+        the event log (fsynced) before this answers, then counted: `/v1/rank` sees it at once,
+        and an `item` event's item is embedded and joins the live catalogue."""
+        store = state.events
+        if store is None:
+            return _error(409, "events are off: start the server with RECSYS_EVENT_LOG=DIR "
+                               "(recsys serve --event-log DIR) to keep features fresh")  # fmt: skip
+        model = _model(request)
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return _error(422, f'the body is not JSON ({e}); send {{"events": [...]}}')
+        raw = body.get("events") if isinstance(body, dict) else None
+        if not isinstance(raw, list) or set(body) != {"events"}:
+            return _error(422, 'the body must be a JSON object {"events": [event, ...]}')
+        if len(raw) > MAX_EVENTS:
+            return _error(
+                422, f"{len(raw)} events in one request; send at most {MAX_EVENTS} per request"
+            )
+        try:
+            result = await run_in_threadpool(store.ingest, model, raw)
+        except OSError as e:
+            logger.error("event log write failed: %s", e)
+            return _error(503, f"could not write the event log ({e}); nothing accepted, retry")
+        return _json(result)
 
     @app.get("/healthz", response_model=Health, response_model_exclude_none=True,
              tags=["operations"])  # fmt: skip
@@ -551,7 +626,7 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
                 return _error(
                     503, f"reload failed ({type(e).__name__}: {e}), still serving {previous}"
                 )
-            state.swap(new, source)
+            await run_in_threadpool(state.swap, new, source)
             metrics.reload(ok=True)
             logger.info("reloaded %s: %s -> %s", source, previous, new.model_version)
             if settings.reload_file is not None:
@@ -617,7 +692,7 @@ async def _follow_reloads(state: AppState, path: Path) -> None:
                 state.metrics.reload(ok=False)
                 logger.error("could not follow the reload to %s: %s", note.source, e)
                 continue
-            state.swap(model, note.source)
+            await run_in_threadpool(state.swap, model, note.source)
             state.metrics.reload(ok=True)
             logger.info("followed the reload to %s (%s)", note.source, model.model_version)
 
@@ -633,7 +708,7 @@ async def _initial_load(state: AppState) -> None:
         state.status, state.detail = "failed", f"could not load {source}: {e}"
         return
     if state.model is None:  # an admin reload may have won the race
-        state.swap(model, source)
+        await run_in_threadpool(state.swap, model, source)
 
 
 def app_from_env() -> FastAPI:
@@ -648,6 +723,7 @@ def serve(
     port: int = 8000,
     workers: int = 1,
     tracking_uri: str | None = None,
+    event_log: str | os.PathLike[str] | None = None,
 ) -> None:
     """Load the bundle (a folder, or a registered MLflow model) and serve it until stopped.
 
@@ -664,11 +740,19 @@ def serve(
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     if workers > 1 and port == 0:
         raise ConfigError("--port 0 (any free port) works with one worker only; give a port")
+    event_log = event_log or os.environ.get("RECSYS_EVENT_LOG")
+    if workers > 1 and event_log:
+        raise ConfigError(
+            "--event-log keeps the live state in one process; with several workers each would "
+            "count only its own events and the log would have several writers. Run one worker "
+            "with --event-log (shared state in Redis is not built yet), or several without it"
+        )
     try:
         settings = Settings(
             bundle=Path(bundle) if bundle is not None else None,  # type: ignore[call-arg]
             model_uri=model_uri,
             tracking_uri=tracking_uri or os.environ.get("RECSYS_TRACKING_URI"),
+            event_log=Path(event_log) if event_log else None,
         )
     except ValidationError as e:
         raise ConfigError(f"server settings: {_details(list(e.errors()))}") from e  # type: ignore[arg-type]

@@ -26,9 +26,10 @@ import numpy as np
 import polars as pl
 
 from features import snapshot_features_numpy
+from features.live import LiveFeatures, derive_matrix, epoch_us, from_us
 from recsys.bundle import Bundle
 from recsys.errors import DataError
-from recsys.featurize import matrix
+from recsys.featurize import ONLINE, matrix
 from recsys.relative import relative_columns, within_request
 from recsys.rules import ListRules, apply_rules
 from recsys.semantic import SEMANTIC_FEATURES, _recency_weights
@@ -178,6 +179,12 @@ class ServingModel:
         self.rules = ListRules.from_dict(bundle.manifest.get("lists", {}).get("rules", {}))
         self.encoder: Any = bundle.encoder("int8") if preload_encoder else None
         self._encoder_lock = threading.Lock()
+        # Live state (events after the cut-off, serving/app.py feeds it): built on first use.
+        # live_lock serialises event writers against feature readers of `_live` and the live
+        # catalogue (ids, vectors, categories of items that came as events).
+        self.live_lock = threading.Lock()
+        self._live: LiveFeatures | None = None
+        self.live_items = NewItems([], np.zeros((0, self.vectors.dim), dtype=np.float32))
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, *, preload_encoder: bool = True) -> ServingModel:
@@ -185,6 +192,74 @@ class ServingModel:
         model = cls(bundle, preload_encoder=preload_encoder)
         model.self_check()
         return model
+
+    # ------------------------------------------------------------------ live state
+
+    def live(self) -> LiveFeatures:
+        """The live feature state (the snapshot plus events since), built on first use; call
+        with `live_lock` held."""
+        if self._live is None:
+            self._live = LiveFeatures(self.bundle.snapshot)
+        return self._live
+
+    def moment(self, at_us: int) -> int:
+        """The moment whose features a request at `at_us` gets: itself for a bundle trained on
+        online features, else the start of its refresh period (never before the cut-off)."""
+        if self.spec.refresh == ONLINE:
+            return at_us
+        start = pl.select(pl.lit(from_us(at_us)).dt.truncate(self.spec.refresh)).item()
+        return max(epoch_us(start), self.as_of_us)
+
+    def with_live(self, new: NewItems | None) -> NewItems | None:
+        """The items that came as events, then `new` (a request's own texts), as one block."""
+        live = self.live_items
+        if not live.ids:
+            return new
+        if new is None or not new.ids:
+            return live
+        return NewItems([*live.ids, *new.ids], np.vstack([live.matrix, new.matrix]))
+
+    def apply_events(self, events: Sequence[dict[str, Any]], vectors: NewItems | None) -> None:
+        """Count normalised events (serving/events.py) into the live state; `vectors` holds the
+        item events' embeddings (None without semantic features). Holds `live_lock`."""
+        with self.live_lock:
+            live = self.live()
+            if vectors is not None and vectors.ids:
+                self._add_live_vectors(vectors)
+            for e in events:
+                kind, ts = e["type"], epoch_us(datetime.fromisoformat(e["ts"]))
+                if kind == "item":
+                    pub = e.get("published_at")
+                    live.add_item(
+                        e["item_id"], e.get("category"), e.get("subcategory"),
+                        epoch_us(datetime.fromisoformat(pub)) if pub else None,
+                    )  # fmt: skip
+                    self.known_items.add(e["item_id"])
+                    if e.get("category"):
+                        self.item_category[e["item_id"]] = e["category"]
+                        self.categories.add(e["category"])
+                elif kind == "impression":
+                    live.add_impression(e["request_id"], e["user_id"], ts, e["items"])
+                    self.known_users.add(e["user_id"])
+                else:
+                    live.add_click(e["user_id"], e["item_id"], ts, e.get("request_id"))
+                    self.known_users.add(e["user_id"])
+
+    def _add_live_vectors(self, vectors: NewItems) -> None:
+        live = self.live_items
+        index = live.index
+        matrix_ = live.matrix.copy()
+        ids = list(live.ids)
+        fresh = []
+        for n, item in enumerate(vectors.ids):
+            if item in index:  # a changed item: its new text's vector replaces the old one
+                matrix_[index[item]] = vectors.matrix[n]
+            elif item not in self.vectors.index:
+                fresh.append(n)
+                ids.append(item)
+        if fresh:
+            matrix_ = np.vstack([matrix_, vectors.matrix[fresh]])
+        self.live_items = NewItems(ids, matrix_)
 
     # ------------------------------------------------------------------ features
 
@@ -194,20 +269,37 @@ class ServingModel:
         candidates: Sequence[str],
         history: Sequence[str] = (),
         new: NewItems | None = None,
+        at_us: int | None = None,
     ) -> np.ndarray:
         """The ranker's feature matrix (len(candidates), len(columns)) float64, NaN = missing.
 
-        Equals `matrix(bundle.featurize(requests, extra_history=..., vectors=...), columns)` for
-        rows (user_id or ANONYMOUS, c) and extra history (user, h) for h in `history`, with
-        `vectors` the bundle's plus `new` appended.
+        Without `at_us`: equals `matrix(bundle.featurize(requests, extra_history=...,
+        vectors=...), columns)` for rows (user_id or ANONYMOUS, c) and extra history (user, h)
+        for h in `history`, with `vectors` the bundle's plus `new` appended: the snapshot at the
+        cut-off. With `at_us`: as of `moment(at_us)` from the live state (features/live.py),
+        the history extended by the user's clicks before then, the live catalogue's vectors
+        joining the bundle's; equal to the offline point-in-time features of the same moment.
         """
         n = len(candidates)
         base = np.empty((n, self.n_base))
-        base[:, : self.n_behavioural] = snapshot_features_numpy(
-            self.bundle.snapshot, user_id, candidates, extra_history=history
-        )
+        moment = None
+        if at_us is None:
+            base[:, : self.n_behavioural] = snapshot_features_numpy(
+                self.bundle.snapshot, user_id, candidates, extra_history=history
+            )
+            live_history: list[tuple[int, str]] = []
+        else:
+            moment = self.moment(at_us)
+            with self.live_lock:
+                live = self.live()
+                raw = live.raw(user_id, candidates, moment, history)
+                live_history = live.history_before(user_id, moment) if user_id is not None else []
+                new = self.with_live(new)
+            base[:, : self.n_behavioural] = derive_matrix(raw, live.config)
         if self.spec.use_semantic:
-            base[:, self.n_behavioural :] = self._semantic(user_id, candidates, history, new)
+            base[:, self.n_behavioural :] = self._semantic(
+                user_id, candidates, history, new, live_history, moment
+            )
         rel = within_request(base[:, self.relative_idx], np.zeros(n, dtype=np.int64))
         return np.hstack([base, rel])[:, self.model_idx]
 
@@ -217,6 +309,8 @@ class ServingModel:
         candidates: Sequence[str],
         history: Sequence[str],
         new: NewItems | None,
+        live_history: Sequence[tuple[int, str]] = (),
+        moment: int | None = None,
     ) -> np.ndarray:
         """The SEMANTIC_FEATURES block (K, 5) of one context, as `semantic_features` computes it
         for a chunk of that single context (B = 1): same gathers, products and reductions."""
@@ -239,8 +333,9 @@ class ServingModel:
             out[~base] = new.matrix[rows[~base] - nb]
             return out
 
-        # The window: the user's stored history then the request's history (at as_of - 1us),
-        # items without a vector skipped, the last max_history kept.
+        # The window: the user's stored history, their clicks since the cut-off (live), then
+        # the request's history (at the moment - 1us), items without a vector skipped, the last
+        # max_history kept.
         h = self.histories
         lo, hi = h.ptr.get(user_id, (0, 0)) if user_id is not None else (0, 0)
         rows = h.vrow[lo:hi]
@@ -249,10 +344,14 @@ class ServingModel:
             missing = np.flatnonzero(rows < 0)
             rows[missing] = [row_of(i) for i in h.item_ids[lo:hi][missing]]
         ts = h.ts[lo:hi]
+        if live_history:
+            rows = np.concatenate([rows, [row_of(i) for _, i in live_history]]).astype(np.int64)
+            ts = np.concatenate([ts, [float(t) for t, _ in live_history]])
         if history:
+            at = self.as_of_us if moment is None else moment
             extra = np.fromiter((row_of(i) for i in history), np.int64, len(history))
             rows = np.concatenate([rows, extra])
-            ts = np.concatenate([ts, np.full(len(history), float(self.as_of_us - 1))])
+            ts = np.concatenate([ts, np.full(len(history), float(at - 1))])
         keep = rows >= 0
         rows, ts = rows[keep][-self.spec.max_history :], ts[keep][-self.spec.max_history :]
         m, k = rows.size, len(candidates)
@@ -314,6 +413,9 @@ class ServingModel:
         todo = [i for i in items if i.item_id in needed and i.item_id not in self.vectors.index]
         if not todo or not self.spec.use_semantic:
             return None
+        return self._embed_texts(todo)
+
+    def _embed_texts(self, todo: Sequence[ItemText]) -> NewItems:
         from recsys.encoder import item_texts
 
         encoder = self.text_encoder()
@@ -327,6 +429,16 @@ class ServingModel:
         fresh = ItemVectors.from_arrays([i.item_id for i in todo], emb)
         return NewItems(fresh.ids, fresh.matrix)
 
+    def embed_events(self, items: Sequence[dict[str, Any]]) -> NewItems | None:
+        """Vectors of item events (normalised dicts), embedded as `embed` does; None without
+        semantic features or items."""
+        if not items or not self.spec.use_semantic:
+            return None
+        texts = [ItemText.model_validate({k: e[k] for k in ItemText.model_fields if k in e})
+                 for e in items]  # fmt: skip
+        last = {t.item_id: t for t in texts}  # the latest text of an item sent twice
+        return self._embed_texts(list(last.values()))
+
     def strategy(self, user_id: str | None, history: Sequence[str]) -> str:
         known = user_id is not None and user_id in self.known_users
         if known and history:
@@ -335,7 +447,9 @@ class ServingModel:
             return "profile"
         return "history" if history else "popularity"
 
-    def rank(self, req: RankRequest, new: NewItems | None = None) -> dict[str, Any]:
+    def rank(
+        self, req: RankRequest, new: NewItems | None = None, at_us: int | None = None
+    ) -> dict[str, Any]:
         """Rank `req.candidates`; returns the `RankResponse` wire format as plain dicts and
         lists (built without pydantic objects: this is the hot path; the app encodes it and the
         tests validate it against `RankResponse`). See serving/app.py for the contract."""
@@ -372,7 +486,7 @@ class ServingModel:
                     it["explanation"] = [{"feature": "popularity", "value": s, "contribution": s}]
         else:
             user = req.user_id if strategy != "history" else None
-            x = self.features(user, cands, req.history, new)
+            x = self.features(user, cands, req.history, new, at_us)
             scores = self.predict(x)
             if not np.isfinite(scores).all():
                 raise DataError("the ranker returned a non-finite score; the bundle is broken")

@@ -7,15 +7,25 @@ Responses are separate models so the wire format of answers is documented and te
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    model_validator,
+)
 
 MAX_CANDIDATES = 1000
 MAX_HISTORY = 1000
 MAX_NEW_ITEMS = 100  # items embedded per request (the int8 encoder costs ~ms per item)
 MAX_K = 1000
 MAX_EXCLUDED_CATEGORIES = 100
+MAX_EVENTS = 1000
 EXPLAIN_TOP = 5
 
 ItemId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
@@ -105,6 +115,11 @@ class RankRequest(BaseModel):
     max_per_category: int | None = Field(
         default=None, ge=0, le=MAX_K, description="at most this many items per category; 0 = no cap"
     )
+    at: AwareDatetime | None = Field(
+        default=None,
+        description="the moment the features describe (ISO 8601 with a time zone; default now "
+        "when the server takes events, else the bundle's cut-off); at or after the cut-off",
+    )
     diversity: float | None = Field(
         default=None,
         ge=0.0,
@@ -123,6 +138,107 @@ class RankRequest(BaseModel):
         if dup:
             raise ValueError(f"items must have distinct item_id; repeated: {dup[:10]}")
         return self
+
+
+# ------------------------------------------------------------------ events
+
+_Category = Annotated[str, StringConstraints(max_length=256)]
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    event_id: Annotated[str, StringConstraints(min_length=1, max_length=256)] = Field(
+        description="unique per event: a repeated id is counted once"
+    )
+    ts: datetime = Field(description="when it happened (ISO 8601; without a zone: UTC)")
+
+    @model_validator(mode="after")
+    def _utc(self) -> _Event:
+        for name in ("ts", "published_at"):
+            value = getattr(self, name, None)
+            if isinstance(value, datetime):
+                fixed = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+                object.__setattr__(self, name, fixed)
+        return self
+
+
+class ItemEvent(_Event):
+    """A new or changed item: embedded with the bundle's encoder, it joins the live catalogue."""
+
+    type: Literal["item"]
+    item_id: ItemId
+    title: Annotated[str, StringConstraints(min_length=1, max_length=2_000)]
+    description: Text | None = None
+    category: _Category | None = None
+    subcategory: _Category | None = None
+    published_at: datetime | None = None
+
+
+class ImpressionEvent(_Event):
+    """A shown list, in order (request_id: the list's id, which clicks refer to)."""
+
+    type: Literal["impression"]
+    user_id: ItemId
+    request_id: ItemId
+    items: list[ItemId] = Field(min_length=1, max_length=MAX_CANDIDATES)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ImpressionEvent:
+        dup = _duplicates(self.items)
+        if dup:
+            raise ValueError(f"items must be distinct; repeated: {dup[:10]}")
+        return self
+
+
+class ClickEvent(_Event):
+    """A click; it also extends the user's history. With the request_id of an impression that
+    showed the item, it is that shown row's click."""
+
+    type: Literal["click"]
+    user_id: ItemId
+    item_id: ItemId
+    request_id: ItemId | None = None
+
+
+Event = Annotated[ItemEvent | ImpressionEvent | ClickEvent, Field(discriminator="type")]
+EVENT = TypeAdapter(Event)
+
+
+class EventsRequest(BaseModel):
+    """Up to 1,000 events. Each is checked on its own: bad ones are rejected with a reason and
+    the others are accepted."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "events": [
+                        {"event_id": "e1", "type": "item", "ts": "2026-12-01T08:00:00Z",
+                         "item_id": "n9", "title": "Comet seen", "category": "science"},
+                        {"event_id": "e2", "type": "impression", "ts": "2026-12-01T08:01:00Z",
+                         "user_id": "u1", "request_id": "r1", "items": ["n9", "n3"]},
+                        {"event_id": "e3", "type": "click", "ts": "2026-12-01T08:01:09Z",
+                         "user_id": "u1", "item_id": "n9", "request_id": "r1"},
+                    ]
+                }
+            ]
+        },
+    )  # fmt: skip
+
+    events: list[Event] = Field(max_length=MAX_EVENTS)
+
+
+class Rejected(BaseModel):
+    index: int = Field(description="position of the event in the request's list")
+    reason: str
+
+
+class EventsResponse(BaseModel):
+    accepted: int = Field(description="events written to the event log and applied")
+    duplicates: int = Field(description="events whose event_id was seen before (not counted)")
+    rejected: list[Rejected]
 
 
 class Contribution(BaseModel):

@@ -7,6 +7,8 @@ RECSYS_ADMIN_TOKEN=...                  bearer token of POST /v1/admin/reload (u
 RECSYS_MAX_BODY_BYTES=1048576           larger request bodies get 413
 RECSYS_PRELOAD_ENCODER=true             load the int8 encoder at start (new-item embedding)
 RECSYS_PREDICT_THREADS=1                LightGBM threads per prediction (1: workers scale)
+RECSYS_EVENT_LOG=/path/to/events        event log folder: turns on POST /v1/events and features
+                                        as of now (unset: events off, features as of the cut-off)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Settings(BaseSettings):
     preload_encoder: bool = True
     native_threads: int = Field(default=1, ge=1, le=256)
     reload_file: Path | None = None
+    event_log: Path | None = None
     reload_poll_seconds: float = Field(default=1.0, gt=0, le=3600)
 
     @model_validator(mode="after")

@@ -1,0 +1,131 @@
+"""The event log: append-only JSON-lines segments in one folder, durable before acknowledged.
+
+    log = EventLog(directory)          # recovers a torn tail left by a crash
+    log.append([{...}, ...])           # one write + fsync per batch; returns once on disk
+    for event in log.read(): ...       # every event, in append order
+
+A batch is written with one `write` of complete lines and `fsync`ed (the folder too when a
+segment is created) before `append` returns, so an acknowledged event survives a crash. A crash
+inside a write leaves at most a partial last line in the newest segment; opening the log cuts
+it off (that batch was never acknowledged). Segments are `events-<first event number>.jsonl`,
+a new one once the current passes `segment_bytes`; closed segments never change. Each event is
+a JSON object (the API's normalised event: event_id, type, ts in ISO 8601, its fields).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from recsys.errors import DataError
+
+PREFIX, SUFFIX = "events-", ".jsonl"
+SEGMENT_BYTES = 64 * 1024 * 1024
+
+
+class EventLog:
+    """One writer process per folder (the API worker that owns it); readers may be anywhere."""
+
+    def __init__(self, directory: str | os.PathLike[str], segment_bytes: int = SEGMENT_BYTES):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.segment_bytes = segment_bytes
+        self._lock = threading.Lock()
+        segments = self.segments()
+        self.count = 0
+        self.recovered_bytes = 0
+        if segments:
+            self.recovered_bytes = _cut_torn_tail(segments[-1])
+            self.count = _first_number(segments[-1]) + _count_lines(segments[-1])
+        self._current = segments[-1] if segments else None
+
+    def segments(self) -> list[Path]:
+        """The segment files, oldest first."""
+        found = [p for p in self.directory.glob(f"{PREFIX}*{SUFFIX}") if p.is_file()]
+        return sorted(found, key=_first_number)
+
+    def append(self, events: list[dict[str, Any]]) -> None:
+        """Write `events` as complete lines and fsync them; raises OSError if the disk fails."""
+        if not events:
+            return
+        data = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in events).encode()
+        with self._lock:
+            current = self._current
+            if current is None or current.stat().st_size >= self.segment_bytes:
+                current = self.directory / f"{PREFIX}{self.count:012d}{SUFFIX}"
+                fd = os.open(current, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                _fsync_dir(self.directory)
+            else:
+                fd = os.open(current, os.O_WRONLY | os.O_APPEND)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._current = current
+            self.count += len(events)
+
+    def read(self) -> Iterator[dict[str, Any]]:
+        """Every event in append order (a line that is not JSON is a DataError naming it)."""
+        for path in self.segments():
+            with path.open("rb") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.endswith(b"\n"):
+                        break  # a batch being written right now: not acknowledged yet
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(
+                            f"{path}:{n}: not a JSON event ({e}); the event log is damaged"
+                        ) from e
+
+
+def _first_number(path: Path) -> int:
+    try:
+        return int(path.name[len(PREFIX) : -len(SUFFIX)])
+    except ValueError:
+        return -1
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def _cut_torn_tail(path: Path) -> int:
+    """Truncate `path` after its last newline; returns the bytes cut (0 when it ends cleanly)."""
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with path.open("rb+") as f:
+        pos, keep = size, 0
+        while pos > 0:
+            step = min(1 << 16, pos)
+            f.seek(pos - step)
+            block = f.read(step)
+            nl = block.rfind(b"\n")
+            if nl >= 0:
+                keep = pos - step + nl + 1
+                break
+            pos -= step
+        if keep == size:
+            return 0
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    return size - keep
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
