@@ -59,7 +59,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     from recsys.importers import import_source
 
     t0 = time.perf_counter()
-    result = import_source(args.format, args.src, min_rating=args.min_rating)
+    result = import_source(args.format, args.src, min_rating=args.min_rating, base=args.base)
     v = result.validated
     write_dataset(args.out, v, source={"format": args.format, "path": str(args.src)})
     rows = [{"table": t, **c} for t, c in v.counts().items()]
@@ -272,17 +272,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "import",
-        help="import MIND, MovieLens, H&M or canonical Parquet into a dataset directory",
+        help="import MIND, MovieLens, H&M, canonical Parquet or the API's event log into a "
+        "dataset directory",
         description="Convert a source layout into a validated dataset directory. Rows that break "
         "a contract go to rejects.parquet with the reason.",
     )
     p.add_argument(
-        "--format", required=True, choices=["mind", "movielens", "hm", "parquet"], help="layout"
+        "--format",
+        required=True,
+        choices=["mind", "movielens", "hm", "parquet", "events"],
+        help="layout",
     )
     p.add_argument("src", help="source folder")
     p.add_argument("--out", required=True, help="dataset directory to write")
     p.add_argument(
         "--min-rating", type=float, default=4.0, help="movielens: positive rating threshold"
+    )
+    p.add_argument(
+        "--base",
+        default=None,
+        help="events: the dataset directory the event log extends (its catalogue and log)",
     )
     p.set_defaults(func=_cmd_import)
 

@@ -28,18 +28,32 @@ SEGMENT_BYTES = 64 * 1024 * 1024
 
 
 class EventLog:
-    """One writer process per folder (the API worker that owns it); readers may be anywhere."""
+    """One writer process per folder (the API worker that owns it); readers may be anywhere.
 
-    def __init__(self, directory: str | os.PathLike[str], segment_bytes: int = SEGMENT_BYTES):
+    writer=False opens an existing log to read it (the importer): nothing is created or cut,
+    so a reader never touches a batch a running server is writing."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        segment_bytes: int = SEGMENT_BYTES,
+        *,
+        writer: bool = True,
+    ) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.writer = writer
+        if writer:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        elif not self.directory.is_dir():
+            raise DataError(f"{self.directory}: no such event log folder")
         self.segment_bytes = segment_bytes
         self._lock = threading.Lock()
         segments = self.segments()
         self.count = 0
         self.recovered_bytes = 0
         if segments:
-            self.recovered_bytes = _cut_torn_tail(segments[-1])
+            if writer:
+                self.recovered_bytes = _cut_torn_tail(segments[-1])
             self.count = _first_number(segments[-1]) + _count_lines(segments[-1])
         self._current = segments[-1] if segments else None
 
@@ -50,6 +64,8 @@ class EventLog:
 
     def append(self, events: list[dict[str, Any]]) -> None:
         """Write `events` as complete lines and fsync them; raises OSError if the disk fails."""
+        if not self.writer:
+            raise DataError(f"{self.directory}: opened for reading; open it with writer=True")
         if not events:
             return
         data = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in events).encode()

@@ -117,6 +117,7 @@ class RankRequest(BaseModel):
     )
     at: AwareDatetime | None = Field(
         default=None,
+        strict=False,  # an ISO 8601 string in JSON (strict mode would want a datetime object)
         description="the moment the features describe (ISO 8601 with a time zone; default now "
         "when the server takes events, else the bundle's cut-off); at or after the cut-off",
     )

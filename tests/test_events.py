@@ -1,0 +1,240 @@
+# ruff: noqa: F811  (pytest fixtures imported from conftest_serving are re-bound as arguments)
+"""Events into the API (real uvicorn servers on 127.0.0.1): validation per event, idempotency,
+the durable event log, replay on restart, and online features equal to the offline path."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import polars as pl
+import pytest
+from conftest_serving import (  # noqa: F401  (fixtures)
+    bundle_dir,
+    client,
+    empty_server,
+    live_server,
+    serving_run,
+)
+
+from recsys.bundle import Bundle
+from recsys.data.dataset import Dataset, read_dataset, write_dataset
+from recsys.eventlog import EventLog
+from serving.app import create_app
+from serving.ranking import ServingModel
+from serving.settings import Settings
+
+# ------------------------------------------------------------------ the event log (fast)
+
+
+def test_event_log_appends_reads_and_rotates(tmp_path: Path) -> None:
+    log = EventLog(tmp_path, segment_bytes=200)
+    batches = [[{"event_id": f"e{b}-{i}", "n": i} for i in range(3)] for b in range(4)]
+    for b in batches:
+        log.append(b)
+    assert len(log.segments()) > 1  # rotated past 200 bytes
+    assert list(log.read()) == [e for b in batches for e in b]
+    again = EventLog(tmp_path, segment_bytes=200)
+    assert again.count == 12 and again.recovered_bytes == 0
+    again.append([{"event_id": "last"}])
+    assert [e["event_id"] for e in EventLog(tmp_path).read()][-2:] == ["e3-2", "last"]
+
+
+def test_event_log_cuts_a_torn_tail(tmp_path: Path) -> None:
+    log = EventLog(tmp_path)
+    log.append([{"event_id": "a"}, {"event_id": "b"}])
+    segment = log.segments()[-1]
+    with segment.open("ab") as f:
+        f.write(b'{"event_id": "half-writ')  # a crash inside a write
+    assert [e["event_id"] for e in log.read()] == ["a", "b"]  # never read, even before recovery
+    reopened = EventLog(tmp_path)
+    assert reopened.recovered_bytes == len(b'{"event_id": "half-writ')
+    reopened.append([{"event_id": "c"}])
+    assert [e["event_id"] for e in EventLog(tmp_path).read()] == ["a", "b", "c"]
+
+
+def test_events_are_off_without_an_event_log(empty_server: Any, client: httpx.Client) -> None:
+    r = client.post(f"{empty_server.url}/v1/events", json={"events": []})
+    assert r.status_code == 409 and "RECSYS_EVENT_LOG" in r.json()["error"]
+
+
+# ------------------------------------------------------------------ the API (slow)
+
+
+def _events_server(bundle: Path, log_dir: Path) -> Iterator[Any]:
+    model = ServingModel.from_bundle(Bundle.load(bundle), preload_encoder=True)  # its own state
+    settings = Settings(bundle=bundle, event_log=log_dir)  # type: ignore[call-arg]
+    yield from live_server(create_app(settings, model=model))
+
+
+@pytest.fixture
+def events_server(bundle_dir: Path, tmp_path: Path) -> Iterator[Any]:
+    yield from _events_server(bundle_dir, tmp_path / "events")
+
+
+def _iso(t: Any) -> str:
+    return t.isoformat().replace("+00:00", "Z")
+
+
+@pytest.mark.slow
+def test_each_event_is_checked_alone(events_server: Any, client: httpx.Client) -> None:
+    url = f"{events_server.url}/v1/events"
+    cut = events_server.state.model.bundle.snapshot.as_of
+    ok = {"event_id": "i1", "type": "item", "ts": _iso(cut), "item_id": "new-1", "title": "Hi"}
+    events = [
+        ok,
+        {"event_id": "x", "type": "purchase", "ts": _iso(cut)},
+        {"event_id": "c1", "type": "click", "ts": "yesterday", "user_id": "u", "item_id": "a"},
+        {"event_id": "m1", "type": "impression", "ts": _iso(cut), "user_id": "u",
+         "request_id": "r", "items": ["a", "a"]},
+        {"event_id": "i1", "type": "item", "ts": _iso(cut), "item_id": "new-1", "title": "Hi"},
+        "not an object",
+    ]  # fmt: skip
+    r = client.post(url, json={"events": events})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["accepted"] == 1 and body["duplicates"] == 1
+    assert [x["index"] for x in body["rejected"]] == [1, 2, 3, 5]
+    reasons = [x["reason"] for x in body["rejected"]]
+    assert "purchase" in reasons[0] and "ts" in reasons[1] and "distinct" in reasons[2]
+    again = client.post(url, json={"events": [ok]}).json()
+    assert again == {"accepted": 0, "duplicates": 1, "rejected": []}
+    for bad, status in (
+        ("[1, 2]", 422), ('{"events": 3}', 422), ("{nope", 422),
+        (json.dumps({"events": [ok] * 1001}), 422),
+    ):  # fmt: skip
+        r = client.post(url, content=bad, headers={"content-type": "application/json"})
+        assert r.status_code == status, (bad[:20], r.text)
+        assert "error" in r.json()
+    early = client.post(
+        f"{events_server.url}/v1/rank",
+        json={"user_id": "u", "candidates": ["a"], "at": _iso(cut - timedelta(seconds=1))},
+    )
+    assert early.status_code == 422 and "cut-off" in early.json()["error"]
+    assert "new-1" in events_server.state.model.live_items.ids  # embedded, in the live catalogue
+
+
+def _replay_plan(data: Dataset, as_of: Any, n: int) -> pl.DataFrame:
+    """The last n impressions before the bundle's cut-off (the end of its data), moved to just
+    after it with their spacing kept, under new impression ids: the traffic of the next hours."""
+    before = data.impressions.filter(pl.col("ts") < as_of).sort("ts", "impression_id", "position")
+    last = before["impression_id"].unique(maintain_order=True).tail(n)
+    plan = before.filter(pl.col("impression_id").is_in(last.implode()))
+    shift = as_of - plan["ts"].min() + timedelta(minutes=1)
+    return plan.with_columns(
+        pl.col("ts") + shift,
+        ("next-" + pl.col("impression_id").cast(pl.String)).alias("impression_id"),
+    )
+
+
+@pytest.mark.slow
+def test_replay_through_the_api_equals_the_offline_online_features(
+    serving_run: Any, bundle_dir: Path, tmp_path: Path, client: httpx.Client
+) -> None:
+    """Impressions after the cut-off replayed in time order: rank (at = its time, its shown list
+    and a new item's text as an item event), then its impression and clicks. The API's scores
+    equal the ranker on the offline point-in-time features of a dataset holding the same events
+    (online freshness); a restarted server replays the log and ranks the same."""
+    from pipelines.nightly import _read_tables
+    from recsys.featurize import matrix, point_in_time_frame
+
+    data = _read_tables(Path(serving_run.run_dir) / "validate")
+    log_dir = tmp_path / "events"
+    servers = _events_server(bundle_dir, log_dir)
+    server = next(servers)
+    model: ServingModel = server.state.model
+    as_of = model.bundle.snapshot.as_of
+    plan = _replay_plan(data, as_of, 40)
+    first_ts = plan["ts"].min()
+    new_item = {"event_id": "item-new", "type": "item", "ts": _iso(first_ts), "item_id": "fresh-1",
+                "title": data.items["title"][0], "category": data.items["category"][0]}  # fmt: skip
+    r = client.post(f"{server.url}/v1/events", json={"events": [new_item]})
+    assert r.json()["accepted"] == 1
+
+    served, requests, clicks, shown = [], [], [], []
+    for n, ((imp,), rows) in enumerate(plan.group_by("impression_id", maintain_order=True)):
+        user, ts = rows["user_id"][0], rows["ts"][0]
+        items = rows["item_id"].to_list()
+        cands = [*items, "fresh-1"] if n % 3 == 0 else items
+        r = client.post(f"{server.url}/v1/rank",
+                        json={"user_id": user, "candidates": cands, "at": _iso(ts)})  # fmt: skip
+        assert r.status_code == 200, r.text
+        scores = {i["item_id"]: i["score"] for i in r.json()["items"]}
+        served += [scores[c] for c in cands]
+        requests += [{"request_id": str(imp), "user_id": user, "ts": ts, "item_id": c}
+                     for c in cands]  # fmt: skip
+        events = [{"event_id": f"imp-{imp}", "type": "impression", "ts": _iso(ts),
+                   "user_id": user, "request_id": str(imp), "items": items}]  # fmt: skip
+        for item in rows.filter(pl.col("clicked"))["item_id"].to_list():
+            click_ts = ts + timedelta(seconds=20)
+            events.append({"event_id": f"click-{imp}-{item}", "type": "click",
+                           "ts": _iso(click_ts), "user_id": user, "item_id": item,
+                           "request_id": str(imp)})  # fmt: skip
+            clicks.append({"user_id": user, "item_id": item, "ts": click_ts, "weight": 1.0})
+        shown.append(rows)
+        r = client.post(f"{server.url}/v1/events", json={"events": events})
+        assert r.json()["accepted"] == len(events), r.text
+
+    # Offline: the bundle's data plus the event log, imported as the nightly would import it
+    # (`recsys import --format events LOG --base DATA`): what the API served is what it trains on.
+    write_dataset(tmp_path / "base", data)
+    cli = [sys.executable, "-m", "recsys.cli", "import", "--format", "events", str(log_dir),
+           "--base", str(tmp_path / "base"), "--out", str(tmp_path / "next")]  # fmt: skip
+    subprocess.run(cli, check=True, capture_output=True, text=True)
+    full = read_dataset(tmp_path / "next")
+    assert json.loads((tmp_path / "next" / "manifest.json").read_text())["rejects"] == 0
+    assert full.impressions.height == data.impressions.height + plan.height
+    assert full.interactions.height == data.interactions.height + len(clicks)
+    assert full.impressions["clicked"].sum() == data.impressions["clicked"].sum() + len(clicks)
+    vectors = model.bundle.vectors
+    live = model.live_items
+    from recsys.vectors import ItemVectors
+
+    ids = [*vectors.ids, *live.ids]
+    all_vectors = ItemVectors(ids, np.vstack([vectors.matrix, live.matrix]),
+                              {i: k for k, i in enumerate(ids)})  # fmt: skip
+    req = pl.DataFrame(requests, schema_overrides={"ts": pl.Datetime("us", "UTC")})
+    online = dataclasses.replace(model.spec, refresh="online")
+    moments = [model.moment(int(t)) for t in req["ts"].dt.epoch("us").to_list()]
+    at = req.with_columns(pl.Series("ts", moments).cast(pl.Datetime("us", "UTC")))
+    x = matrix(point_in_time_frame(online, at, full, all_vectors), model.columns)
+    want = model.predict(x)
+    np.testing.assert_allclose(np.array(served), want, rtol=0, atol=1e-5)
+    live_state = model.live()
+    assert len(live_state.impressions) == 40 and len(live_state._clicked) == len(clicks) > 0
+    assert len(set(np.round(served, 9))) > 10  # the scores are not one constant
+
+    # In process, the same rows' features (behavioural 1e-9, cosines float32 rounding).
+    got = np.vstack([
+        model.features(u, list(g["item_id"]), at_us=int(g["ts"].dt.epoch("us")[0]))
+        for (_, u), g in req.group_by("request_id", "user_id", maintain_order=True)
+    ])  # fmt: skip
+    exact = [j for j, c in enumerate(model.columns) if not c.startswith("sem_")]
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(x))
+    np.testing.assert_allclose(
+        np.nan_to_num(got[:, exact]), np.nan_to_num(x[:, exact]), rtol=0, atol=1e-9
+    )
+
+    # A restart replays the log: the same scores for the last request.
+    last = requests[-len(cands) :]
+    body = {"user_id": last[0]["user_id"], "candidates": [r["item_id"] for r in last],
+            "at": _iso(last[0]["ts"] + timedelta(hours=1))}  # fmt: skip
+    before_restart = client.post(f"{server.url}/v1/rank", json=body).json()
+    next(servers, None)  # stops the first server
+    again = _events_server(bundle_dir, log_dir)
+    restarted = next(again)
+    try:
+        after_restart = client.post(f"{restarted.url}/v1/rank", json=body).json()
+        assert after_restart["items"] == before_restart["items"]
+        logged = 1 + sum(1 + int(r["clicked"].sum()) for r in shown)
+        assert restarted.state.events.log.count == logged
+    finally:
+        again.close()
