@@ -72,6 +72,9 @@ class PipelineConfig:
     # on the rest, so no ranker row has semantic features from an encoder fitted on it.
     encoder_fraction: float = 0.5
     refit: bool = True  # after early stopping, retrain the ranker on train + validation
+    # the ranker each mode ships: "auto" = lgbm_full only when it beats lgbm_behavioural by more
+    # than tracking.promote_margin_se standard errors; or always "lgbm_full" / "lgbm_behavioural"
+    ship: str = "auto"
     # published bundle versions kept in RUN_DIR/bundles (RUN_DIR/bundles/current: the newest)
     keep_bundles: int = 3
     seed: int = 0
@@ -86,6 +89,10 @@ class PipelineConfig:
                 f"pipeline.encoder_fraction must be in (0, 1), got {self.encoder_fraction}"
             )
         check_refresh(self.refresh, "pipeline.refresh")
+        if self.ship not in SHIP_CHOICES:
+            raise ConfigError(
+                f"pipeline.ship must be one of {list(SHIP_CHOICES)}, got {self.ship!r}"
+            )
         if not 0.0 <= self.sampled_popular_share <= 1.0:
             raise ConfigError(
                 f"pipeline.sampled_popular_share must be in [0, 1], got "
@@ -117,6 +124,9 @@ class PipelineConfig:
             "category": self.k_category,
             "fresh": self.k_fresh,
         }
+
+
+SHIP_CHOICES = ("auto", "lgbm_full", "lgbm_behavioural")
 
 
 @dataclass(frozen=True)

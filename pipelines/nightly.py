@@ -65,6 +65,9 @@ MODELS = (
 # The simple baselines every model is compared with (paired, per impression).
 BASELINES = ("random", "popularity", "smoothed_ctr", "recent_clicks")
 MAX_SAMPLED_IMPRESSIONS = 60_000
+# Feature freshness modes, each with its own rankers and table (see freshness_note).
+BATCH = "batch"
+MODES = (BATCH, ONLINE)
 
 
 @dataclass
@@ -82,6 +85,8 @@ class NightlyResult:
     versus: str = ""
     full_vs_behavioural: dict[str, float] = field(default_factory=dict)
     shipped_ranker: dict[str, str] = field(default_factory=dict)  # name, reason
+    # the online mode's test, versus, full_vs_behavioural, shipped_ranker, freshness, validation
+    online: dict[str, Any] = field(default_factory=dict)
     finetune: dict[str, Any] = field(default_factory=dict)
     lists: dict[str, Any] = field(default_factory=dict)  # list metrics, retrieval sources
     mlflow_run_id: str | None = None
@@ -415,18 +420,26 @@ def run_nightly(
         vectors = ItemVectors.from_parquet(st_emb.path / "item_vectors.parquet")
         frozen = ItemVectors.from_parquet(st_emb.path / "item_vectors_frozen.parquet")
 
-        # 5. features (point in time) ----------------------------------------
+        # 5. features (point in time), once per freshness mode -------------------
+        # online: every row as of its own moment (the API with events). batch: training rows
+        # as of their refresh period's start, test rows as of the cut-off (the nightly lists
+        # and an API without events). One ranker is trained per mode, for the mode it serves.
+        online_spec = dataclasses.replace(spec, refresh=ONLINE)
+
         def do_features(work: Path, _prev: Path | None) -> dict[str, Any]:
             req = _requests(imp)
-            frame = point_in_time_frame(
-                dataclasses.replace(spec, use_semantic=True), req, data, vectors
-            )
-            frozen_cos = semantic_only(spec, req, data, frozen)["sem_cos_mean"].alias(
-                "sem_cos_mean_frozen"
-            )
-            frame = frame.with_columns(frozen_cos, imp["clicked"], imp["split"], imp["position"])
-            write_parquet(frame, work / "features.parquet")
-            return {"rows": frame.height, "columns": spec.columns}
+            every = dataclasses.replace(online_spec, use_semantic=True)
+            for mode in MODES:
+                at = req if mode == ONLINE else _batch_moments(req, imp, spec, test_at)
+                frame = point_in_time_frame(every, at, data, vectors)
+                frozen_cos = semantic_only(every, at, data, frozen)["sem_cos_mean"].alias(
+                    "sem_cos_mean_frozen"
+                )
+                frame = frame.with_columns(
+                    req["ts"], frozen_cos, imp["clicked"], imp["split"], imp["position"]
+                )
+                write_parquet(frame, work / _feature_file(mode))
+            return {"rows": imp.height, "columns": spec.columns, "modes": list(MODES)}
 
         st_feat = runner.run(
             "features",
@@ -437,13 +450,14 @@ def run_nightly(
                 "features": cfg.section("features"),
                 "semantic": [pc.max_history, pc.half_life_days],
                 "columns": [pc.stable_features, pc.refresh],
+                "modes": list(MODES),
             },
             do_features,
         )
-        frame = pl.read_parquet(st_feat.path / "features.parquet")
-        train = frame.filter(pl.col("split") == "train")
-        valid = frame.filter(pl.col("split") == "valid")
-        test = frame.filter(pl.col("split") == "test")
+        frames = {m: pl.read_parquet(st_feat.path / _feature_file(m)) for m in MODES}
+
+        def rows_of(mode: str, name: str) -> pl.DataFrame:
+            return frames[mode].filter(pl.col("split") == name)
 
         # 6. rank (LightGBM LambdaRank) --------------------------------------
         # A tuned encoder saw the clicks before encoder_at: its semantic features on those rows
@@ -468,24 +482,29 @@ def run_nightly(
                 ("lgbm_full", spec.columns, tuned),
                 ("lgbm_behavioural", spec.behavioural, False),
             )
-            for name, cols, mask in plans:
-                rows = fitted_rows(train, mask)
-                r = train_ranker(rows, valid, cols, cfg.ranker, group_col="request_id")
-                r.save(work / f"{name}.selected")
-                shipped = (
-                    refit_ranker(pl.concat([rows, valid]), r, cfg.ranker, group_col="request_id")
-                    if pc.refit
-                    else r
-                )
-                shipped.save(work / name)
-                out[name] = {
-                    "best_iteration": int(r.best_iteration),
-                    "train_rows": rows.height,
-                    "semantic_missing_before": encoder_at.isoformat() if mask else None,
-                    "refit_rows": shipped.info.get("refit_rows"),
-                    "importance": shipped.feature_importance().to_dicts(),
-                    "history": r.history,
-                }
+            for mode in MODES:
+                valid = rows_of(mode, "valid")
+                for name, cols, mask in plans:
+                    key = ranker_key(name, mode)
+                    rows = fitted_rows(rows_of(mode, "train"), mask)
+                    r = train_ranker(rows, valid, cols, cfg.ranker, group_col="request_id")
+                    r.save(work / f"{key}.selected")
+                    shipped = (
+                        refit_ranker(
+                            pl.concat([rows, valid]), r, cfg.ranker, group_col="request_id"
+                        )
+                        if pc.refit
+                        else r
+                    )
+                    shipped.save(work / key)
+                    out[key] = {
+                        "best_iteration": int(r.best_iteration),
+                        "train_rows": rows.height,
+                        "semantic_missing_before": encoder_at.isoformat() if mask else None,
+                        "refit_rows": shipped.info.get("refit_rows"),
+                        "importance": shipped.feature_importance().to_dicts(),
+                        "history": r.history,
+                    }
             return out
 
         st_rank = runner.run(
@@ -499,30 +518,43 @@ def run_nightly(
             do_rank,
         )
         names = ("lgbm_full", "lgbm_behavioural")
-        rankers = {n: Ranker.load(st_rank.path / n) for n in names}
-        selected = {n: Ranker.load(st_rank.path / f"{n}.selected") for n in names}
+        rankers = {
+            m: {n: Ranker.load(st_rank.path / ranker_key(n, m)) for n in names} for m in MODES
+        }
+        selected = {
+            m: {n: Ranker.load(st_rank.path / f"{ranker_key(n, m)}.selected") for n in names}
+            for m in MODES
+        }
 
         # 7. evaluate --------------------------------------------------------
         def do_evaluate(work: Path, _prev: Path | None) -> dict[str, Any]:
-            scores = _score_models(test, rankers, spec, pc.seed)
-            write_parquet(scores, work / "scores.parquet")
-            table = evaluation_table(scores, list(MODELS), versus=BASELINES).to_dicts()
-            # validation: the models early stopping chose, on rows none of them trained on
-            vscores = _score_models(valid, selected, spec, pc.seed)
-            validation = impression_metrics(vscores.rename({"lgbm_full": "score"}))
-            diff, se = paired_difference(scores, "lgbm_full", "lgbm_behavioural")
-            name, reason = ship_choice(diff, se, pc.use_semantic, cfg.tracking.promote_margin_se)
-            log(f"[evaluate] ships {name}: {reason}")
+            modes: dict[str, dict[str, Any]] = {}
+            for mode in MODES:
+                scores = _score_models(rows_of(mode, "test"), rankers[mode], spec, pc.seed)
+                write_parquet(scores, work / _scores_file(mode))
+                table = evaluation_table(scores, list(MODELS), versus=BASELINES).to_dicts()
+                # validation: the models early stopping chose, on rows none of them trained on
+                vscores = _score_models(rows_of(mode, "valid"), selected[mode], spec, pc.seed)
+                diff, se = paired_difference(scores, "lgbm_full", "lgbm_behavioural")
+                name, reason = ship_choice(
+                    diff, se, pc.use_semantic, cfg.tracking.promote_margin_se, pc.ship
+                )
+                log(f"[evaluate] {mode}: ships {name}: {reason}")
+                modes[mode] = {
+                    "test": table,
+                    "versus": table[0]["versus"],
+                    "full_vs_behavioural": {"auc_diff": diff, "auc_diff_se": se},
+                    "shipped_ranker": {"name": name, "reason": reason},
+                    "freshness": freshness_note(mode, spec, test_at),
+                    "validation": impression_metrics(vscores.rename({"lgbm_full": "score"})),
+                }
+            name = modes[BATCH]["shipped_ranker"]["name"]
             lists = _list_evaluation(
-                logged, test_at, rankers[name], ranker_spec(spec, name), cfg, vectors, log
+                logged, test_at, rankers[BATCH][name], ranker_spec(spec, name), cfg, vectors, log
             )
             summary = {
-                "test": table,
-                "versus": table[0]["versus"],
-                "full_vs_behavioural": {"auc_diff": diff, "auc_diff_se": se},
-                "shipped_ranker": {"name": name, "reason": reason},
-                "freshness": freshness_note(spec),
-                "validation": validation,
+                **modes[BATCH],  # the headline: what the lists and an API without events serve
+                ONLINE: modes[ONLINE],
                 "lists": lists,
                 "candidate_recall": {
                     f"recall@{r['k']} ({r['source']})": r["recall"] for r in lists["sources"]
@@ -538,6 +570,7 @@ def run_nightly(
                 "pipeline": cfg.section("pipeline"),
                 "rules": cfg.section("rules"),
                 "ship_margin_se": cfg.tracking.promote_margin_se,
+                "modes": list(MODES),
             },
             do_evaluate,
         )
@@ -546,6 +579,7 @@ def run_nightly(
 
         # 8. bundle ----------------------------------------------------------
         shipped_name = st_eval.summary.get("shipped_ranker", {}).get("name", "lgbm_full")
+        online_name = st_eval.summary[ONLINE]["shipped_ranker"]["name"]
         as_of = max(
             _as_time(t)
             for t in (data.impressions["ts"].max(), data.interactions["ts"].max())
@@ -569,6 +603,10 @@ def run_nightly(
                 "versions": _versions(),
                 "model_version": f"{cfg.name}-{st_rank.fingerprint[:10]}",
                 "ranker": st_eval.summary.get("shipped_ranker", {}),
+                "online": {
+                    "ranker": st_eval.summary[ONLINE]["shipped_ranker"],
+                    "metrics": {"test": st_eval.summary[ONLINE]["test"]},
+                },
                 "lists": {
                     "half_life_days": ctx.cadence.half_life_days,
                     "live_window_days": ctx.cadence.live_window_days,
@@ -583,8 +621,9 @@ def run_nightly(
                 snapshot=snapshot,
                 history=history,
                 popular=popular,
-                ranker=rankers[shipped_name],
+                ranker=rankers[BATCH][shipped_name],
                 spec=ranker_spec(spec, shipped_name),
+                online=(rankers[ONLINE][online_name], ranker_spec(online_spec, online_name)),
                 manifest=manifest,
             )
             return {"as_of": as_of.isoformat(), "model_version": manifest["model_version"]}
@@ -640,6 +679,7 @@ def run_nightly(
             versus=st_eval.summary.get("versus", ""),
             full_vs_behavioural=st_eval.summary.get("full_vs_behavioural", {}),
             shipped_ranker=st_eval.summary.get("shipped_ranker", {}),
+            online=st_eval.summary.get(ONLINE, {}),
             finetune=st_ft.summary,
             bundle_dir=published,
             recommendations=recs_path,
@@ -734,18 +774,49 @@ def finetune_note(summary: dict[str, Any], method: str) -> str:
     return f"[finetune] shipped epoch {best} (validation AUC per epoch, frozen first: {shown})"
 
 
-def freshness_note(spec: FeatureSpec) -> str:
-    """Which feature freshness the evaluation numbers assume (printed with the table)."""
-    if spec.refresh == ONLINE:
+def freshness_note(mode: str, spec: FeatureSpec, cutoff: datetime) -> str:
+    """Which feature freshness a mode's evaluation numbers assume (printed with its table)."""
+    if mode == ONLINE:
         return (
-            "features online: as of each impression (what the API delivers only with a live "
-            "event stream; from a nightly bundle alone it serves batch freshness)"
+            "online: every test impression's features as of its own moment (what /v1/rank "
+            "serves when POST /v1/events keeps the state fresh); the ranker trained the same way"
         )
-    return (
-        f"features batch, refreshed every {spec.refresh}: each impression sees the state at "
-        f"the start of its {spec.refresh} period (what the API serves from a bundle the "
-        f"nightly rebuilds every {spec.refresh})"
+    trained = (
+        f"refreshed every {spec.refresh} (each row as of the start of its period)"
+        if spec.refresh != ONLINE
+        else "as of each row's moment"
     )
+    return (
+        f"batch: every test impression's features as of the cut-off {cutoff.isoformat()} "
+        f"(what the nightly lists and an API without events serve); the ranker trained on "
+        f"features {trained}"
+    )
+
+
+def _batch_moments(
+    req: pl.DataFrame, imp: pl.DataFrame, spec: FeatureSpec, cutoff: datetime
+) -> pl.DataFrame:
+    """`req` with ts moved to the moment its batch features describe: the cut-off for test rows,
+    the start of the refresh period for the others."""
+    moment = (
+        pl.when(imp["split"] == "test")
+        .then(pl.lit(cutoff, dtype=pl.Datetime("us", "UTC")))
+        .otherwise(spec.at(pl.col("ts")))
+    )
+    return req.with_columns(moment.alias("ts"))
+
+
+def ranker_key(name: str, mode: str) -> str:
+    """The folder of a ranker in the rank stage: lgbm_full (batch), lgbm_full.online, ..."""
+    return name if mode == BATCH else f"{name}.{mode}"
+
+
+def _feature_file(mode: str) -> str:
+    return "features.parquet" if mode == BATCH else f"features_{mode}.parquet"
+
+
+def _scores_file(mode: str) -> str:
+    return "scores.parquet" if mode == BATCH else f"scores_{mode}.parquet"
 
 
 def _context(data: Dataset, as_of: datetime, pc: Any, vectors: ItemVectors | None) -> Any:
@@ -757,15 +828,18 @@ def _context(data: Dataset, as_of: datetime, pc: Any, vectors: ItemVectors | Non
 
 
 def ship_choice(
-    auc_diff: float, auc_diff_se: float, use_semantic: bool, margin_se: float
+    auc_diff: float, auc_diff_se: float, use_semantic: bool, margin_se: float, ship: str = "auto"
 ) -> tuple[str, str]:
     """(the ranker to ship, why): `lgbm_full` only when its paired AUC gain over
     `lgbm_behavioural` on the gate slice (the test impressions) is more than `margin_se`
     standard errors; else the behavioural ranker, which needs no text encoder per request and
-    is as good within the noise (fail closed: the more complex model must earn its place)."""
+    is as good within the noise (fail closed: the more complex model must earn its place).
+    `ship` (pipeline.ship) other than "auto" names the ranker to ship whatever the numbers."""
     if not use_semantic:
         return "lgbm_behavioural", "semantic features are off (pipeline.use_semantic = false)"
     gain = f"lgbm_full - lgbm_behavioural AUC {auc_diff:+.4f} (se {auc_diff_se:.4f})"
+    if ship != "auto":
+        return ship, f"pipeline.ship = {ship!r} ({gain})"
     if math.isfinite(auc_diff) and auc_diff > margin_se * auc_diff_se and auc_diff > 0:
         return "lgbm_full", f"{gain}, more than {margin_se:g} se"
     return "lgbm_behavioural", (
@@ -883,9 +957,11 @@ def evaluate_bundle(
     *,
     split_at: str | None = None,
     log: Any = print,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The evaluation table of a bundle on a dataset's test split and the quality of the lists
-    its nightly would write at the split (`recsys evaluate`), with the bundle's config."""
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    """A bundle on a dataset's test split (`recsys evaluate`), with the bundle's config:
+    ({mode: evaluation table} for batch (features as of the split, the bundle's ranker) and
+    online (as of each impression, its online ranker), the quality of the lists its nightly
+    would write at the split)."""
     bundle = Bundle.load(bundle_path)
     v = validate_dataset(read_dataset(data_dir))
     data = Dataset.from_validated(v)
@@ -908,22 +984,28 @@ def evaluate_bundle(
             f"no impressions at or after {test_at.isoformat()} in {data_dir}; pass an earlier "
             "--split-at"
         )
-    frame = point_in_time_frame(
-        bundle.spec, _requests(rows), data, bundle.vectors if bundle.spec.use_semantic else None
-    )
-    spec = bundle.spec
-    scores = rows.select("impression_id", "user_id", "item_id", "clicked").with_columns(
-        pl.Series("random", RandomScorer(seed=0).score(frame)),
-        _popularity_column(frame).alias("popularity"),
-        _baseline_column(frame, spec, "ctr", ALL).alias("smoothed_ctr"),
-        _baseline_column(frame, spec, "clicks", "24h").alias("recent_clicks"),
-        pl.Series("bundle", bundle.ranker.predict(matrix(frame, spec.columns))),
-    )
-    models = [*BASELINES, "bundle"]
-    table = evaluation_table(scores, models, versus=BASELINES).to_dicts()
+    req = _requests(rows)
+    heads = {
+        BATCH: (bundle.spec, bundle.ranker, req.with_columns(
+            pl.lit(test_at, dtype=pl.Datetime("us", "UTC")).alias("ts"))),
+        ONLINE: (bundle.online_spec or bundle.spec, bundle.online_ranker or bundle.ranker, req),
+    }  # fmt: skip
+    tables = {}
+    for mode, (spec, ranker, at) in heads.items():
+        online = dataclasses.replace(spec, refresh=ONLINE)  # `at` holds the moments already
+        frame = point_in_time_frame(online, at, data, bundle.vectors if spec.use_semantic else None)
+        scores = rows.select("impression_id", "user_id", "item_id", "clicked").with_columns(
+            pl.Series("random", RandomScorer(seed=0).score(frame)),
+            _popularity_column(frame).alias("popularity"),
+            _baseline_column(frame, spec, "ctr", ALL).alias("smoothed_ctr"),
+            _baseline_column(frame, spec, "clicks", "24h").alias("recent_clicks"),
+            pl.Series("bundle", ranker.predict(matrix(frame, spec.columns))),
+        )
+        models = [*BASELINES, "bundle"]
+        tables[mode] = evaluation_table(scores, models, versus=BASELINES).to_dicts()
     cfg = _bundle_config(bundle)
-    lists = _list_evaluation(logged, test_at, bundle.ranker, spec, cfg, bundle.vectors, log)
-    return table, lists
+    lists = _list_evaluation(logged, test_at, bundle.ranker, bundle.spec, cfg, bundle.vectors, log)
+    return tables, lists
 
 
 def _bundle_config(bundle: Bundle) -> NightlyConfig:
@@ -1010,10 +1092,25 @@ def _log_to_tracker(
 ) -> None:
     from experiments.plots import plot_importance, plot_training_curves
 
-    for row in result.evaluation:
-        model = row["model"]
+    for prefix, table in (("test", result.evaluation),
+                          ("test_online", result.online.get("test", []))):  # fmt: skip
+        for row in table:
+            model = row["model"]
+            tracker.log_metrics(
+                {f"{prefix}.{model}.{k}": v for k, v in row.items() if isinstance(v, int | float)}
+            )
+    if result.online:
+        tracker.set_tags(
+            {
+                "evaluation_online.freshness": result.online["freshness"],
+                "ranker_online.shipped": result.online["shipped_ranker"]["name"],
+            }
+        )
         tracker.log_metrics(
-            {f"test.{model}.{k}": v for k, v in row.items() if isinstance(v, int | float)}
+            {
+                f"test_online.full_vs_behavioural.{k}": v
+                for k, v in result.online["full_vs_behavioural"].items()
+            }
         )
     tracker.log_metrics({f"valid.{k}": v for k, v in result.validation.items()})
     tracker.set_tags({"evaluation.freshness": result.freshness,
@@ -1049,7 +1146,8 @@ def _log_to_tracker(
     plot_importance(st_rank.summary["lgbm_full"]["importance"], art / "feature_importance.png")
     plot_training_curves(st_ft.summary.get("losses", []), hist, art / "training_curves.png")
     write_json(cost, art / "cost_report.json")
-    write_json({"test": result.evaluation, "validation": result.validation,
+    write_json({"test": result.evaluation, "test_online": result.online.get("test", []),
+                "validation": result.validation,
                 "candidate_recall": result.candidate_recall, "lists": result.lists},
                art / "evaluation.json")  # fmt: skip
     tracker.log_artifact(art)
@@ -1082,27 +1180,33 @@ def print_summary(result: NightlyResult, *, show_users: int = 3) -> None:
         f"Nightly run {result.run_dir} ({result.config.name}) in {result.seconds:.1f}s",
     )
     order = ["model", "auc", "auc_diff", "auc_diff_se", "mrr", "ndcg@5", "ndcg@10", "n_impressions"]
-    rows = [{k: r[k] for k in order if k in r} for r in result.evaluation]
-    rows = [
-        {("auc - " + result.versus if k == "auc_diff" and result.versus else k): v
-         for k, v in r.items()}
-        for r in rows
+    modes = [
+        (BATCH, result.evaluation, result.versus, result.freshness, result.full_vs_behavioural,
+         result.shipped_ranker),
     ]  # fmt: skip
-    _print_table(
-        rows,
-        "Evaluation on the test split (per impression, averaged; auc_diff_se: standard error "
-        f"of the paired difference)\n{result.freshness}",
-    )
-    print(finetune_note(result.finetune, result.config.finetune.method))
-    fb = result.full_vs_behavioural
-    if fb:
-        print(
-            f"lgbm_full - lgbm_behavioural: AUC {fb['auc_diff']:+.4f} "
-            f"(paired standard error {fb['auc_diff_se']:.4f})"
+    if result.online:
+        o = result.online
+        modes.append((ONLINE, o["test"], o["versus"], o["freshness"], o["full_vs_behavioural"],
+                      o["shipped_ranker"]))  # fmt: skip
+    for mode, table, versus, freshness, fb, shipped in modes:
+        rows = [{k: r[k] for k in order if k in r} for r in table]
+        rows = [
+            {("auc - " + versus if k == "auc_diff" and versus else k): v for k, v in r.items()}
+            for r in rows
+        ]
+        _print_table(
+            rows,
+            f"Evaluation on the test split, {mode} features (per impression, averaged; "
+            f"auc_diff_se: standard error of the paired difference)\n{freshness}",
         )
-    if result.shipped_ranker:
-        shipped = result.shipped_ranker
-        print(f"Shipped ranker: {shipped['name']} ({shipped['reason']})")
+        if fb:
+            print(
+                f"{mode}: lgbm_full - lgbm_behavioural: AUC {fb['auc_diff']:+.4f} "
+                f"(paired standard error {fb['auc_diff_se']:.4f})"
+            )
+        if shipped:
+            print(f"{mode}: shipped ranker {shipped['name']} ({shipped['reason']})")
+    print(finetune_note(result.finetune, result.config.finetune.method))
     lists = result.lists
     if lists.get("sources"):
         _print_table(

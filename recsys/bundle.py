@@ -6,7 +6,10 @@
     BUNDLE/features/                feature snapshot as of the cut-off (Parquet per table)
     BUNDLE/history.parquet          user_id, item_id, ts: each user's history before the cut-off
     BUNDLE/popular.parquet          item_id, score: the popularity prior (cold start, fallback)
-    BUNDLE/ranker/                  LightGBM model (text) + feature names
+    BUNDLE/ranker/                  LightGBM model (text) + feature names: features as of the
+                                    cut-off (batch: the nightly lists, an API without events)
+    BUNDLE/ranker_online/           the ranker trained on online features (as of each request:
+                                    an API fed events); optional, manifest "online" says its spec
     BUNDLE/recommendations.parquet  the nightly ranked lists (added after they are produced)
 
 `write_bundle` builds the folder under a temporary name and renames it into place, so a bundle
@@ -16,6 +19,7 @@ naming what is missing or broken.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -29,7 +33,7 @@ import polars as pl
 
 from features import FeatureConfig, FeatureSnapshot
 from recsys.errors import DataError
-from recsys.featurize import FeatureSpec, matrix, snapshot_frame
+from recsys.featurize import ONLINE, FeatureSpec, matrix, snapshot_frame
 from recsys.io import atomic_dir, json_digest, write_json
 from recsys.ranker import Ranker
 from recsys.vectors import ItemVectors
@@ -49,8 +53,10 @@ def write_bundle(
     ranker: Ranker,
     spec: FeatureSpec,
     manifest: dict[str, Any],
+    online: tuple[Ranker, FeatureSpec] | None = None,
 ) -> Path:
-    """Write a complete bundle at `out` atomically (build beside it, then rename)."""
+    """Write a complete bundle at `out` atomically (build beside it, then rename). `online`:
+    the ranker for online features and its spec (same config and history, refresh online)."""
     target = Path(out)
     with atomic_dir(target) as tmp:
         shutil.copytree(encoder_dir, tmp / "encoder")
@@ -59,6 +65,10 @@ def write_bundle(
         history.select("user_id", "item_id", "ts").write_parquet(tmp / "history.parquet")
         popular.select("item_id", "score").write_parquet(tmp / "popular.parquet")
         ranker.save(tmp / "ranker")
+        extra: dict[str, Any] = {}
+        if online is not None:
+            online[0].save(tmp / "ranker_online")
+            extra = {"feature_names": online[1].columns, "use_semantic": online[1].use_semantic}
         full = {
             "bundle_format": BUNDLE_FORMAT,
             "created_at": datetime.now(UTC).isoformat(),
@@ -71,6 +81,8 @@ def write_bundle(
             "refresh": spec.refresh,
             **manifest,
         }
+        if extra:
+            full["online"] = {**manifest.get("online", {}), **extra}
         full.setdefault("model_version", json_digest(full)[:12])
         write_json(full, tmp / MANIFEST)
     return target
@@ -89,6 +101,8 @@ class Bundle:
     history: pl.DataFrame
     popular: pl.DataFrame
     recommendations: pl.DataFrame | None = None
+    online_ranker: Ranker | None = None  # ranker_online/, with online_spec (refresh online)
+    online_spec: FeatureSpec | None = None
     _encoders: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -147,7 +161,24 @@ class Bundle:
                 f"{p}: the ranker's features {ranker.feature_names} differ from the bundle's "
                 f"{spec.columns}; rebuild the bundle"
             )
-        return cls(p, manifest, spec, ranker, snapshot, vectors, history, popular, recs)
+        online_ranker, online_spec = None, None
+        if isinstance(manifest.get("online"), dict) and (p / "ranker_online").exists():
+            try:
+                online_ranker = Ranker.load(p / "ranker_online")
+            except Exception as e:
+                raise DataError(f"{p}: broken online ranker ({type(e).__name__}: {e})") from e
+            online_spec = dataclasses.replace(
+                spec,
+                use_semantic=bool(manifest["online"].get("use_semantic", spec.use_semantic)),
+                refresh=ONLINE,
+            )
+            if list(online_ranker.feature_names) != online_spec.columns:
+                raise DataError(
+                    f"{p}: the online ranker's features differ from its spec's "
+                    f"{online_spec.columns}; rebuild the bundle"
+                )
+        return cls(p, manifest, spec, ranker, snapshot, vectors, history, popular, recs,
+                   online_ranker, online_spec)  # fmt: skip
 
     def featurize(
         self,
@@ -155,16 +186,19 @@ class Bundle:
         *,
         extra_history: pl.DataFrame | None = None,
         vectors: ItemVectors | None = None,
+        spec: FeatureSpec | None = None,
     ) -> pl.DataFrame:
-        """Features of (user_id, item_id) pairs as of the bundle's cut-off."""
+        """Features of (user_id, item_id) pairs as of the bundle's cut-off, for `spec` (default
+        the bundle's; `online_spec` for the online ranker's columns)."""
+        spec = spec or self.spec
         users = requests["user_id"].unique()
         history = self.history.filter(pl.col("user_id").is_in(users.implode()))
         return snapshot_frame(
-            self.spec,
+            spec,
             self.snapshot,
             requests,
             history,
-            (vectors or self.vectors) if self.spec.use_semantic else None,
+            (vectors or self.vectors) if spec.use_semantic else None,
             extra_history=extra_history,
         )
 

@@ -170,12 +170,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
     from pipelines.nightly import evaluate_bundle, freshness_note
     from recsys.bundle import Bundle
 
-    table, lists = evaluate_bundle(args.data, args.bundle, split_at=args.split_at)
-    note = freshness_note(Bundle.load(args.bundle).spec)
-    _print_table(table, f"Evaluation of {args.bundle} on {args.data}\n{note}")
+    tables, lists = evaluate_bundle(args.data, args.bundle, split_at=args.split_at)
+    bundle = Bundle.load(args.bundle)
+    cutoff = datetime.fromisoformat(args.split_at or bundle.manifest["split"]["test_at"])
+    for mode, table in tables.items():
+        note = freshness_note(mode, bundle.spec, cutoff)
+        _print_table(table, f"Evaluation of {args.bundle} on {args.data} ({mode})\n{note}")
     if lists.get("sources"):
         _print_table(lists["sources"], "Candidate retrieval by source")
     if lists.get("table"):

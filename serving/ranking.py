@@ -29,7 +29,8 @@ from features import snapshot_features_numpy
 from features.live import LiveFeatures, derive_matrix, epoch_us, from_us
 from recsys.bundle import Bundle
 from recsys.errors import DataError
-from recsys.featurize import ONLINE, matrix
+from recsys.featurize import ONLINE, FeatureSpec, matrix
+from recsys.ranker import Ranker
 from recsys.relative import relative_columns, within_request
 from recsys.rules import ListRules, apply_rules
 from recsys.semantic import SEMANTIC_FEATURES, _recency_weights
@@ -139,24 +140,48 @@ class _Lists:
         )
 
 
+@dataclass(frozen=True)
+class Head:
+    """One ranker and the columns it reads: the bundle's (batch: features as of the cut-off) or
+    its online one (features as of the request, from the live state)."""
+
+    spec: FeatureSpec
+    ranker: Ranker
+    columns: list[str]
+    n_base: int
+    n_behavioural: int
+    relative_idx: np.ndarray  # base columns that get within-request ranks / z-scores
+    model_idx: np.ndarray  # the model columns as positions in [base, within-request columns]
+
+    @classmethod
+    def of(cls, spec: FeatureSpec, ranker: Ranker) -> Head:
+        base = spec.base_columns
+        every = [*base, *relative_columns(spec.relative_base)]
+        return cls(
+            spec, ranker, list(spec.columns), len(base), len(spec.base_behavioural),
+            np.array([base.index(c) for c in spec.relative_base], dtype=np.int64),
+            np.array([every.index(c) for c in spec.columns], dtype=np.int64),
+        )  # fmt: skip
+
+
 class ServingModel:
-    """A loaded bundle plus the lookups of the hot path. Immutable after construction, so a
-    reference to it can be swapped atomically and requests in flight finish on the one they got.
+    """A loaded bundle plus the lookups of the hot path. Its model part never changes, so a
+    reference to it can be swapped atomically and requests in flight finish on the one they got;
+    the live state (events) changes under `live_lock`.
     """
 
     def __init__(self, bundle: Bundle, *, preload_encoder: bool = True) -> None:
         self.bundle = bundle
         self.model_version = bundle.model_version
+        self.batch = Head.of(bundle.spec, bundle.ranker)
+        self.online = (
+            Head.of(bundle.online_spec, bundle.online_ranker)
+            if bundle.online_spec is not None and bundle.online_ranker is not None
+            else None
+        )
         self.spec = bundle.spec
-        spec = bundle.spec
-        self.columns = list(spec.columns)
-        base = spec.base_columns
-        self.n_base = len(base)
-        self.n_behavioural = len(spec.base_behavioural)
-        # The model columns as positions in [base columns, within-request columns].
-        self.relative_idx = np.array([base.index(c) for c in spec.relative_base], dtype=np.int64)
-        every = [*base, *relative_columns(spec.relative_base)]
-        self.model_idx = np.array([every.index(c) for c in self.columns], dtype=np.int64)
+        self.columns = self.batch.columns
+        self.semantic = any(h.spec.use_semantic for h in (self.batch, self.online) if h)
         self.vectors = bundle.vectors
         snap = bundle.snapshot
         self.index = snap.index()  # builds the numpy lookups once (cached on the snapshot)
@@ -202,12 +227,18 @@ class ServingModel:
             self._live = LiveFeatures(self.bundle.snapshot)
         return self._live
 
+    def head(self, at_us: int | None) -> Head:
+        """The ranker for a request: the online one when features come from the live state
+        (`at_us` given) and the bundle has one, else the bundle's (batch) ranker."""
+        return self.online if at_us is not None and self.online is not None else self.batch
+
     def moment(self, at_us: int) -> int:
-        """The moment whose features a request at `at_us` gets: itself for a bundle trained on
+        """The moment whose features a request at `at_us` gets: itself for a ranker trained on
         online features, else the start of its refresh period (never before the cut-off)."""
-        if self.spec.refresh == ONLINE:
+        refresh = self.head(at_us).spec.refresh
+        if refresh == ONLINE:
             return at_us
-        start = pl.select(pl.lit(from_us(at_us)).dt.truncate(self.spec.refresh)).item()
+        start = pl.select(pl.lit(from_us(at_us)).dt.truncate(refresh)).item()
         return max(epoch_us(start), self.as_of_us)
 
     def with_live(self, new: NewItems | None) -> NewItems | None:
@@ -281,10 +312,11 @@ class ServingModel:
         joining the bundle's; equal to the offline point-in-time features of the same moment.
         """
         n = len(candidates)
-        base = np.empty((n, self.n_base))
+        head = self.head(at_us)
+        base = np.empty((n, head.n_base))
         moment = None
         if at_us is None:
-            base[:, : self.n_behavioural] = snapshot_features_numpy(
+            base[:, : head.n_behavioural] = snapshot_features_numpy(
                 self.bundle.snapshot, user_id, candidates, extra_history=history
             )
             live_history: list[tuple[int, str]] = []
@@ -295,13 +327,13 @@ class ServingModel:
                 raw = live.raw(user_id, candidates, moment, history)
                 live_history = live.history_before(user_id, moment) if user_id is not None else []
                 new = self.with_live(new)
-            base[:, : self.n_behavioural] = derive_matrix(raw, live.config)
-        if self.spec.use_semantic:
-            base[:, self.n_behavioural :] = self._semantic(
+            base[:, : head.n_behavioural] = derive_matrix(raw, live.config)
+        if head.spec.use_semantic:
+            base[:, head.n_behavioural :] = self._semantic(
                 user_id, candidates, history, new, live_history, moment
             )
-        rel = within_request(base[:, self.relative_idx], np.zeros(n, dtype=np.int64))
-        return np.hstack([base, rel])[:, self.model_idx]
+        rel = within_request(base[:, head.relative_idx], np.zeros(n, dtype=np.int64))
+        return np.hstack([base, rel])[:, head.model_idx]
 
     def _semantic(
         self,
@@ -392,10 +424,11 @@ class ServingModel:
 
     # ------------------------------------------------------------------ requests
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """Ranker scores (n,) of feature rows x (n, F): the batch job's `ranker.predict`.
-        (Threads: the server caps OpenMP at one per worker, see serving/app.py.)"""
-        return self.bundle.ranker.predict(x)
+    def predict(self, x: np.ndarray, at_us: int | None = None) -> np.ndarray:
+        """Ranker scores (n,) of feature rows x (n, F) from `features(..., at_us)`: the batch
+        job's `ranker.predict` (the online ranker's with `at_us`). (Threads: the server caps
+        OpenMP at one per worker, see serving/app.py.)"""
+        return self.head(at_us).ranker.predict(x)
 
     def text_encoder(self) -> Any:
         """The bundle's int8 encoder, loaded on first use by one thread (requests run on a
@@ -411,7 +444,7 @@ class ServingModel:
         Text is built by `recsys.encoder.item_texts` with the bundle encoder's template and
         embedded by its int8 encoder; rows are normalised as `ItemVectors.from_arrays` does."""
         todo = [i for i in items if i.item_id in needed and i.item_id not in self.vectors.index]
-        if not todo or not self.spec.use_semantic:
+        if not todo or not self.semantic:
             return None
         return self._embed_texts(todo)
 
@@ -432,7 +465,7 @@ class ServingModel:
     def embed_events(self, items: Sequence[dict[str, Any]]) -> NewItems | None:
         """Vectors of item events (normalised dicts), embedded as `embed` does; None without
         semantic features or items."""
-        if not items or not self.spec.use_semantic:
+        if not items or not self.semantic:
             return None
         texts = [ItemText.model_validate({k: e[k] for k in ItemText.model_fields if k in e})
                  for e in items]  # fmt: skip
@@ -487,7 +520,7 @@ class ServingModel:
         else:
             user = req.user_id if strategy != "history" else None
             x = self.features(user, cands, req.history, new, at_us)
-            scores = self.predict(x)
+            scores = self.predict(x, at_us)
             if not np.isfinite(scores).all():
                 raise DataError("the ranker returned a non-finite score; the bundle is broken")
             top = np.argsort(-scores, kind="stable")[:k]
@@ -499,7 +532,7 @@ class ServingModel:
                 for r, (i, s) in enumerate(zip(order, scores[top].tolist(), strict=True))
             ]
             if req.explain:
-                for it, why in zip(items, self.explain(x[top]), strict=True):
+                for it, why in zip(items, self.explain(x[top], at_us=at_us), strict=True):
                     it["explanation"] = why
         return {
             "model_version": self.model_version,
@@ -563,17 +596,20 @@ class ServingModel:
             "pos"
         ].to_numpy()
 
-    def explain(self, x: np.ndarray, top: int = EXPLAIN_TOP) -> list[list[dict[str, Any]]]:
+    def explain(
+        self, x: np.ndarray, top: int = EXPLAIN_TOP, at_us: int | None = None
+    ) -> list[list[dict[str, Any]]]:
         """Each row's `top` features by |contribution| (LightGBM pred_contrib, bias left out):
         [{feature, value (None = missing), contribution}] per row of x (n, F)."""
         if x.shape[0] == 0:
             return []
-        contrib = self.bundle.ranker.contributions(x)[:, :-1]  # (n, F), bias dropped
+        head = self.head(at_us)
+        contrib = head.ranker.contributions(x)[:, :-1]  # (n, F), bias dropped
         order = np.argsort(-np.abs(contrib), axis=1, kind="stable")[:, :top]
         return [
             [
                 {
-                    "feature": self.columns[c],
+                    "feature": head.columns[c],
                     "value": None if np.isnan(x[row, c]) else float(x[row, c]),
                     "contribution": float(contrib[row, c]),
                 }
@@ -633,8 +669,11 @@ class ServingModel:
         candidates: Sequence[str],
         history: Sequence[str] = (),
         new: NewItems | None = None,
+        head: Head | None = None,
     ) -> np.ndarray:
-        """The same matrix through the shared polars featurisation (`bundle.featurize`)."""
+        """The same matrix through the shared polars featurisation (`bundle.featurize`), as of
+        the cut-off, for `head` (default the batch one)."""
+        head = head or self.batch
         user = user_id if user_id is not None else ANONYMOUS
         req = pl.DataFrame(
             {"user_id": [user] * len(candidates), "item_id": list(candidates)},
@@ -657,8 +696,8 @@ class ServingModel:
                 matrix=np.vstack([v.matrix, new.matrix]),
                 index={i: n for n, i in enumerate(ids)},
             )
-        frame = self.bundle.featurize(req, extra_history=extra, vectors=vectors)
-        return matrix(frame, self.columns)
+        frame = self.bundle.featurize(req, extra_history=extra, vectors=vectors, spec=head.spec)
+        return matrix(frame, head.columns)
 
     def self_check(self, tol: float = 1e-9) -> None:
         """Compare `features` with `reference_features` on probe requests (a stored user, an
@@ -667,20 +706,25 @@ class ServingModel:
         users = sorted(self.histories.ptr)[:1]
         probes: list[tuple[str | None, list[str]]] = [(None, []), (None, items[:3])]
         probes += [(u, []) for u in users] + [(u, items[3:5]) for u in users]
-        for user, hist in probes:
-            fast = self.features(user, items, hist)
-            ref = self.reference_features(user, items, hist)
-            diffs = [_max_diff(fast[:, j], ref[:, j]) for j in range(len(self.columns))]
-            worst = int(np.argmax(diffs))
-            if not diffs[worst] <= tol:
-                raise DataError(
-                    f"serving features differ from bundle.featurize by {diffs[worst]:.3g} in "
-                    f"{self.columns[worst]!r} for user {user!r}; refusing the bundle: the fast "
-                    "path in serving/ranking.py must be fixed"
-                )
-            scores = self.predict(fast)
-            if not np.isfinite(scores).all():
-                raise DataError("the bundle's ranker gives non-finite scores on probe requests")
+        # the batch path (snapshot), and the live path of the online ranker at the cut-off
+        paths: list[int | None] = [None] + ([self.as_of_us] if self.online is not None else [])
+        for at_us in paths:
+            head = self.head(at_us)
+            for user, hist in probes:
+                fast = self.features(user, items, hist, at_us=at_us)
+                ref = self.reference_features(user, items, hist, head=head)
+                diffs = [_max_diff(fast[:, j], ref[:, j]) for j in range(len(head.columns))]
+                worst = int(np.argmax(diffs))
+                if not diffs[worst] <= tol:
+                    path = "live" if at_us is not None else "fast"
+                    raise DataError(
+                        f"serving features ({path} path) differ from bundle.featurize by "
+                        f"{diffs[worst]:.3g} in {head.columns[worst]!r} for user {user!r}; "
+                        "refusing the bundle: serving/ranking.py or features/live.py must be "
+                        "fixed"
+                    )
+                if not np.isfinite(self.predict(fast, at_us)).all():
+                    raise DataError("the bundle's ranker gives non-finite scores on probes")
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> float:

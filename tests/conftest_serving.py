@@ -87,6 +87,7 @@ def serving_run(tmp_path_factory: pytest.TempPathFactory) -> Any:
     config = config_from_dict(
         {
             "finetune": {"method": "none"},
+            "pipeline": {"ship": "lgbm_full"},  # both halves on the hot path, whatever noise says
             "tracking": {"enabled": False},
             "ranker": {"n_estimators": 200, "num_threads": 2},
         },

@@ -4,7 +4,6 @@ the durable event log, replay on restart, and online features equal to the offli
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -202,11 +201,13 @@ def test_replay_through_the_api_equals_the_offline_online_features(
     all_vectors = ItemVectors(ids, np.vstack([vectors.matrix, live.matrix]),
                               {i: k for k, i in enumerate(ids)})  # fmt: skip
     req = pl.DataFrame(requests, schema_overrides={"ts": pl.Datetime("us", "UTC")})
-    online = dataclasses.replace(model.spec, refresh="online")
+    head = model.head(0)  # the ranker requests with `at` get: the bundle's online one
+    assert head is model.online and head.spec.refresh == "online"
     moments = [model.moment(int(t)) for t in req["ts"].dt.epoch("us").to_list()]
+    assert moments == req["ts"].dt.epoch("us").to_list()
     at = req.with_columns(pl.Series("ts", moments).cast(pl.Datetime("us", "UTC")))
-    x = matrix(point_in_time_frame(online, at, full, all_vectors), model.columns)
-    want = model.predict(x)
+    x = matrix(point_in_time_frame(head.spec, at, full, all_vectors), head.columns)
+    want = head.ranker.predict(x)
     np.testing.assert_allclose(np.array(served), want, rtol=0, atol=1e-5)
     live_state = model.live()
     assert len(live_state.impressions) == 40 and len(live_state._clicked) == len(clicks) > 0
@@ -217,7 +218,7 @@ def test_replay_through_the_api_equals_the_offline_online_features(
         model.features(u, list(g["item_id"]), at_us=int(g["ts"].dt.epoch("us")[0]))
         for (_, u), g in req.group_by("request_id", "user_id", maintain_order=True)
     ])  # fmt: skip
-    exact = [j for j, c in enumerate(model.columns) if not c.startswith("sem_")]
+    exact = [j for j, c in enumerate(head.columns) if not c.startswith("sem_")]
     np.testing.assert_array_equal(np.isnan(got), np.isnan(x))
     np.testing.assert_allclose(
         np.nan_to_num(got[:, exact]), np.nan_to_num(x[:, exact]), rtol=0, atol=1e-9

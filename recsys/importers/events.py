@@ -92,7 +92,11 @@ def import_events(
         tables[IMPRESSIONS] = pl.concat([prior.impressions, tables[IMPRESSIONS]])
         tables[INTERACTIONS] = pl.concat([prior.interactions, tables[INTERACTIONS]])
     validated = validate(tables[ITEMS], tables[INTERACTIONS], tables[IMPRESSIONS])
-    stats: dict[str, int | float | str] = {"events_read": n, "events_repeated": n - len(seen), "item_events": len(items),
-             "impression_events": len({s["impression_id"] for s in shows}),
-             "click_events": len(clicks)}  # fmt: skip
+    stats: dict[str, int | float | str] = {
+        "events_read": n,
+        "events_repeated": n - len(seen),
+        "item_events": len(items),
+        "impression_events": len({s["impression_id"] for s in shows}),
+        "click_events": len(clicks),
+    }
     return ImportResult(validated, stats)
