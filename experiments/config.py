@@ -65,8 +65,9 @@ class PipelineConfig:
     sampled_popular_share: float = 0.5  # of them, drawn in proportion to popularity at the time
     # The ranker sees rates, shares and within-request ranks/z-scores, no raw count or age.
     stable_features: bool = True
-    # Feature freshness of every row (train, valid, test): "1d" = as of the day's refresh, what
-    # the API serves from a bundle the nightly rebuilds daily; "online" = as of each impression.
+    # Freshness of the batch ranker's training rows: "1d" = as of the day's refresh, what the
+    # API serves from a bundle the nightly rebuilds daily; "online" = as of each impression. (Its
+    # test rows are as of the cut-off; the online ranker's rows are always as of each moment.)
     refresh: str = "1d"
     # The earliest share of the pre-validation impressions tunes the encoder; the ranker trains
     # on the rest, so no ranker row has semantic features from an encoder fitted on it.

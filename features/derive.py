@@ -16,6 +16,7 @@ Raw columns (nullable; a null count means no event):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TypeVar
 
 import numpy as np
@@ -24,7 +25,10 @@ import polars as pl
 from features.config import FeatureConfig
 from features.events import AT, GROUPS
 
-_US_PER_HOUR = 3_600_000_000.0
+# Hours are microseconds times this constant in both paths: polars turns a column divided by a
+# literal into a multiplication by its reciprocal, so a division here would differ from numpy's
+# in the last bit.
+HOURS_PER_US = 1.0 / 3_600_000_000.0
 
 GROUP_TABLES = {g: f"user_{g}" for g in GROUPS}  # category -> user_category, ...
 ITEM_TIME_FEATURES = ("item_age_hours", "item_hours_since_click")
@@ -86,7 +90,7 @@ def _count(name: str) -> pl.Expr:
 
 
 def _hours_since(name: str) -> pl.Expr:
-    return (pl.col(AT) - pl.col(name)).dt.total_microseconds().cast(pl.Float64) / _US_PER_HOUR
+    return (pl.col(AT) - pl.col(name)).dt.total_microseconds().cast(pl.Float64) * HOURS_PER_US
 
 
 def derive_features(raw: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
@@ -106,7 +110,7 @@ def derive_features(raw: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
         (pl.col(AT) - pl.coalesce("items.published_at", "items.first_seen_at"))
         .dt.total_microseconds()
         .cast(pl.Float64)
-        / _US_PER_HOUR
+        * HOURS_PER_US
     )
     exprs.append(_hours_since("items.last_click_at"))
 
@@ -122,3 +126,43 @@ def derive_features(raw: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
 
     names = feature_names(config)
     return raw.select(e.cast(pl.Float64).alias(n) for e, n in zip(exprs, names, strict=True))
+
+
+def derive_numpy(raw: Mapping[str, np.ndarray], config: FeatureConfig) -> np.ndarray:
+    """The numpy twin of `derive_features` for the serving hot path: the same formulas in the
+    same order, (n, F) float64 with NaN for null.
+
+    raw: the raw columns under their raw names as float64 arrays of one length n, NaN = null;
+    AT and the timestamps (items.published_at, items.last_click_at, items.first_seen_at) as
+    epoch microseconds (exact in float64), items.category / items.subcategory as bool arrays
+    "the candidate has one". tests/test_features.py checks both paths agree on random inputs.
+    """
+
+    def count(name: str) -> np.ndarray:  # fill_null(0.0)
+        v = raw[name]
+        return np.where(np.isnan(v), 0.0, v)
+
+    at = raw[AT]
+    cols: list[np.ndarray] = []
+    for w in config.windows:
+        shows, clicks = count(f"items.shows_{w}"), count(f"items.clicks_{w}")
+        cols += [
+            shows,
+            clicks,
+            smoothed_ctr(clicks, shows, config),
+            count(f"items.interactions_{w}"),
+        ]
+    born = np.where(np.isnan(raw["items.published_at"]), raw["items.first_seen_at"],
+                    raw["items.published_at"])  # fmt: skip
+    cols.append((at - born) * HOURS_PER_US)
+    cols.append((at - raw["items.last_click_at"]) * HOURS_PER_US)
+    shows, clicks, history = count("users.shows"), count("users.clicks"), count("users.history")
+    cols += [shows, clicks, smoothed_ctr(clicks, shows, config), history]
+    for group, table in GROUP_TABLES.items():
+        known = raw[f"items.{group}"].astype(bool)
+        g_shows, g_clicks = count(f"{table}.shows"), count(f"{table}.clicks")
+        g_share = share_np(count(f"{table}.history"), history)  # type: ignore[arg-type]
+        for e in (g_shows, g_clicks, smoothed_ctr(g_clicks, g_shows, config), g_share):
+            cols.append(np.where(known, e, np.nan))
+    cols += [count("user_item.shows"), count("user_item.history")]
+    return np.column_stack(cols).astype(np.float64, copy=False)

@@ -24,17 +24,20 @@ so a moment before the cut-off cannot be asked for.
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_left, insort
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from typing import cast
 
 import numpy as np
 import polars as pl
 
 from features.config import ALL, FeatureConfig
-from features.derive import GROUP_TABLES, derive_features, feature_names
+from features.derive import GROUP_TABLES, derive_numpy, feature_names
 from features.events import AT, GROUPS, ITEM_COUNTS, USER_COUNTS, USER_ITEM_COUNTS
 from features.snapshot import RECENT, FeatureSnapshot
 from recsys.data.schema import TS
@@ -43,6 +46,7 @@ from recsys.errors import DataError
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 _SHOW, _CLICK, _HISTORY = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
+_NO_META: tuple[str | None, str | None, int | None] = (None, None, None)
 
 
 def epoch_us(t: datetime) -> int:
@@ -53,44 +57,94 @@ def from_us(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us)
 
 
-@lru_cache(maxsize=65536)
+_FIXED_US = {"ns": 0.001, "us": 1, "ms": 1_000, "s": 1_000_000, "m": 60_000_000,
+             "h": 3_600_000_000, "d": 86_400_000_000, "w": 604_800_000_000}  # fmt: skip
+_PART = re.compile(r"(\d+)(ns|us|ms|s|mo|m|h|d|w|q|y)")
+
+
+@lru_cache(maxsize=256)
+def _fixed_us(window: str) -> int | None:
+    """The window's length in microseconds when it has no calendar unit (mo, q, y), else None.
+    In UTC a day is always 24 hours, so polars' `offset_by` moves fixed units by exactly this."""
+    total = 0.0
+    for amount, unit in _PART.findall(window):
+        if unit not in _FIXED_US:
+            return None
+        total += int(amount) * _FIXED_US[unit]
+    return int(total)
+
+
 def window_start(at_us: int, window: str) -> int:
-    """at - window by polars' `offset_by` (calendar-aware, as the offline windows)."""
+    """at - window as polars' `offset_by` (the offline windows) computes it: exact arithmetic
+    for fixed units, polars itself for calendar ones."""
+    fixed = _fixed_us(window)
+    if fixed is not None:
+        return at_us - fixed
     start = pl.select(pl.lit(from_us(at_us), dtype=TS).dt.offset_by(f"-{window}")).item()
     return epoch_us(start)
 
 
-def derive_matrix(raw: pl.DataFrame, config: FeatureConfig) -> np.ndarray:
-    """`derive_features` of raw rows as a float64 matrix, null as NaN."""
-    return derive_features(raw, config).select(pl.all().fill_null(np.nan)).to_numpy()
+def derive_matrix(raw: dict[str, np.ndarray], config: FeatureConfig) -> np.ndarray:
+    """The features (n, F) float64 of `LiveFeatures.raw` arrays, NaN = null."""
+    return derive_numpy(raw, config)
 
 
 class _Log:
     """Cumulative counts of one key at each distinct event time, grown one event at a time.
 
-    times ascending; rows[i] the sums of all events with time <= times[i]. An event at the last
-    time or later costs O(1); an older one shifts the later rows (rare: late events)."""
+    times ascending; deltas[i] the sums of the events at times[i]; cum[i] the sums of all events
+    with time <= times[i], correct for i < valid and settled on demand. An event at the last
+    time or later costs O(1); a late one (an older time) only marks the rows after it stale,
+    and the next lookup past it settles them once, so late events arriving in any order cost no
+    more than in-order ones."""
 
-    __slots__ = ("rows", "times")
+    __slots__ = ("cum", "deltas", "times", "valid")
 
     def __init__(self) -> None:
         self.times: list[int] = []
-        self.rows: list[list[float]] = []
+        self.deltas: list[list[float]] = []
+        self.cum: list[list[float]] = []
+        self.valid = 0
 
     def add(self, t: int, deltas: Sequence[float]) -> None:
-        times, rows = self.times, self.rows
+        times = self.times
         i = bisect_left(times, t)
-        if i == len(times) or times[i] != t:
-            times.insert(i, t)
-            rows.insert(i, list(rows[i - 1]) if i else [0.0] * len(deltas))
-        for row in rows[i:]:
+        if i < len(times) and times[i] == t:
+            row = self.deltas[i]
             for j, d in enumerate(deltas):
                 row[j] += d
+            self.valid = min(self.valid, i)
+            return
+        times.insert(i, t)
+        self.deltas.insert(i, list(deltas))
+        if i == len(times) - 1 and self.valid == i:  # in order: extend the settled prefix
+            prev = self.cum[i - 1] if i else None
+            self.cum.append([p + d for p, d in zip(prev, deltas, strict=True)] if prev else
+                            list(deltas))  # fmt: skip
+            self.valid = i + 1
+        else:
+            self.cum.insert(i, [])
+            self.valid = min(self.valid, i)
+
+    def settle(self) -> None:
+        """Make every cumulative row correct (after late events)."""
+        k, n = self.valid, len(self.times)
+        if k == n:
+            return
+        prev = self.cum[k - 1] if k else [0.0] * len(self.deltas[0])
+        for j in range(k, n):
+            prev = [p + d for p, d in zip(prev, self.deltas[j], strict=True)]
+            self.cum[j] = prev
+        self.valid = n
 
     def before(self, t: int) -> list[float] | None:
         """The sums of the events strictly before t (None: none)."""
         i = bisect_left(self.times, t)
-        return self.rows[i - 1] if i else None
+        if not i:
+            return None
+        if self.valid < i:
+            self.settle()
+        return self.cum[i - 1]
 
 
 @dataclass
@@ -239,84 +293,80 @@ class LiveFeatures:
         item_ids: Sequence[str],
         at_us: int,
         extra_history: Sequence[str] = (),
-    ) -> pl.DataFrame:
-        """The raw columns `derive_features` reads (see features/derive.py), one row per item."""
+    ) -> dict[str, np.ndarray]:
+        """The raw columns `derive_numpy` reads (see features/derive.py), one row per item:
+        float64 arrays, NaN = null, times in epoch microseconds, groups as "has one" flags."""
         if at_us < self.cutoff_us:
             raise DataError(
                 f"at {from_us(at_us).isoformat()} is before the bundle's cut-off "
                 f"{self.snapshot.as_of.isoformat()}; live features start there"
             )
         n = len(item_ids)
-        cols: dict[str, list[object]] = {}
-        meta: list[tuple[str | None, str | None, int | None]] = [
-            self.meta.get(i, (None, None, None)) for i in item_ids
-        ]
-        cols["items.category"] = [m[0] for m in meta]
-        cols["items.subcategory"] = [m[1] for m in meta]
-        cols["items.published_at"] = [m[2] for m in meta]
-        starts = {w: window_start(at_us, w) for w in self.windows}
-        for w in self.config.windows:
-            for c in ITEM_COUNTS:
-                cols[f"items.{c}_{w}"] = []
-        last_click: list[int | None] = []
-        first_seen: list[int | None] = []
-        for item in item_ids:
-            log = self.item_log.get(item)
-            now = (log.before(at_us) if log is not None else None) or (0.0, 0.0, 0.0)
-            for w in self.config.windows:
-                if w == ALL:
-                    cut = (log.before(self.cutoff_us) if log is not None else None) or (0.0,) * 3
-                    base = self._base_all.get(item, (0.0, 0.0, 0.0))
-                    vals = [b + x - y for b, x, y in zip(base, now, cut, strict=True)]
-                else:
-                    start = (log.before(starts[w]) if log is not None else None) or (0.0,) * 3
-                    vals = [x - y for x, y in zip(now, start, strict=True)]
-                for c, v in zip(ITEM_COUNTS, vals, strict=True):
-                    cols[f"items.{c}_{w}"].append(v)
-            clicks = self._clicks_at.get(item, [])
-            j = bisect_left(clicks, at_us)
-            last_click.append(clicks[j - 1] if j else self._base_last_click.get(item))
+        nan = float("nan")
+        out: dict[str, np.ndarray] = {AT: np.full(n, float(at_us))}
+        meta = [self.meta.get(i, _NO_META) for i in item_ids]
+        published = np.fromiter((nan if m[2] is None else m[2] for m in meta), np.float64, n)
+        out["items.published_at"] = published
+        starts = [(w, window_start(at_us, w)) for w in self.windows]
+        counts = {w: np.zeros((n, 3)) for w in self.config.windows}
+        last_click, first_seen = np.full(n, nan), np.full(n, nan)
+        zero = (0.0, 0.0, 0.0)
+        item_log = self.item_log
+        for k, item in enumerate(item_ids):
+            log = item_log.get(item)
+            if log is not None:  # `_Log.before`, inlined: this loop is the hot path
+                log.settle()
+                times, rows = log.times, log.cum
+                i = bisect_left(times, at_us)
+                now = rows[i - 1] if i else zero
+                for w, start in starts:
+                    i = bisect_left(times, start)
+                    before = rows[i - 1] if i else zero
+                    counts[w][k] = (now[0] - before[0], now[1] - before[1], now[2] - before[2])
+            else:
+                now = zero
+            if ALL in counts:
+                cut = (log.before(self.cutoff_us) if log is not None else None) or zero
+                base = self._base_all.get(item, zero)
+                counts[ALL][k] = [b + x - y for b, x, y in zip(base, now, cut, strict=True)]
+            clicks = self._clicks_at.get(item)
+            j = bisect_left(clicks, at_us) if clicks else 0
+            t = clicks[j - 1] if clicks and j else self._base_last_click.get(item)  # type: ignore[index]
+            if t is not None:
+                last_click[k] = t
             first = self._base_first_seen.get(item, self._first_live.get(item))
-            first_seen.append(first if first is not None and first < at_us else None)
-        cols["items.last_click_at"] = last_click  # type: ignore[assignment]
-        cols["items.first_seen_at"] = first_seen  # type: ignore[assignment]
+            if first is not None and first < at_us:
+                first_seen[k] = first
+        for w, block in counts.items():
+            for c, col in zip(ITEM_COUNTS, block.T, strict=True):
+                out[f"items.{c}_{w}"] = col
+        out["items.last_click_at"] = last_click
+        out["items.first_seen_at"] = first_seen
 
-        extra_meta = [self.meta.get(i, (None, None, None)) for i in extra_history]
+        extra_meta = [self.meta.get(i, _NO_META) for i in extra_history]
         user = self._user_counts(user_id, at_us)
         user[2] += len(extra_history)
         for c, v in zip(USER_COUNTS, user, strict=True):
-            cols[f"users.{c}"] = [v] * n
+            out[f"users.{c}"] = np.full(n, v)
         for gi, g in enumerate(GROUPS):
             table = GROUP_TABLES[g]
+            values = [cast("str | None", m[gi]) for m in meta]
+            out[f"items.{g}"] = np.fromiter((v is not None for v in values), bool, n)
             found: dict[str, list[float]] = {}
-            for value in {str(m[gi]) for m in meta if m[gi] is not None}:
-                counts = self._group_counts(user_id, g, value, at_us)
-                counts[2] += sum(1 for m in extra_meta if m[gi] == value)
-                found[value] = counts
-            for k, c in enumerate(USER_COUNTS):
-                cols[f"{table}.{c}"] = [
-                    found[str(m[gi])][k] if m[gi] is not None else None for m in meta
-                ]
-        pairs = [self._user_item_counts(user_id, i, at_us) for i in item_ids]
+            for value in {v for v in values if v is not None}:
+                stats = self._group_counts(user_id, g, value, at_us)
+                stats[2] += sum(1 for m in extra_meta if m[gi] == value)
+                found[value] = stats
+            block = np.array([found[v] if v is not None else (nan, nan, nan) for v in values])
+            for c, col in zip(USER_COUNTS, block.reshape(n, 3).T, strict=True):
+                out[f"{table}.{c}"] = col
+        pairs = self._user_item_block(user_id, item_ids, at_us)
         if extra_history:
-            for p, item in zip(pairs, item_ids, strict=True):
-                p[1] += sum(1 for h in extra_history if h == item)
-        for k, c in enumerate(USER_ITEM_COUNTS):
-            cols[f"user_item.{c}"] = [p[k] for p in pairs]
-
-        schema: dict[str, pl.DataType] = {c: pl.Float64() for c in cols}
-        for c in ("items.category", "items.subcategory"):
-            schema[c] = pl.String()
-        for c in ("items.published_at", "items.last_click_at", "items.first_seen_at"):
-            schema[c] = pl.Int64()
-        frame = pl.DataFrame(cols, schema=schema)
-        return frame.with_columns(
-            pl.lit(from_us(at_us), dtype=TS).alias(AT),
-            *[
-                pl.from_epoch(pl.col(c), time_unit="us").dt.replace_time_zone("UTC").alias(c)
-                for c in ("items.published_at", "items.last_click_at", "items.first_seen_at")
-            ],
-        )
+            seen = Counter(extra_history)
+            pairs[:, 1] += np.fromiter((seen.get(i, 0) for i in item_ids), np.float64, n)
+        for c, col in zip(USER_ITEM_COUNTS, pairs.T, strict=True):
+            out[f"user_item.{c}"] = col
+        return out
 
     def _user_counts(self, user_id: str | None, at_us: int) -> list[float]:
         idx = self._index
@@ -341,17 +391,29 @@ class LiveFeatures:
         live = (log.before(at_us) if log is not None else None) or (0.0, 0.0, 0.0)
         return [b + x for b, x in zip(base, live, strict=True)]
 
-    def _user_item_counts(self, user_id: str | None, item_id: str, at_us: int) -> list[float]:
+    def _user_item_block(
+        self, user_id: str | None, item_ids: Sequence[str], at_us: int
+    ) -> np.ndarray:
+        """(n, 2) shows, history of the user with each item: the snapshot's plus the live."""
+        n = len(item_ids)
+        out = np.zeros((n, 2))
         if user_id is None:
-            return [0.0, 0.0]
+            return out
         idx = self._index
-        base = [0.0, 0.0]
-        row, item_row = idx.user_row.get(user_id), idx.item_row.get(item_id)
-        if row is not None and item_row is not None:
+        row = idx.user_row.get(user_id)
+        if row is not None:
             keys, values = idx.user_items.of(row)
-            at = int(np.searchsorted(keys, item_row))
-            if at < len(keys) and keys[at] == item_row:
-                base = values[at].tolist()
-        log = self.user_items.get((user_id, item_id))
-        live = (log.before(at_us) if log is not None else None) or (0.0, 0.0)
-        return [b + x for b, x in zip(base, live, strict=True)]
+            if len(keys):
+                unknown = len(idx.item_row)
+                rows = np.fromiter((idx.item_row.get(i, unknown) for i in item_ids), np.int64, n)
+                at = np.minimum(np.searchsorted(keys, rows), len(keys) - 1)
+                found = keys[at] == rows
+                out[found] = values[at[found]]
+        live = self.user_items
+        for k, item in enumerate(item_ids):
+            log = live.get((user_id, item))
+            if log is not None:
+                got = log.before(at_us)
+                if got is not None:
+                    out[k] += got
+        return out

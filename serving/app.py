@@ -450,6 +450,8 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
 
         A user the bundle knows is ranked with their stored profile, extended by `history`; an
         unknown user with a `history` with that history; with neither, by the popularity prior.
+        With `at` (or with events on, where the default is now) features come from the live
+        state as of that moment and the online ranker ranks any user id, new ones included.
         Candidates the bundle does not know but whose text is in `items` are embedded on the
         spot; unknown ones without text get the model's prior for an unseen item and are listed
         in `unknown_items`. `explain` adds each item's top feature contributions.
@@ -467,7 +469,8 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
         elif state.events is not None:  # events keep the state fresh: features as of now
             at_us = max(epoch_us(datetime.now(UTC)), model.as_of_us)
         new = None
-        if body.items and model.strategy(body.user_id, body.history) != "popularity":
+        live = at_us is not None
+        if body.items and model.strategy(body.user_id, body.history, live) != "popularity":
             needed = set(body.candidates) | set(body.history)
             if any(i.item_id in needed and i.item_id not in model.vectors.index
                    for i in body.items):  # fmt: skip

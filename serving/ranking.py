@@ -472,8 +472,11 @@ class ServingModel:
         last = {t.item_id: t for t in texts}  # the latest text of an item sent twice
         return self._embed_texts(list(last.values()))
 
-    def strategy(self, user_id: str | None, history: Sequence[str]) -> str:
-        known = user_id is not None and user_id in self.known_users
+    def strategy(self, user_id: str | None, history: Sequence[str], live: bool = False) -> str:
+        """profile / profile+history / history / popularity. With live features (`live`) any
+        user id is a profile: the online ranker trained on first-time users' rows too (zero
+        counts), so it ranks a new user as the offline evaluation scores them."""
+        known = user_id is not None and (live or user_id in self.known_users)
         if known and history:
             return "profile+history"
         if known:
@@ -491,7 +494,7 @@ class ServingModel:
         with_text = {i.item_id for i in req.items}
         known = self.known_items
         unknown = [c for c in cands if c not in known and c not in with_text]
-        strategy = self.strategy(req.user_id, req.history)
+        strategy = self.strategy(req.user_id, req.history, live=at_us is not None)
         asks = req.exclude_items or req.exclude_categories or req.max_per_category is not None
         rules = self.rules
         if asks or req.diversity is not None:

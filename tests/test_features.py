@@ -463,3 +463,45 @@ def test_features_package_is_pure() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 30))
+def test_numpy_derivation_equals_the_polars_one(seed: int, n: int) -> None:
+    """derive_numpy (the serving twin) and derive_features give the same numbers and the same
+    nulls on random raw columns (counts with gaps, missing times and groups)."""
+    from features.derive import derive_features, derive_numpy
+    from features.events import AT
+
+    rng = np.random.default_rng(seed)
+    config = FeatureConfig(windows=("1h", "24h", "all"), ctr_prior=0.03, prior_weight=7.0)
+    at = 1_700_000_000_000_000 + int(rng.integers(0, 10**12))
+    arrays: dict[str, np.ndarray] = {AT: np.full(n, float(at))}
+    for name in [f"items.{c}_{w}" for w in config.windows for c in ("shows", "clicks",
+                 "interactions")] + [f"{t}.{c}" for t in ("users", "user_category",
+                 "user_subcategory") for c in ("shows", "clicks", "history")] + [
+                 "user_item.shows", "user_item.history"]:  # fmt: skip
+        values = rng.integers(0, 50, n).astype(np.float64)
+        values[rng.random(n) < 0.2] = np.nan
+        arrays[name] = values
+    for name in ("items.published_at", "items.last_click_at", "items.first_seen_at"):
+        t = (at - rng.integers(1, 10**11, n)).astype(np.float64)
+        t[rng.random(n) < 0.4] = np.nan
+        arrays[name] = t
+    for g in ("category", "subcategory"):
+        arrays[f"items.{g}"] = rng.random(n) < 0.7
+    cols: dict[str, pl.Series] = {}
+    for name, values in arrays.items():
+        if name in ("items.category", "items.subcategory"):
+            cols[name] = pl.Series(name, ["c" if v else None for v in values], dtype=pl.String)
+        elif name == AT or name.endswith("_at"):
+            us = pl.Series(name, values).fill_nan(None).cast(pl.Int64)
+            cols[name] = us.cast(pl.Datetime("us", "UTC"))
+        else:
+            cols[name] = pl.Series(name, values).fill_nan(None)
+    want = derive_features(pl.DataFrame(list(cols.values())), config)
+    want_np = want.select(pl.all().fill_null(np.nan)).to_numpy()
+    got = derive_numpy(arrays, config)
+    assert got.shape == want_np.shape == (n, len(feature_names(config)))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want_np))
+    np.testing.assert_array_equal(np.nan_to_num(got), np.nan_to_num(want_np))

@@ -20,6 +20,7 @@ import pytest
 
 from experiments.config import config_from_dict
 from pipelines.nightly import run_nightly, ship_choice
+from recsys.bundle import Bundle
 from recsys.data import write_dataset
 from recsys.errors import ConfigError, DataError
 from recsys.generate import GeneratorConfig, generate
@@ -64,6 +65,8 @@ def test_the_full_ranker_ships_only_when_it_beats_the_behavioural_one_beyond_the
     assert ship_choice(float("nan"), float("nan"), True, 2.0)[0] == "lgbm_behavioural"
     name, why = ship_choice(0.5, 0.001, False, 2.0)
     assert name == "lgbm_behavioural" and "use_semantic" in why
+    name, why = ship_choice(-0.01, 0.001, True, 2.0, ship="lgbm_full")  # pipeline.ship forces it
+    assert name == "lgbm_full" and "pipeline.ship" in why
 
 
 def _lists(path: Path) -> pl.DataFrame:
@@ -93,13 +96,23 @@ def test_outputs_and_known_answer(reference):
     assert result.full_vs_behavioural["auc_diff"] == pytest.approx(
         rows["lgbm_full"]["auc"] - rows["lgbm_behavioural"]["auc"], abs=1e-9
     )
-    assert "refreshed every 1d" in result.freshness
+    assert "refreshed every 1d" in result.freshness and "as of the cut-off" in result.freshness
+    # the online mode: its own table (same models, same baselines) and its own shipped ranker
+    online = {r["model"]: r for r in result.online["test"]}
+    assert list(online) == list(rows) and "online" in result.online["freshness"]
+    assert online["lgbm_full"]["n_impressions"] == rows["lgbm_full"]["n_impressions"]
+    assert online["smoothed_ctr"]["auc"] != rows["smoothed_ctr"]["auc"]  # fresher counts
     # The gate slice chose the shipped ranker: full only when it beats behavioural beyond 2 se.
     fb = result.full_vs_behavioural
     beats = fb["auc_diff"] > 2.0 * fb["auc_diff_se"]
     assert result.shipped_ranker["name"] == ("lgbm_full" if beats else "lgbm_behavioural")
     manifest = json.loads((result.run_dir / "bundles" / "current" / "manifest.json").read_text())
     assert manifest["ranker"] == result.shipped_ranker
+    assert manifest["online"]["ranker"] == result.online["shipped_ranker"]
+    bundle = Bundle.load(result.run_dir / "bundles" / "current")
+    assert bundle.online_ranker is not None and bundle.online_spec is not None
+    assert bundle.online_spec.refresh == "online" and bundle.spec.refresh == "1d"
+    assert list(bundle.online_ranker.feature_names) == manifest["online"]["feature_names"]
     recs = pl.read_parquet(result.recommendations)
     assert recs.columns == [
         "user_id", "rank", "item_id", "score", "source", "model_version", "generated_at"

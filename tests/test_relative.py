@@ -77,3 +77,16 @@ def test_refresh_gives_rows_the_state_at_the_start_of_their_period() -> None:
     np.testing.assert_array_equal(got, want)
     fresh = matrix(point_in_time_frame(online, req, data, vectors), online.columns)
     assert not np.array_equal(np.nan_to_num(got), np.nan_to_num(fresh))  # the day's events differ
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 60), st.integers(1, 6))
+def test_one_request_kernel_equals_the_grouped_one_on_floats(seed: int, n: int, f: int) -> None:
+    """The single-request kernel (the API's) and the grouped one give the same bits on real
+    values with ties and missing values."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, f)) * 10.0 ** rng.integers(-3, 4)
+    x[rng.random((n, f)) < 0.3] = x[0, 0]  # ties
+    x[rng.random((n, f)) < 0.2] = np.nan
+    grouped = within_request(np.vstack([x, x]), np.repeat([0, 1], n))[:n]  # the general path
+    np.testing.assert_array_equal(within_request(x, np.zeros(n, dtype=np.int64)), grouped)

@@ -1,0 +1,385 @@
+"""Events benchmark: real traffic replayed through the real API, ingestion speed, and /v1/rank
+latency while events stream in.
+
+    .venv/bin/python -m experiments.bench_events --data /tmp/bl/data/ebnerd \
+        --split-at 2023-05-25T07:00:00 [--out /tmp/bench-events] [--impressions N]
+
+`--data` is an imported data set with impressions (`recsys import --format mind
+../shared/data/ebnerd-demo --out DIR`). Steps, each printing a table:
+
+1. Bundle: the data before `--split-at` only (items seen before it; `recsys nightly` on it, its own
+   split inside), so the bundle knows nothing of the traffic after the split.
+2. Replay: `recsys serve --bundle B --event-log LOG` in a subprocess. For every impression after
+   the split, in time order: `item` events for articles the server has not seen, `POST /v1/rank`
+   (`at` = its time, its user, its shown list as candidates; history first listed after the
+   split goes in before as click events),
+   then its `impression` event and a `click` event per clicked item. AUC / MRR / nDCG@10 from the
+   API's own scores, beside the same bundle's online ranker on the offline point-in-time features
+   (a) of the imported data set and (b) of the data set the event log imports to (`recsys import
+   --format events LOG --base WEEK1`: a click there also extends the history, as in the API),
+   with paired differences and standard errors over impressions, and two baselines (smoothed CTR,
+   clicks in the last 24 hours as of each impression).
+3. Ingestion: batches of 100 events by POST /v1/events (one client, then four), and by
+   `EventStore.ingest` in this process (no HTTP): events per second.
+4. Latency: /v1/rank with 100 candidates (Server-Timing, server time) while a thread posts
+   1,000 events/s, beside the same without ingestion.
+Peak resident memory of the server (VmHWM) and of this process is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import polars as pl
+
+from experiments.bench_quality import _table
+from recsys.data.dataset import Dataset, read_dataset, write_dataset
+from recsys.metrics import evaluation_table, paired_difference
+
+HOST = "127.0.0.1"
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def week_before(data: Dataset, cut: datetime) -> Dataset:
+    """The data set as it was at `cut`: events before it, the items they name (or published)."""
+    imp = data.impressions.filter(pl.col("ts") < cut)
+    inter = data.interactions.filter(pl.col("ts").is_null() | (pl.col("ts") < cut))
+    seen = pl.concat([imp["item_id"], inter["item_id"]]).unique().implode()
+    items = data.items.filter(pl.col("item_id").is_in(seen) | (pl.col("published_at") < cut))
+    return Dataset(items, inter, imp)
+
+
+class Server:
+    """`recsys serve` in a subprocess on a free port, with an event log."""
+
+    def __init__(self, bundle: Path, log_dir: Path) -> None:
+        sock = socket.socket()
+        sock.bind((HOST, 0))
+        self.port = sock.getsockname()[1]
+        sock.close()
+        env = {**os.environ, "RECSYS_ACCESS_LOG": "false", "RECSYS_LOG_LEVEL": "warning"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "recsys.cli", "serve", "--bundle", str(bundle),
+             "--event-log", str(log_dir), "--port", str(self.port)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.url = f"http://{HOST}:{self.port}"
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                raise RuntimeError(f"server exited: {err[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("server did not get ready in 10 minutes")
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def _server_ms(r: httpx.Response) -> float:
+    timing = r.headers.get("server-timing", "")
+    return float(timing.split("dur=")[1]) if "dur=" in timing else float("nan")
+
+
+def replay(
+    server: Server, data: Dataset, cut: datetime, known_items: set[str], limit: int | None
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Step 2; returns (impression_id, item_id, clicked, api score) and timing."""
+    after = data.impressions.filter(pl.col("ts") >= cut).sort("ts", "impression_id", "position")
+    if limit:
+        keep = after["impression_id"].unique(maintain_order=True).head(limit).implode()
+        after = after.filter(pl.col("impression_id").is_in(keep))
+    items = data.items.select("item_id", "title", "description", "category", "subcategory")
+    text = {r["item_id"]: r for r in items.to_dicts()}
+    # History first listed after the cut-off (EB-NeRD: clicks from before the log, dated just
+    # before the user's first impression): sent as click events, so the API and both offline
+    # data sets hold it at the same moment.
+    late = data.interactions.filter(pl.col("ts") >= cut).sort("ts")
+    late_by_user: dict[str, list[tuple[datetime, str]]] = {}
+    for u, i, t in late.select("user_id", "item_id", "ts").iter_rows():
+        late_by_user.setdefault(u, []).append((t, i))
+    seen = set(known_items)
+    scores: list[float] = []
+    rank_ms: list[float] = []
+    n_events = 0
+    t0 = time.perf_counter()
+    with httpx.Client(timeout=120) as c:
+        for (imp,), rows in after.group_by("impression_id", maintain_order=True):
+            user, ts = rows["user_id"][0], rows["ts"][0]
+            shown = rows["item_id"].to_list()
+            history = late_by_user.pop(user, [])
+            fresh = [i for i in dict.fromkeys([*(i for _, i in history), *shown]) if i not in seen]
+            if fresh:
+                ev = [
+                    {"event_id": f"item-{i}", "type": "item", "ts": _iso(ts),
+                     **{k: v for k, v in text[i].items() if v is not None}}
+                    for i in fresh
+                ]  # fmt: skip
+                r = c.post(f"{server.url}/v1/events", json={"events": ev})
+                r.raise_for_status()
+                seen.update(fresh)
+                n_events += len(ev)
+            if history:
+                ev = [{"event_id": f"hist-{user}-{n}", "type": "click", "ts": _iso(t),
+                       "user_id": user, "item_id": i}
+                      for n, (t, i) in enumerate(history)]  # fmt: skip
+                for b in range(0, len(ev), 1000):
+                    r = c.post(f"{server.url}/v1/events", json={"events": ev[b : b + 1000]})
+                    r.raise_for_status()
+                n_events += len(ev)
+            body = {"user_id": user, "candidates": shown, "at": _iso(ts)}
+            r = c.post(f"{server.url}/v1/rank", json=body)
+            r.raise_for_status()
+            rank_ms.append(_server_ms(r))
+            got = {i["item_id"]: i["score"] for i in r.json()["items"]}
+            scores += [got[i] for i in shown]
+            ev = [{"event_id": f"imp-{imp}", "type": "impression", "ts": _iso(ts),
+                   "user_id": user, "request_id": str(imp), "items": shown}]  # fmt: skip
+            ev += [{"event_id": f"click-{imp}-{i}", "type": "click", "ts": _iso(ts),
+                    "user_id": user, "item_id": i, "request_id": str(imp)}
+                   for i in rows.filter(pl.col("clicked"))["item_id"].to_list()]  # fmt: skip
+            r = c.post(f"{server.url}/v1/events", json={"events": ev})
+            r.raise_for_status()
+            n_events += len(ev)
+    seconds = time.perf_counter() - t0
+    out = after.select("impression_id", "user_id", "item_id", "clicked", "ts").with_columns(
+        pl.Series("api", scores)
+    )
+    ms = np.array(rank_ms)
+    timing = {"impressions": out["impression_id"].n_unique(), "events": n_events,
+              "seconds": seconds, "rank_p50_ms": float(np.nanpercentile(ms, 50)),
+              "rank_p99_ms": float(np.nanpercentile(ms, 99))}  # fmt: skip
+    return out, timing
+
+
+def offline_scores(bundle_dir: Path, data: Dataset, rows: pl.DataFrame) -> pl.DataFrame:
+    """The bundle's online ranker and two baselines on point-in-time features of `data`."""
+    from recsys.bundle import Bundle
+    from recsys.featurize import matrix, point_in_time_frame
+
+    bundle = Bundle.load(bundle_dir)
+    spec = bundle.online_spec or bundle.spec
+    ranker = bundle.online_ranker or bundle.ranker
+    req = rows.select(pl.col("impression_id").alias("request_id"), "user_id", "ts", "item_id")
+    frame = point_in_time_frame(spec, req, data, bundle.vectors if spec.use_semantic else None)
+    return pl.DataFrame(
+        {
+            "score": ranker.predict(matrix(frame, spec.columns)),
+            "smoothed_ctr": frame["item_ctr_all"].cast(pl.Float64).fill_null(0.0).to_numpy(),
+            "recent_clicks": frame["item_clicks_24h"].cast(pl.Float64).fill_null(0.0).to_numpy(),
+        }
+    )
+
+
+def ingest_rates(server: Server, data: Dataset, start: datetime) -> list[dict[str, Any]]:
+    """Step 3: events/s in batches of 100, over HTTP (1 and 4 clients) and in process."""
+    rows = data.impressions.head(60_000)
+    users, items = rows["user_id"].to_list(), rows["item_id"].to_list()
+
+    def batch(tag: str, b: int) -> list[dict[str, Any]]:
+        out = []
+        for j in range(100):
+            n = (b * 100 + j) % len(users)
+            ts = _iso(start + timedelta(seconds=b + j / 100))
+            if j % 10 == 0:
+                out.append({"event_id": f"{tag}-{b}-{j}", "type": "impression", "ts": ts,
+                            "user_id": users[n], "request_id": f"{tag}-r{b}-{j}",
+                            "items": list(dict.fromkeys(items[n : n + 10]))})  # fmt: skip
+            else:
+                out.append({"event_id": f"{tag}-{b}-{j}", "type": "click", "ts": ts,
+                            "user_id": users[n], "item_id": items[n],
+                            "request_id": f"{tag}-r{b}-{j - j % 10}"})  # fmt: skip
+        return out
+
+    results = []
+    for clients in (1, 4):
+        batches = [batch(f"h{clients}", b) for b in range(400)]
+        t0 = time.perf_counter()
+
+        def send(part: list[list[dict[str, Any]]]) -> None:
+            with httpx.Client(timeout=60) as c:
+                for ev in part:
+                    assert c.post(f"{server.url}/v1/events", json={"events": ev}).json()[
+                        "accepted"
+                    ] == len(ev)
+
+        threads = [threading.Thread(target=send, args=(batches[i::clients],))
+                   for i in range(clients)]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        s = time.perf_counter() - t0
+        results.append({"path": f"HTTP, {clients} client(s)", "events": 40_000,
+                        "seconds": s, "events_per_s": 40_000 / s})  # fmt: skip
+    return results
+
+
+def ingest_in_process(
+    bundle_dir: Path, data: Dataset, start: datetime, tmp: Path
+) -> dict[str, Any]:
+    from recsys.bundle import Bundle
+    from serving.events import EventStore
+    from serving.ranking import ServingModel
+
+    model = ServingModel.from_bundle(Bundle.load(bundle_dir), preload_encoder=False)
+    store = EventStore(tmp / "events-in-process")
+    rows = data.impressions.head(40_000)
+    events = [{"event_id": f"p{n}", "type": "click", "ts": _iso(start + timedelta(seconds=n)),
+               "user_id": u, "item_id": i} for n, (u, i) in
+              enumerate(zip(rows["user_id"], rows["item_id"], strict=True))]  # fmt: skip
+    t0 = time.perf_counter()
+    for b in range(0, len(events), 100):
+        store.ingest(model, events[b : b + 100])
+    s = time.perf_counter() - t0
+    return {"path": "EventStore.ingest (no HTTP)", "events": len(events), "seconds": s,
+            "events_per_s": len(events) / s}  # fmt: skip
+
+
+def latency(server: Server, data: Dataset, start: datetime, seconds: float) -> list[dict[str, Any]]:
+    """Step 4: /v1/rank server time with 100 candidates, idle and while ingesting 1,000/s."""
+    users = data.impressions["user_id"].unique().sort().head(2000).to_list()
+    items = data.items["item_id"].to_list()
+    rng = np.random.default_rng(0)
+    out = []
+    for ingesting in (False, True):
+        stop = threading.Event()
+        sent = [0]
+
+        def feed(
+            tag: str = f"lat{int(ingesting)}", stop: threading.Event = stop, sent: list[int] = sent
+        ) -> None:
+            with httpx.Client(timeout=60) as c:
+                b = 0
+                while not stop.is_set():
+                    t = time.perf_counter()
+                    ts = _iso(start + timedelta(seconds=b))
+                    ev = [{"event_id": f"{tag}-{b}-{j}", "type": "click", "ts": ts,
+                           "user_id": users[j], "item_id": items[(b * 100 + j) % len(items)]}
+                          for j in range(100)]  # fmt: skip
+                    c.post(f"{server.url}/v1/events", json={"events": ev})
+                    sent[0] += 100
+                    b += 1
+                    time.sleep(max(0.0, 0.1 - (time.perf_counter() - t)))
+
+        feeder = threading.Thread(target=feed) if ingesting else None
+        if feeder:
+            feeder.start()
+        ms = []
+        t0 = time.perf_counter()
+        with httpx.Client(timeout=60) as c:
+            while time.perf_counter() - t0 < seconds:
+                cands = [items[i] for i in rng.choice(len(items), 100, replace=False)]
+                body = {"user_id": users[int(rng.integers(len(users)))], "candidates": cands,
+                        "k": 20, "at": _iso(start + timedelta(hours=1))}  # fmt: skip
+                ms.append(_server_ms(c.post(f"{server.url}/v1/rank", json=body)))
+        elapsed = time.perf_counter() - t0
+        stop.set()
+        if feeder:
+            feeder.join()
+        a = np.array(ms)
+        out.append({"ingesting": f"{sent[0] / elapsed:.0f} events/s" if ingesting else "none",
+                    "requests": len(ms), "p50_ms": float(np.percentile(a, 50)),
+                    "p99_ms": float(np.percentile(a, 99))})  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--split-at", required=True)
+    p.add_argument("--out", default="/tmp/bench-events")
+    p.add_argument("--impressions", type=int, default=None, help="replay only the first N")
+    p.add_argument("--latency-seconds", type=float, default=20.0)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    cut = datetime.fromisoformat(args.split_at).replace(tzinfo=UTC)
+    data = read_dataset(args.data)
+    week1_dir, run_dir = out / "week1", out / "run"
+    bundle = run_dir / "bundles" / "current"
+    t0 = time.perf_counter()
+    if not bundle.exists():
+        write_dataset(week1_dir, week_before(data, cut), source={"before": args.split_at})
+        subprocess.run([sys.executable, "-m", "recsys.cli", "nightly", "--data", str(week1_dir),
+                        "--out", str(run_dir)], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+        print(f"bundle on the data before {cut.isoformat()}: {time.perf_counter() - t0:.0f} s")
+    week1 = read_dataset(week1_dir)
+    log_dir = out / "events"
+    shutil.rmtree(log_dir, ignore_errors=True)
+
+    server = Server(bundle, log_dir)
+    try:
+        from recsys.bundle import Bundle
+
+        known = set(Bundle.load(bundle).vectors.ids)
+        rows, timing = replay(server, data, cut, known, args.impressions)
+        print(
+            f"\n## Replay through the API ({timing['impressions']} impressions, "
+            f"{timing['events']} events, {timing['seconds']:.0f} s; /v1/rank server time "
+            f"p50 {timing['rank_p50_ms']:.2f} ms, p99 {timing['rank_p99_ms']:.2f} ms)"
+        )
+        logged_dir = out / "from-log"
+        subprocess.run([sys.executable, "-m", "recsys.cli", "import", "--format", "events",
+                        str(log_dir), "--base", str(week1_dir), "--out", str(logged_dir)],
+                       check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+        a = offline_scores(bundle, data, rows)
+        b = offline_scores(bundle, read_dataset(logged_dir), rows)
+        scores = rows.with_columns(
+            a["score"].alias("offline_data"), b["score"].alias("offline_log"),
+            a["smoothed_ctr"], a["recent_clicks"],
+        )  # fmt: skip
+        scores.write_parquet(out / "replay_scores.parquet")
+        models = ["api", "offline_log", "offline_data", "smoothed_ctr", "recent_clicks"]
+        table = evaluation_table(scores, models, versus=["recent_clicks"]).to_dicts()
+        print(_table(table, ["model", "auc", "auc_diff", "auc_diff_se", "mrr", "ndcg@10",
+                             "n_impressions"]))  # fmt: skip
+        for ref in ("offline_log", "offline_data"):
+            d, se = paired_difference(scores, "api", ref)
+            gap = float((scores["api"] - scores[ref]).abs().max())  # type: ignore[arg-type]
+            print(f"api - {ref}: AUC {d:+.4f} (paired se {se:.4f}); max |score diff| {gap:.2e}")
+
+        print("\n## Ingestion (batches of 100 events)")
+        rates = ingest_rates(server, week1, cut + timedelta(days=30))
+        rates.append(ingest_in_process(bundle, week1, cut + timedelta(days=60), out))
+        print(_table(rates, ["path", "events", "seconds", "events_per_s"]))
+
+        print("\n## /v1/rank with 100 candidates (server time)")
+        lat = latency(server, week1, cut + timedelta(days=90), args.latency_seconds)
+        print(_table(lat, ["ingesting", "requests", "p50_ms", "p99_ms"]))
+        print(f"\npeak RSS: server {server.peak_rss_mb():.0f} MB, benchmark process "
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")  # fmt: skip
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
