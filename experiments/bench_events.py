@@ -19,8 +19,9 @@ latency while events stream in.
    --format events LOG --base WEEK1`: a click there also extends the history, as in the API),
    with paired differences and standard errors over impressions, and two baselines (smoothed CTR,
    clicks in the last 24 hours as of each impression).
-3. Ingestion: batches of 100 events by POST /v1/events (one client, then four), and by
-   `EventStore.ingest` in this process (no HTTP): events per second.
+3. Ingestion: batches of 100 events (impressions of 10 items and clicks on them) by POST
+   /v1/events from one client process, then four, and by `EventStore.ingest` in this process
+   (no HTTP): events per second and the server time per batch.
 4. Latency: /v1/rank with 100 candidates (Server-Timing, server time) while a thread posts
    1,000 events/s, beside the same without ingestion.
 Peak resident memory of the server (VmHWM) and of this process is printed at the end.
@@ -199,47 +200,72 @@ def offline_scores(bundle_dir: Path, data: Dataset, rows: pl.DataFrame) -> pl.Da
     )
 
 
+def _ingest_batches(
+    users: list[str], items: list[str], start: datetime, tag: str, n: int
+) -> list[list[dict[str, Any]]]:
+    """n batches of 100 events: an impression of 10 items, then clicks on 9 of them, x10."""
+    out = []
+    for b in range(n):
+        batch: list[dict[str, Any]] = []
+        for j in range(100):
+            k = (b * 100 + j) % len(users)
+            ts = _iso(start + timedelta(seconds=b + j / 100))
+            rid = f"{tag}-r{b}-{j - j % 10}"
+            if j % 10 == 0:
+                shown = list(dict.fromkeys(items[k : k + 10]))
+                batch.append({"event_id": f"{tag}-{b}-{j}", "type": "impression", "ts": ts,
+                              "user_id": users[k], "request_id": rid, "items": shown})  # fmt: skip
+            else:
+                batch.append({"event_id": f"{tag}-{b}-{j}", "type": "click", "ts": ts,
+                              "user_id": users[k - j % 10], "item_id": items[k],
+                              "request_id": rid})  # fmt: skip
+        out.append(batch)
+    return out
+
+
+def _client(url: str, batches: list[list[dict[str, Any]]], ready: Any, go: Any, q: Any) -> None:
+    """One load-generating process: post its batches once `go` is set; report server times."""
+    with httpx.Client(timeout=60) as c:
+        c.get(f"{url}/healthz")
+        ready.put(1)
+        go.wait()
+        ms = []
+        for ev in batches:
+            r = c.post(f"{url}/v1/events", json={"events": ev})
+            assert r.json()["accepted"] == len(ev), r.text
+            ms.append(_server_ms(r))
+    q.put(ms)
+
+
 def ingest_rates(server: Server, data: Dataset, start: datetime) -> list[dict[str, Any]]:
-    """Step 3: events/s in batches of 100, over HTTP (1 and 4 clients) and in process."""
+    """Step 3 over HTTP: 1 and 4 client processes (threads would measure the client's own
+    interpreter lock), 40,000 events each time; events/s seen by the clients, and the server
+    time per batch."""
+    import multiprocessing as mp
+
     rows = data.impressions.head(60_000)
     users, items = rows["user_id"].to_list(), rows["item_id"].to_list()
-
-    def batch(tag: str, b: int) -> list[dict[str, Any]]:
-        out = []
-        for j in range(100):
-            n = (b * 100 + j) % len(users)
-            ts = _iso(start + timedelta(seconds=b + j / 100))
-            if j % 10 == 0:
-                out.append({"event_id": f"{tag}-{b}-{j}", "type": "impression", "ts": ts,
-                            "user_id": users[n], "request_id": f"{tag}-r{b}-{j}",
-                            "items": list(dict.fromkeys(items[n : n + 10]))})  # fmt: skip
-            else:
-                out.append({"event_id": f"{tag}-{b}-{j}", "type": "click", "ts": ts,
-                            "user_id": users[n], "item_id": items[n],
-                            "request_id": f"{tag}-r{b}-{j - j % 10}"})  # fmt: skip
-        return out
-
+    ctx = mp.get_context("spawn")
     results = []
     for clients in (1, 4):
-        batches = [batch(f"h{clients}", b) for b in range(400)]
+        batches = _ingest_batches(users, items, start + timedelta(days=clients), f"h{clients}", 400)
+        ready, q, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+        procs = [ctx.Process(target=_client, args=(server.url, batches[i::clients], ready, go, q))
+                 for i in range(clients)]  # fmt: skip
+        for p in procs:
+            p.start()
+        for _ in procs:
+            ready.get(timeout=120)
         t0 = time.perf_counter()
-
-        def send(part: list[list[dict[str, Any]]]) -> None:
-            with httpx.Client(timeout=60) as c:
-                for ev in part:
-                    assert c.post(f"{server.url}/v1/events", json={"events": ev}).json()[
-                        "accepted"
-                    ] == len(ev)
-
-        threads = [threading.Thread(target=send, args=(batches[i::clients],))
-                   for i in range(clients)]  # fmt: skip
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        go.set()
+        ms = np.array([m for _ in procs for m in q.get(timeout=600)])
         s = time.perf_counter() - t0
-        results.append({"path": f"HTTP, {clients} client(s)", "events": 40_000,
-                        "seconds": s, "events_per_s": 40_000 / s})  # fmt: skip
+        for p in procs:
+            p.join()
+        results.append({"path": f"HTTP, {clients} client process(es)", "events": 40_000,
+                        "seconds": s, "events_per_s": 40_000 / s,
+                        "server_ms_p50": float(np.percentile(ms, 50)),
+                        "server_ms_p99": float(np.percentile(ms, 99))})  # fmt: skip
     return results
 
 
@@ -252,16 +278,19 @@ def ingest_in_process(
 
     model = ServingModel.from_bundle(Bundle.load(bundle_dir), preload_encoder=False)
     store = EventStore(tmp / "events-in-process")
-    rows = data.impressions.head(40_000)
-    events = [{"event_id": f"p{n}", "type": "click", "ts": _iso(start + timedelta(seconds=n)),
-               "user_id": u, "item_id": i} for n, (u, i) in
-              enumerate(zip(rows["user_id"], rows["item_id"], strict=True))]  # fmt: skip
+    rows = data.impressions.head(60_000)
+    batches = _ingest_batches(rows["user_id"].to_list(), rows["item_id"].to_list(), start,
+                              "p", 400)  # fmt: skip
+    ms = []
     t0 = time.perf_counter()
-    for b in range(0, len(events), 100):
-        store.ingest(model, events[b : b + 100])
+    for ev in batches:
+        t = time.perf_counter()
+        store.ingest(model, ev)
+        ms.append((time.perf_counter() - t) * 1000)
     s = time.perf_counter() - t0
-    return {"path": "EventStore.ingest (no HTTP)", "events": len(events), "seconds": s,
-            "events_per_s": len(events) / s}  # fmt: skip
+    return {"path": "EventStore.ingest (no HTTP)", "events": 40_000, "seconds": s,
+            "events_per_s": 40_000 / s, "server_ms_p50": float(np.percentile(ms, 50)),
+            "server_ms_p99": float(np.percentile(ms, 99))}  # fmt: skip
 
 
 def latency(server: Server, data: Dataset, start: datetime, seconds: float) -> list[dict[str, Any]]:
@@ -369,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n## Ingestion (batches of 100 events)")
         rates = ingest_rates(server, week1, cut + timedelta(days=30))
         rates.append(ingest_in_process(bundle, week1, cut + timedelta(days=60), out))
-        print(_table(rates, ["path", "events", "seconds", "events_per_s"]))
+        print(_table(rates, ["path", "events", "seconds", "events_per_s", "server_ms_p50",
+                             "server_ms_p99"]))  # fmt: skip
 
         print("\n## /v1/rank with 100 candidates (server time)")
         lat = latency(server, week1, cut + timedelta(days=90), args.latency_seconds)

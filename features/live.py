@@ -14,9 +14,9 @@ dataset that holds the snapshot's events plus these (`tests/test_live.py` checks
 
 Events as the offline tables hold them (`recsys.importers.events` maps an event log the same way):
 - an impression (request_id, user, ts, items) is one shown row per item at ts;
-- a click on an item of an impression the state has seen sets that row's `clicked`, so it counts
-  at the impression's ts (the impressions table has no click time); every click is also an
-  interaction (history) at the click's own ts;
+- a click on an item of an impression (same request_id and user) sets that row's `clicked`, so
+  it counts at the impression's ts (the impressions table has no click time), whichever of the
+  two arrives first; every click is also an interaction (history) at the click's own ts;
 - an item event gives the item's category, subcategory and published_at (the latest wins).
 Events before the cut-off are already in the snapshot (or too late for it) and are ignored here,
 so a moment before the cut-off cannot be asked for.
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import cast
+from typing import TypeVar, cast
 
 import numpy as np
 import polars as pl
@@ -47,6 +47,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 _SHOW, _CLICK, _HISTORY = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
 _NO_META: tuple[str | None, str | None, int | None] = (None, None, None)
+K = TypeVar("K")
 
 
 def epoch_us(t: datetime) -> int:
@@ -108,6 +109,24 @@ class _Log:
 
     def add(self, t: int, deltas: Sequence[float]) -> None:
         times = self.times
+        if times and t == times[-1] and self.valid == len(times):  # more at the latest time
+            row, cum = self.deltas[-1], self.cum[-1]
+            for j, d in enumerate(deltas):
+                row[j] += d
+                cum[j] += d
+            return
+        if not times or t > times[-1]:  # the common case: a new latest time
+            times.append(t)
+            self.deltas.append(list(deltas))
+            if self.valid == len(times) - 1:
+                prev = self.cum[-1] if self.cum else None
+                self.cum.append(
+                    [p + d for p, d in zip(prev, deltas, strict=True)] if prev else list(deltas)
+                )
+                self.valid += 1
+            else:
+                self.cum.append([])
+            return
         i = bisect_left(times, t)
         if i < len(times) and times[i] == t:
             row = self.deltas[i]
@@ -145,6 +164,14 @@ class _Log:
         if self.valid < i:
             self.settle()
         return self.cum[i - 1]
+
+
+def _log_of(logs: dict[K, _Log], key: K) -> _Log:
+    """logs[key], created when missing (without building a _Log per call as setdefault does)."""
+    log = logs.get(key)
+    if log is None:
+        log = logs[key] = _Log()
+    return log
 
 
 @dataclass
@@ -196,7 +223,7 @@ class LiveFeatures:
             )
         if recent is not None:
             for item, ts, *deltas in recent.sort("ts").iter_rows():
-                self.item_log.setdefault(item, _Log()).add(epoch_us(ts), deltas)
+                _log_of(self.item_log, item).add(epoch_us(ts), deltas)
         self._clicks_at: dict[str, list[int]] = {}  # item -> live click times (impression ts)
         self._first_live: dict[str, int] = {}
         self.users: dict[str, _Log] = {}
@@ -204,6 +231,7 @@ class LiveFeatures:
         self.user_items: dict[tuple[str, str], _Log] = {}
         self.impressions: dict[str, _Impression] = {}
         self._clicked: set[tuple[str, str]] = set()
+        self._pending: dict[str, list[tuple[str, str]]] = {}  # request_id -> clicks before it
         # user -> [(ts, seq, item)] live history, sorted; seq keeps arrival order within a ts
         self.history: dict[str, list[tuple[int, int, str]]] = {}
         self._seq = 0
@@ -233,39 +261,46 @@ class LiveFeatures:
         self.impressions[request_id] = _Impression(user_id, ts_us, frozenset(items))
         for item in items:
             self._count(user_id, item, ts_us, _SHOW)
+        for user, item in self._pending.pop(request_id, []):  # clicks that came first
+            self._click(request_id, user, item)
         return True
 
     def add_click(self, user_id: str, item_id: str, ts_us: int, request_id: str | None) -> None:
         """A click: the shown row's click (at the impression's ts) when `request_id` names an
         impression of this user that showed the item, and one history item at ts_us."""
-        imp = self.impressions.get(request_id) if request_id is not None else None
-        if (
-            imp is not None
-            and imp.user_id == user_id
-            and item_id in imp.items
-            and (request_id, item_id) not in self._clicked
-        ):
-            assert request_id is not None
-            self._clicked.add((request_id, item_id))
-            self._count(user_id, item_id, imp.ts, _CLICK)
-            insort(self._clicks_at.setdefault(item_id, []), imp.ts)
+        if request_id is not None:
+            if request_id in self.impressions:
+                self._click(request_id, user_id, item_id)
+            else:  # its impression may still come (events in any order, as the importer reads)
+                self._pending.setdefault(request_id, []).append((user_id, item_id))
         if ts_us < self.cutoff_us:
             return
         self._count(user_id, item_id, ts_us, _HISTORY)
         self._seq += 1
         insort(self.history.setdefault(user_id, []), (ts_us, self._seq, item_id))
 
+    def _click(self, request_id: str, user_id: str, item_id: str) -> None:
+        """The click of a shown row: counted once, at the impression's ts."""
+        imp = self.impressions[request_id]
+        if imp.user_id != user_id or item_id not in imp.items:
+            return
+        if (request_id, item_id) in self._clicked:
+            return
+        self._clicked.add((request_id, item_id))
+        self._count(user_id, item_id, imp.ts, _CLICK)
+        insort(self._clicks_at.setdefault(item_id, []), imp.ts)
+
     def _count(self, user_id: str, item_id: str, ts: int, deltas: tuple[float, ...]) -> None:
         """One event in every log it counts in (the keys of `events.prepare_events`)."""
-        self.item_log.setdefault(item_id, _Log()).add(ts, deltas)
+        _log_of(self.item_log, item_id).add(ts, deltas)
         if ts < self._first_live.get(item_id, ts + 1):
             self._first_live[item_id] = ts
-        self.users.setdefault(user_id, _Log()).add(ts, deltas)
-        meta = self.meta.get(item_id, (None, None, None))
+        _log_of(self.users, user_id).add(ts, deltas)
+        meta = self.meta.get(item_id, _NO_META)
         for g, value in zip(GROUPS, meta[:2], strict=True):
             if value is not None:
-                self.groups[g].setdefault((user_id, value), _Log()).add(ts, deltas)
-        self.user_items.setdefault((user_id, item_id), _Log()).add(ts, (deltas[0], deltas[2]))
+                _log_of(self.groups[g], (user_id, value)).add(ts, deltas)
+        _log_of(self.user_items, (user_id, item_id)).add(ts, (deltas[0], deltas[2]))
 
     def history_before(self, user_id: str, at_us: int) -> list[tuple[int, str]]:
         """The user's live history strictly before at_us: (ts, item_id), oldest first."""

@@ -265,10 +265,13 @@ class ServingModel:
                         e["item_id"], e.get("category"), e.get("subcategory"),
                         epoch_us(datetime.fromisoformat(pub)) if pub else None,
                     )  # fmt: skip
-                    self.known_items.add(e["item_id"])
-                    if e.get("category"):
-                        self.item_category[e["item_id"]] = e["category"]
-                        self.categories.add(e["category"])
+                    self.known_items.add(e["item_id"])  # read by membership only
+                    cat = e.get("category")
+                    if cat and self.item_category.get(e["item_id"]) != cat:
+                        # copied, not changed in place: requests iterate these (rules)
+                        self.item_category = {**self.item_category, e["item_id"]: cat}
+                        if cat not in self.categories:
+                            self.categories = self.categories | {cat}
                 elif kind == "impression":
                     live.add_impression(e["request_id"], e["user_id"], ts, e["items"])
                     self.known_users.add(e["user_id"])

@@ -123,8 +123,18 @@ def test_events_in_any_order_give_the_same_state() -> None:
     ordered, shuffled = LiveFeatures(snap), LiveFeatures(snap)
     _replay(ordered, after)
     groups = list(after.group_by("impression_id", maintain_order=True))
-    for k in np.random.default_rng(1).permutation(len(groups)):
-        _replay(shuffled, groups[int(k)][1])
+    for n, k in enumerate(np.random.default_rng(1).permutation(len(groups))):
+        rows = groups[int(k)][1]
+        if n % 2:  # every other impression: its clicks arrive before it
+            clicks = rows.filter(pl.col("clicked"))
+            for item in clicks["item_id"].to_list():
+                click_at = rows["ts"][0] + timedelta(seconds=30)
+                shuffled.add_click(rows["user_id"][0], item, epoch_us(click_at),
+                                   str(rows["impression_id"][0]))  # fmt: skip
+            shuffled.add_impression(str(rows["impression_id"][0]), rows["user_id"][0],
+                                    epoch_us(rows["ts"][0]), rows["item_id"].to_list())  # fmt: skip
+        else:
+            _replay(shuffled, rows)
     stale = sum(log.valid < len(log.times) for log in shuffled.users.values())
     assert stale > 0  # the late-event path ran: some logs wait to be settled
     users = after["user_id"].unique().sort().to_list()[:10]
