@@ -451,6 +451,7 @@ FIRST_FILE = {
     "movielens": "movies_with_overview.csv",
     "hm": "articles.parquet",
     "parquet": "items.parquet",
+    "events": "events-000000000000.jsonl",
 }
 
 

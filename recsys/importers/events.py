@@ -27,17 +27,28 @@ import polars as pl
 from recsys.data import validate
 from recsys.data.dataset import read_dataset
 from recsys.data.schema import IMPRESSIONS, INTERACTIONS, ITEMS, TS, conform
-from recsys.eventlog import EventLog
-from recsys.importers.base import ImportResult
+from recsys.errors import DataError
+from recsys.eventlog import PREFIX, SUFFIX, EventLog
+from recsys.importers.base import ImportResult, require_dir
 
+FIRST_SEGMENT = f"{PREFIX}{0:012d}{SUFFIX}"
+LAYOUT = (
+    f"the events format expects the API's event log folder (RECSYS_EVENT_LOG): {PREFIX}<n>"
+    f"{SUFFIX} segments of JSON events, the first {FIRST_SEGMENT}"
+)
 _ITEM_FIELDS = ("item_id", "title", "description", "category", "subcategory", "published_at")
 
 
 def import_events(
     src: str | os.PathLike[str], base: str | os.PathLike[str] | None = None
 ) -> ImportResult:
-    """Read the event log folder `src` (read only) and validate it, on top of `base`."""
-    log = EventLog(src, writer=False)
+    """Read the event log folder `src` (read only) and validate it, on top of `base`.
+
+    Raises `DataError` naming the folder or the first segment when it is missing."""
+    d = require_dir(src, LAYOUT)
+    log = EventLog(d, writer=False)
+    if not log.segments():
+        raise DataError(f"{d / FIRST_SEGMENT}: file missing; {LAYOUT}")
     seen: set[str] = set()
     items, shows, clicks = [], [], []
     n = 0
