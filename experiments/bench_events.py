@@ -285,7 +285,7 @@ def ingest_in_process(
     t0 = time.perf_counter()
     for ev in batches:
         t = time.perf_counter()
-        store.ingest(model, ev)
+        store.ingest(lambda: model, ev)
         ms.append((time.perf_counter() - t) * 1000)
     s = time.perf_counter() - t0
     return {"path": "EventStore.ingest (no HTTP)", "events": 40_000, "seconds": s,

@@ -543,7 +543,7 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
         if store is None:
             return _error(409, "events are off: start the server with RECSYS_EVENT_LOG=DIR "
                                "(recsys serve --event-log DIR) to keep features fresh")  # fmt: skip
-        model = _model(request)
+        _model(request)  # 503 until a bundle serves
         try:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -556,7 +556,7 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
                 422, f"{len(raw)} events in one request; send at most {MAX_EVENTS} per request"
             )
         try:
-            result = await run_in_threadpool(store.ingest, model, raw)
+            result = await run_in_threadpool(store.ingest, lambda: _model(request), raw)
         except OSError as e:
             logger.error("event log write failed: %s", e)
             return _error(503, f"could not write the event log ({e}); nothing accepted, retry")

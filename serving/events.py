@@ -1,7 +1,7 @@
 """Events into a serving worker: checked one by one, made durable, then counted.
 
     store = EventStore(directory)              # opens (recovers) the event log, learns its ids
-    store.ingest(model, raw_events) -> {"accepted", "duplicates", "rejected"}
+    store.ingest(current_model, raw_events) -> {"accepted", "duplicates", "rejected"}
     store.attach(model, swap)                  # replay the log into a new model, then swap
 
 An accepted event is in the event log (`recsys.eventlog`, fsynced) before the answer leaves, and
@@ -61,18 +61,23 @@ class EventStore:
             records.append(event.model_dump(mode="json", exclude_none=True))
         return records, duplicates, rejected
 
-    def ingest(self, model: ServingModel, raw: Sequence[Any]) -> dict[str, Any]:
-        """Check, log (durably) and apply `raw` events; OSError if the log cannot be written
-        (then nothing of this batch is accepted)."""
+    def ingest(self, current: Callable[[], ServingModel], raw: Sequence[Any]) -> dict[str, Any]:
+        """Check, log (durably) and apply `raw` events to the serving model (`current()`, read
+        under the writers' lock, so a reload that swapped models meanwhile still gets them);
+        OSError if the log cannot be written (then nothing of this batch is accepted)."""
         records, duplicates, rejected = self.check(raw)
         items = [r for r in records if r["type"] == "item"]
+        model = current()
         vectors = model.embed_events(items)  # the slow part, outside the lock
         with self.lock:
             fresh = [r for r in records if r["event_id"] not in self.seen]  # a concurrent batch
             duplicates += len(records) - len(fresh)
             self.log.append(fresh)
             self.seen.update(r["event_id"] for r in fresh)
-            model.apply_events(fresh, vectors)
+            serving = current()
+            if serving is not model:  # reloaded meanwhile: its own encoder embeds the items
+                vectors = serving.embed_events([r for r in fresh if r["type"] == "item"])
+            serving.apply_events(fresh, vectors)
         return {"accepted": len(fresh), "duplicates": duplicates, "rejected": rejected}
 
     def replay(self, model: ServingModel) -> int:

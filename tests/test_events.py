@@ -239,3 +239,23 @@ def test_replay_through_the_api_equals_the_offline_online_features(
         assert restarted.state.events.log.count == logged
     finally:
         again.close()
+
+
+@pytest.mark.slow
+def test_events_during_a_reload_reach_the_model_that_serves(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
+    """A batch that read the old model before a reload swapped in the new one is applied to
+    the new one (the model is read again under the writers' lock), so no event is lost."""
+    from serving.events import EventStore
+
+    old = ServingModel.from_bundle(Bundle.load(bundle_dir), preload_encoder=False)
+    new = ServingModel.from_bundle(Bundle.load(bundle_dir), preload_encoder=False)
+    store = EventStore(tmp_path / "events")
+    reads = iter([old, new])  # before the lock: old; under it: new (swapped meanwhile)
+    cut = old.bundle.snapshot.as_of
+    event = {"event_id": "e1", "type": "impression", "ts": _iso(cut), "user_id": "u",
+             "request_id": "r1", "items": ["x"]}  # fmt: skip
+    assert store.ingest(lambda: next(reads), [event])["accepted"] == 1
+    with new.live_lock, old.live_lock:
+        assert "r1" in new.live().impressions and "r1" not in old.live().impressions
