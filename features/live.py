@@ -9,8 +9,9 @@ Counting follows `features.events` exactly: every count is of events strictly be
 a window w at t counts [t - w, t) with the window start from polars' `offset_by` (the offline
 expression); per key the counts are kept as cumulative rows at each distinct event time (the
 rows `events._cumulate` builds), so "before t" is one binary search. The raw columns go through
-the one `derive_features`, so a request's features equal `point_in_time_features` on the
-dataset that holds the snapshot's events plus these (`tests/test_live.py` checks it to 1e-9).
+`derive_numpy`, the numpy twin of `derive_features` (same bits, tests/test_features.py), so a
+request's features equal `point_in_time_features` on the dataset that holds the snapshot's events
+plus these (`tests/test_live.py` checks it to 1e-9).
 
 Events as the offline tables hold them (`recsys.importers.events` maps an event log the same way):
 - an impression (request_id, user, ts, items) is one shown row per item at ts;
@@ -36,8 +37,8 @@ from typing import TypeVar, cast
 import numpy as np
 import polars as pl
 
-from features.config import ALL, FeatureConfig
-from features.derive import GROUP_TABLES, derive_numpy, feature_names
+from features.config import ALL
+from features.derive import GROUP_TABLES, derive_numpy
 from features.events import AT, GROUPS, ITEM_COUNTS, USER_COUNTS, USER_ITEM_COUNTS
 from features.snapshot import RECENT, FeatureSnapshot
 from recsys.data.schema import TS
@@ -83,11 +84,6 @@ def window_start(at_us: int, window: str) -> int:
         return at_us - fixed
     start = pl.select(pl.lit(from_us(at_us), dtype=TS).dt.offset_by(f"-{window}")).item()
     return epoch_us(start)
-
-
-def derive_matrix(raw: dict[str, np.ndarray], config: FeatureConfig) -> np.ndarray:
-    """The features (n, F) float64 of `LiveFeatures.raw` arrays, NaN = null."""
-    return derive_numpy(raw, config)
 
 
 class _Log:
@@ -189,7 +185,6 @@ class LiveFeatures:
         self.snapshot = snapshot
         self.config = snapshot.config
         self.cutoff_us = epoch_us(snapshot.as_of)
-        self.names = feature_names(self.config)
         self.windows = [w for w in self.config.windows if w != ALL]
         index = snapshot.index()
         self._index = index
@@ -318,9 +313,10 @@ class LiveFeatures:
         extra_history: Sequence[str] = (),
     ) -> np.ndarray:
         """(len(item_ids), F) float64 in `feature_names` order as of at_us (>= the cut-off),
-        NaN where `derive_features` gives null. extra_history: items the caller says the user
-        consumed, each one more history item (as `snapshot_features`' extra_history)."""
-        return derive_matrix(self.raw(user_id, item_ids, at_us, extra_history), self.config)
+        NaN where `derive_features` gives null (via `derive_numpy`). extra_history: items the
+        caller says the user consumed, each one more history item (as `snapshot_features`'
+        extra_history)."""
+        return derive_numpy(self.raw(user_id, item_ids, at_us, extra_history), self.config)
 
     def raw(
         self,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.errors import DataError
+from recsys.io import fsync_dir
 
 PREFIX, SUFFIX = "events-", ".jsonl"
 SEGMENT_BYTES = 64 * 1024 * 1024
@@ -94,7 +95,7 @@ class EventLog:
         if current is None or current.stat().st_size >= self.segment_bytes:
             current = self.directory / f"{PREFIX}{self.count:012d}{SUFFIX}"
             self._fd = os.open(current, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         else:
             self._fd = os.open(current, os.O_WRONLY | os.O_APPEND)
         self._current = current
@@ -155,11 +156,3 @@ def _cut_torn_tail(path: Path) -> int:
         f.flush()
         os.fsync(f.fileno())
     return size - keep
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

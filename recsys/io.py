@@ -112,10 +112,11 @@ def fsync_tree(path: str | os.PathLike[str]) -> None:
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
     for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
-        _fsync_dir(d)
+        fsync_dir(d)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a folder, so an entry created or renamed in it survives a crash."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -158,7 +159,7 @@ def publish_version(
     link.unlink(missing_ok=True)
     os.symlink(name, link)
     os.replace(link, root / CURRENT)
-    _fsync_dir(root)
+    fsync_dir(root)
     versions = sorted(
         (p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and p.name[0] != "."),
         key=lambda p: p.stat().st_mtime_ns,

@@ -46,7 +46,7 @@ from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from features.live import epoch_us
@@ -206,6 +206,13 @@ def _model(request: Request) -> ServingModel:
 
 
 # --------------------------------------------------------------------------- errors
+
+
+def _json_body(model: type[BaseModel], *, required: bool) -> dict[str, Any]:
+    """OpenAPI for a JSON body the route reads itself (to answer bad input its own way)."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": required,
+                            "content": {"application/json": {"schema": schema}}}}  # fmt: skip
 
 
 def _loc(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -526,12 +533,7 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
             409: {"model": ErrorResponse, "description": "events are off (no RECSYS_EVENT_LOG)"},
             503: {"model": ErrorResponse, "description": "no bundle yet, or the log is unwritable"},
         },
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": EventsRequest.model_json_schema()}},
-            }
-        },
+        openapi_extra=_json_body(EventsRequest, required=True),
     )
     async def events(request: Request) -> Any:
         """Items, impressions and clicks (at most 1,000 per request), each with an `event_id`
@@ -594,12 +596,7 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
             409: {"model": ErrorResponse, "description": "another reload is running"},
             422: {"model": ErrorResponse, "description": "the new bundle failed; old one serves"},
         },
-        openapi_extra={
-            "requestBody": {
-                "required": False,
-                "content": {"application/json": {"schema": ReloadRequest.model_json_schema()}},
-            }
-        },
+        openapi_extra=_json_body(ReloadRequest, required=False),
     )
     async def reload(request: Request) -> Any:
         """Load a bundle (body `{bundle}` or `{model_uri}`, default: the current source) beside

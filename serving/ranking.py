@@ -26,7 +26,8 @@ import numpy as np
 import polars as pl
 
 from features import snapshot_features_numpy
-from features.live import LiveFeatures, derive_matrix, epoch_us, from_us
+from features.derive import derive_numpy
+from features.live import LiveFeatures, epoch_us, from_us
 from recsys.bundle import Bundle
 from recsys.errors import DataError
 from recsys.featurize import ONLINE, FeatureSpec, matrix
@@ -330,7 +331,7 @@ class ServingModel:
                 raw = live.raw(user_id, candidates, moment, history)
                 live_history = live.history_before(user_id, moment) if user_id is not None else []
                 new = self.with_live(new)
-            base[:, : head.n_behavioural] = derive_matrix(raw, live.config)
+            base[:, : head.n_behavioural] = derive_numpy(raw, live.config)
         if head.spec.use_semantic:
             base[:, head.n_behavioural :] = self._semantic(
                 user_id, candidates, history, new, live_history, moment
