@@ -69,12 +69,12 @@ def run_nightly_child(data_dir: Path, out: Path, config: str, split: str | None)
 
 
 def _run_parts(run: Path) -> tuple[Any, Any, Any]:
-    from pipelines.nightly import _read_tables
+    from pipelines.nightly import read_tables
     from recsys.bundle import Bundle
     from recsys.data import Dataset
 
     bundle = Bundle.load(run / "bundle" / "bundle")
-    data = _read_tables(run / "validate")
+    data = read_tables(run / "validate")
     val = json.loads((run / "validate" / "_stage.json").read_text())["summary"]
     if val.get("synthesized_impressions"):
         data = Dataset(data.items, data.interactions, data.impressions.clear())
@@ -86,7 +86,7 @@ def eval_child(run: Path, config: str) -> dict[str, Any]:
     from datetime import datetime
 
     from experiments.config import load_config
-    from pipelines.nightly import _list_evaluation
+    from pipelines.nightly import list_evaluation
 
     bundle, data, _ = _run_parts(run)
     cfg = load_config(None if config == "default" else config)
@@ -97,7 +97,7 @@ def eval_child(run: Path, config: str) -> dict[str, Any]:
     for div in DIVERSITY:
         c = dataclasses.replace(cfg, rules=dataclasses.replace(cfg.rules, diversity=div))
         t = time.perf_counter()
-        out = _list_evaluation(data, test_at, bundle.ranker, bundle.spec, c, bundle.vectors,
+        out = list_evaluation(data, test_at, bundle.ranker, bundle.spec, c, bundle.vectors,
                                lambda s: None)  # fmt: skip
         secs = time.perf_counter() - t
         if base is None:
@@ -112,13 +112,13 @@ def eval_child(run: Path, config: str) -> dict[str, Any]:
 def lists_child(run: Path, config: str) -> dict[str, Any]:
     """The nightly lists for every active user through the final bundle, timed."""
     from experiments.config import load_config
-    from pipelines.nightly import _context, ranked_lists
+    from pipelines.nightly import list_context, ranked_lists
 
     cfg = load_config(None if config == "default" else config)
     bundle, data, _ = _run_parts(run)
     t = time.perf_counter()
     as_of = bundle.snapshot.as_of
-    ctx = _context(data, as_of, cfg.pipeline, bundle.vectors)
+    ctx = list_context(data, as_of, cfg.pipeline, bundle.vectors)
     recs, short = ranked_lists(bundle, data, ctx, cfg, log=lambda s: None)
     return {
         "seconds": round(time.perf_counter() - t, 1),

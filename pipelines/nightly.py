@@ -97,7 +97,7 @@ class NightlyResult:
 # --------------------------------------------------------------------------- helpers
 
 
-def _read_tables(d: Path) -> Dataset:
+def read_tables(d: Path) -> Dataset:
     return Dataset(
         pl.read_parquet(d / "items.parquet"),
         pl.read_parquet(d / "interactions.parquet"),
@@ -246,7 +246,7 @@ def run_nightly(
             },
             do_validate,
         )
-        data = _read_tables(st.path)
+        data = read_tables(st.path)
         rules = cfg.rules
         if rules.exclude_items or rules.exclude_categories:
             cats = data.items["category"].drop_nulls().unique().to_list()
@@ -549,7 +549,7 @@ def run_nightly(
                     "validation": impression_metrics(vscores.rename({"lgbm_full": "score"})),
                 }
             name = modes[BATCH]["shipped_ranker"]["name"]
-            lists = _list_evaluation(
+            lists = list_evaluation(
                 logged, test_at, rankers[BATCH][name], ranker_spec(spec, name), cfg, vectors, log
             )
             summary = {
@@ -589,7 +589,7 @@ def run_nightly(
         def do_bundle(work: Path, _prev: Path | None) -> dict[str, Any]:
             snapshot = build_snapshot(data, as_of, cfg.features)
             history = data.interactions.select("user_id", "item_id", "ts")
-            ctx = _context(logged, as_of, pc, vectors)
+            ctx = list_context(logged, as_of, pc, vectors)
             popular = ctx.popularity
             manifest = {
                 "config": cfg.to_params(),
@@ -636,7 +636,7 @@ def run_nightly(
         # 9. ranked lists ----------------------------------------------------
         def do_lists(work: Path, _prev: Path | None) -> dict[str, Any]:
             bundle = Bundle.load(bundle_dir)
-            ctx = _context(logged, as_of, pc, bundle.vectors)
+            ctx = list_context(logged, as_of, pc, bundle.vectors)
             recs, short = ranked_lists(bundle, logged, ctx, cfg, log=log)
             write_parquet(recs, work / "recommendations.parquet")
             if short:
@@ -819,7 +819,7 @@ def _scores_file(mode: str) -> str:
     return "scores.parquet" if mode == BATCH else f"scores_{mode}.parquet"
 
 
-def _context(data: Dataset, as_of: datetime, pc: Any, vectors: ItemVectors | None) -> Any:
+def list_context(data: Dataset, as_of: datetime, pc: Any, vectors: ItemVectors | None) -> Any:
     return retrieval_context(
         data, as_of, vectors=vectors, max_history=pc.max_history,
         half_life_days=pc.popular_half_life_days, live_window_days=pc.live_window_days,
@@ -854,7 +854,7 @@ def ranker_spec(spec: FeatureSpec, name: str) -> FeatureSpec:
     return spec if name == "lgbm_full" else dataclasses.replace(spec, use_semantic=False)
 
 
-def _list_evaluation(
+def list_evaluation(
     data: Dataset,
     test_at: datetime,
     ranker: Ranker,
@@ -868,7 +868,7 @@ def _list_evaluation(
     `data` holds logged impressions only (none sampled)."""
     pc = cfg.pipeline
     before = _before(data, test_at)
-    ctx = _context(before, test_at, pc, vectors)
+    ctx = list_context(before, test_at, pc, vectors)
     horizon = list_horizon(ctx.cadence, pc.list_horizon_days)
     truth = truth_after(data, test_at, horizon)
     if truth.height == 0:
@@ -1004,7 +1004,7 @@ def evaluate_bundle(
         models = [*BASELINES, "bundle"]
         tables[mode] = evaluation_table(scores, models, versus=BASELINES).to_dicts()
     cfg = _bundle_config(bundle)
-    lists = _list_evaluation(logged, test_at, bundle.ranker, bundle.spec, cfg, bundle.vectors, log)
+    lists = list_evaluation(logged, test_at, bundle.ranker, bundle.spec, cfg, bundle.vectors, log)
     return tables, lists
 
 
@@ -1170,9 +1170,9 @@ def _flatten_history(hist: Any) -> dict[str, list[float]]:
 
 def print_summary(result: NightlyResult, *, show_users: int = 3) -> None:
     """The short table of results each run ends with."""
-    from recsys.cli import _print_table
+    from recsys.cli import print_table
 
-    _print_table(
+    print_table(
         [
             {"stage": s.name, "status": "reused" if s.skipped else "ran", "seconds": s.seconds}
             for s in result.stages
@@ -1194,7 +1194,7 @@ def print_summary(result: NightlyResult, *, show_users: int = 3) -> None:
             {("auc - " + versus if k == "auc_diff" and versus else k): v for k, v in r.items()}
             for r in rows
         ]
-        _print_table(
+        print_table(
             rows,
             f"Evaluation on the test split, {mode} features (per impression, averaged; "
             f"auc_diff_se: standard error of the paired difference)\n{freshness}",
@@ -1209,7 +1209,7 @@ def print_summary(result: NightlyResult, *, show_users: int = 3) -> None:
     print(finetune_note(result.finetune, result.config.finetune.method))
     lists = result.lists
     if lists.get("sources"):
-        _print_table(
+        print_table(
             lists["sources"],
             "Candidate retrieval by source (recall of the test positives; the union is what "
             "the ranker sees)",
@@ -1218,13 +1218,13 @@ def print_summary(result: NightlyResult, *, show_users: int = 3) -> None:
         n = result.config.pipeline.top_n
         cols = ["list", f"recall@{n}", "recall_diff", "recall_diff_se", f"ndcg@{n}", "ndcg_diff",
                 "ndcg_diff_se", "coverage", "novelty", "intra_list_sim", "users"]  # fmt: skip
-        _print_table(
+        print_table(
             [{k: r[k] for k in cols if k in r} for r in lists["table"]],
             f"Ranked lists (top {n}; diffs: paired over users, versus {lists.get('versus')})\n"
             f"{lists.get('note', '')}",
         )
         if lists.get("table_known"):
-            _print_table(
+            print_table(
                 [{k: r[k] for k in cols if k in r} for r in lists["table_known"]],
                 "The same over the users known at the cut-off (the others get popular lists)",
             )
@@ -1239,7 +1239,7 @@ def print_summary(result: NightlyResult, *, show_users: int = 3) -> None:
     users = recs["user_id"].unique(maintain_order=True).head(show_users).to_list()
     for u in users:
         top = recs.filter(pl.col("user_id") == u).head(5).join(titles, on="item_id", how="left")
-        _print_table(
+        print_table(
             [
                 {"rank": r["rank"], "item_id": r["item_id"], "score": r["score"],
                  "title": (r["title"] or "")[:60]}

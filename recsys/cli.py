@@ -19,7 +19,7 @@ from recsys.errors import RecsysError
 EXIT_USAGE = 2
 
 
-def _print_table(rows: Sequence[Mapping[str, Any]], title: str | None = None) -> None:
+def print_table(rows: Sequence[Mapping[str, Any]], title: str | None = None) -> None:
     """Print dict rows as an aligned text table (floats with 4 decimals)."""
     if title:
         print(f"\n{title}")
@@ -50,7 +50,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     data, _ = generate(cfg)
     manifest = write_dataset(args.out, data, source={"generator": cfg.__dict__})
     rows = [{"table": t, "rows": n} for t, n in manifest["counts"].items()]
-    _print_table(rows, f"Generated {args.out} in {time.perf_counter() - t0:.1f}s")
+    print_table(rows, f"Generated {args.out} in {time.perf_counter() - t0:.1f}s")
     return 0
 
 
@@ -63,10 +63,10 @@ def _cmd_import(args: argparse.Namespace) -> int:
     v = result.validated
     write_dataset(args.out, v, source={"format": args.format, "path": str(args.src)})
     rows = [{"table": t, **c} for t, c in v.counts().items()]
-    _print_table(rows, f"Imported {args.src} ({args.format}) in {time.perf_counter() - t0:.1f}s")
+    print_table(rows, f"Imported {args.src} ({args.format}) in {time.perf_counter() - t0:.1f}s")
     if v.rejects.height:
         reasons = v.reasons().to_dicts()
-        _print_table(reasons, f"Rejects ({v.rejects.height}, in {args.out}/rejects.parquet)")
+        print_table(reasons, f"Rejects ({v.rejects.height}, in {args.out}/rejects.parquet)")
     for key, value in result.stats.items():
         print(f"{key}: {value}")
     return 0
@@ -83,8 +83,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         data, args.out, cfg.finetune, base_model=args.base_model, ray_address=args.ray_address
     )
     rows = [{"epoch": i + 1, "loss": float(loss)} for i, loss in enumerate(report.losses)]
-    _print_table(rows, f"Fine-tuned encoder written to {report.encoder_dir}")
-    _print_table(
+    print_table(rows, f"Fine-tuned encoder written to {report.encoder_dir}")
+    print_table(
         [
             {
                 "method": cfg.finetune.method,
@@ -114,7 +114,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         num_actors=args.actors,
     )
-    _print_table(
+    print_table(
         [
             {
                 "embedded": report.embedded,
@@ -180,11 +180,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     cutoff = datetime.fromisoformat(args.split_at or bundle.manifest["split"]["test_at"])
     for mode, table in tables.items():
         note = freshness_note(mode, bundle.spec, cutoff)
-        _print_table(table, f"Evaluation of {args.bundle} on {args.data} ({mode})\n{note}")
+        print_table(table, f"Evaluation of {args.bundle} on {args.data} ({mode})\n{note}")
     if lists.get("sources"):
-        _print_table(lists["sources"], "Candidate retrieval by source")
+        print_table(lists["sources"], "Candidate retrieval by source")
     if lists.get("table"):
-        _print_table(
+        print_table(
             lists["table"],
             f"Ranked lists (diffs paired over users, versus {lists['versus']})\n{lists['note']}",
         )
@@ -210,7 +210,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from experiments.compare import compare_runs
 
     rows = compare_runs(tracking_uri=args.tracking_uri, experiment=args.experiment)
-    _print_table(rows, "Latest nightly run per experiment config (MLflow)")
+    print_table(rows, "Latest nightly run per experiment config (MLflow)")
     return 0
 
 

@@ -23,7 +23,7 @@ import polars as pl
 from recsys.errors import ConfigError, DataError
 from recsys.vectors import ItemVectors
 
-__all__ = ["SEMANTIC_FEATURES", "semantic_features", "user_profile_vectors"]
+__all__ = ["SEMANTIC_FEATURES", "recency_weights", "semantic_features", "user_profile_vectors"]
 
 SEMANTIC_FEATURES = [
     "sem_cos_mean",
@@ -138,7 +138,7 @@ def _gather_windows(
     return hv, mask, ts
 
 
-def _recency_weights(mask: np.ndarray, ts: np.ndarray, half_life_days: float) -> np.ndarray:
+def recency_weights(mask: np.ndarray, ts: np.ndarray, half_life_days: float) -> np.ndarray:
     """Weights (B, m) = 0.5 ** (age_days / half_life_days), age measured from the newest dated row.
 
     Measuring age from the newest row instead of the request time scales a window's weights by
@@ -238,7 +238,7 @@ def semantic_features(
 
         for slot, w in (
             (0, hmask.astype(np.float64)),
-            (3, _recency_weights(hmask, hts, half_life_days)),
+            (3, recency_weights(hmask, hts, half_life_days)),
         ):
             w32 = w.astype(np.float32)  # (B, M), 0 on padding
             centre = np.einsum("bm,bmd->bd", w32, hv)  # (B, d)

@@ -34,7 +34,7 @@ from recsys.featurize import ONLINE, FeatureSpec, matrix
 from recsys.ranker import Ranker
 from recsys.relative import relative_columns, within_request
 from recsys.rules import ListRules, apply_rules
-from recsys.semantic import SEMANTIC_FEATURES, _recency_weights
+from recsys.semantic import SEMANTIC_FEATURES, recency_weights
 from recsys.vectors import ItemVectors
 from serving.schemas import EXPLAIN_TOP, ItemText, RankRequest
 
@@ -407,7 +407,7 @@ class ServingModel:
             sims = np.matmul(cv, hv.transpose(0, 2, 1))  # (1, K, M) cosines
             for slot, w in (
                 (0, hmask.astype(np.float64)),
-                (3, _recency_weights(hmask, hts, self.spec.half_life_days)),
+                (3, recency_weights(hmask, hts, self.spec.half_life_days)),
             ):
                 centre = np.einsum("bm,bmd->bd", w.astype(np.float32), hv)
                 norm = np.linalg.norm(centre, axis=1)

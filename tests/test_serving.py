@@ -882,11 +882,11 @@ def test_model_uri_from_the_registry(bundle_dir, tmp_path):
 def test_training_rows_equal_what_serving_computes_at_the_same_moment(serving_run, serving_model):
     """A training row (the point-in-time path) at the bundle's cut-off has the ranker columns
     the API computes from the bundle: behavioural, semantic and within-request."""
-    from pipelines.nightly import _read_tables
+    from pipelines.nightly import read_tables
     from recsys.featurize import matrix, point_in_time_frame
 
     m = serving_model
-    data = _read_tables(Path(serving_run.run_dir) / "validate")
+    data = read_tables(Path(serving_run.run_dir) / "validate")
     as_of = m.bundle.snapshot.as_of
     assert m.spec.stable and m.spec.columns != m.spec.base_columns  # ranks/z-scores are in use
     users = sorted(m.histories.ptr)[:12]
