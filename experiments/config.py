@@ -68,6 +68,9 @@ class PipelineConfig:
     # Freshness of the batch ranker's training rows: "1d" = as of the day's refresh, what the
     # API serves from a bundle the nightly rebuilds daily; "online" = as of each impression. (Its
     # test rows are as of the cut-off; the online ranker's rows are always as of each moment.)
+    # Staler rows ("2d".."4d") suit logs whose batch path serves features days old: on EB-NeRD
+    # week 2 they put lgbm_full ~0.005 AUC ahead of lgbm_behavioural (README), but on the
+    # generator's short log "2d" cost the semantic half its lead, so it is not the default.
     refresh: str = "1d"
     # The earliest share of the pre-validation impressions tunes the encoder; the ranker trains
     # on the rest, so no ranker row has semantic features from an encoder fitted on it.

@@ -18,7 +18,7 @@ import mlflow
 import polars as pl
 import pytest
 
-from experiments.config import config_from_dict
+from experiments.config import PipelineConfig, config_from_dict
 from pipelines.nightly import run_nightly, ship_choice
 from recsys.bundle import Bundle
 from recsys.data import write_dataset
@@ -96,7 +96,10 @@ def test_outputs_and_known_answer(reference):
     assert result.full_vs_behavioural["auc_diff"] == pytest.approx(
         rows["lgbm_full"]["auc"] - rows["lgbm_behavioural"]["auc"], abs=1e-9
     )
-    assert "refreshed every 1d" in result.freshness and "as of the cut-off" in result.freshness
+    assert (
+        f"refreshed every {PipelineConfig().refresh}" in result.freshness
+        and "as of the cut-off" in result.freshness
+    )
     # the online mode: its own table (same models, same baselines) and its own shipped ranker
     online = {r["model"]: r for r in result.online["test"]}
     assert list(online) == list(rows) and "online" in result.online["freshness"]
@@ -111,7 +114,9 @@ def test_outputs_and_known_answer(reference):
     assert manifest["online"]["ranker"] == result.online["shipped_ranker"]
     bundle = Bundle.load(result.run_dir / "bundles" / "current")
     assert bundle.online_ranker is not None and bundle.online_spec is not None
-    assert bundle.online_spec.refresh == "online" and bundle.spec.refresh == "1d"
+    assert (
+        bundle.online_spec.refresh == "online" and bundle.spec.refresh == PipelineConfig().refresh
+    )
     assert list(bundle.online_ranker.feature_names) == manifest["online"]["feature_names"]
     recs = pl.read_parquet(result.recommendations)
     assert recs.columns == [
