@@ -89,6 +89,9 @@ class NightlyResult:
     online: dict[str, Any] = field(default_factory=dict)
     finetune: dict[str, Any] = field(default_factory=dict)
     lists: dict[str, Any] = field(default_factory=dict)  # list metrics, retrieval sources
+    # the batch ranker's training freshness: {"chosen": period, "validation_auc": {period:
+    # {ranker: AUC}}} (one period unless pipeline.refresh is "auto")
+    refresh: dict[str, Any] = field(default_factory=dict)
     mlflow_run_id: str | None = None
     tracking_uri: str = ""
     seconds: float = 0.0
@@ -185,9 +188,10 @@ def run_nightly(
     data_dir = Path(data_dir)
     runner = StageRunner(run_dir, log=log)
     pc = cfg.pipeline
+    # refresh: the first candidate until the rank stage has chosen one ("auto")
     spec = FeatureSpec(
         cfg.features, pc.use_semantic, pc.max_history, pc.half_life_days, pc.stable_features,
-        pc.refresh,
+        pc.refreshes[0],
     )  # fmt: skip
 
     tracker_cm: Any
@@ -421,16 +425,18 @@ def run_nightly(
         frozen = ItemVectors.from_parquet(st_emb.path / "item_vectors_frozen.parquet")
 
         # 5. features (point in time), once per freshness mode -------------------
-        # online: every row as of its own moment (the API with events). batch: training rows
-        # as of their refresh period's start, test rows as of the cut-off (the nightly lists
-        # and an API without events). One ranker is trained per mode, for the mode it serves.
+        # online: every row as of its own moment (the API with events). batch: as the batch
+        # path serves them, test rows as of the cut-off (the nightly lists and an API without
+        # events), validation rows as of the validation start, training rows as of their refresh
+        # period's start (one frame per candidate period). One ranker is trained per mode.
         online_spec = dataclasses.replace(spec, refresh=ONLINE)
+        variants = [(BATCH, r) for r in pc.refreshes] + [(ONLINE, ONLINE)]
 
         def do_features(work: Path, _prev: Path | None) -> dict[str, Any]:
             req = _requests(imp)
             every = dataclasses.replace(online_spec, use_semantic=True)
-            for mode in MODES:
-                at = req if mode == ONLINE else _batch_moments(req, imp, spec, test_at)
+            for mode, refresh in variants:
+                at = req if mode == ONLINE else _batch_moments(req, imp, refresh, valid_at, test_at)
                 frame = point_in_time_frame(every, at, data, vectors)
                 frozen_cos = semantic_only(every, at, data, frozen)["sem_cos_mean"].alias(
                     "sem_cos_mean_frozen"
@@ -438,8 +444,8 @@ def run_nightly(
                 frame = frame.with_columns(
                     req["ts"], frozen_cos, imp["clicked"], imp["split"], imp["position"]
                 )
-                write_parquet(frame, work / _feature_file(mode))
-            return {"rows": imp.height, "columns": spec.columns, "modes": list(MODES)}
+                write_parquet(frame, work / _feature_file(mode, refresh))
+            return {"rows": imp.height, "columns": spec.columns, "variants": variants}
 
         st_feat = runner.run(
             "features",
@@ -449,15 +455,24 @@ def run_nightly(
                 "embed": st_emb.fingerprint,
                 "features": cfg.section("features"),
                 "semantic": [pc.max_history, pc.half_life_days],
-                "columns": [pc.stable_features, pc.refresh],
-                "modes": list(MODES),
+                "columns": [pc.stable_features],
+                "variants": variants,
+                "moments": "valid-as-served",
             },
             do_features,
         )
-        frames = {m: pl.read_parquet(st_feat.path / _feature_file(m)) for m in MODES}
+        # {mode: {refresh: frame}}; after the rank stage, frames[mode]: the chosen one
+        candidates = {
+            m: {
+                r: pl.read_parquet(st_feat.path / _feature_file(m, r))
+                for mm, r in variants
+                if mm == m
+            }
+            for m in MODES
+        }
 
-        def rows_of(mode: str, name: str) -> pl.DataFrame:
-            return frames[mode].filter(pl.col("split") == name)
+        def rows_of(mode: str, name: str, frame: pl.DataFrame | None = None) -> pl.DataFrame:
+            return (frames[mode] if frame is None else frame).filter(pl.col("split") == name)
 
         # 6. rank (LightGBM LambdaRank) --------------------------------------
         # A tuned encoder saw the clicks before encoder_at: its semantic features on those rows
@@ -483,11 +498,36 @@ def run_nightly(
                 ("lgbm_behavioural", spec.behavioural, False),
             )
             for mode in MODES:
-                valid = rows_of(mode, "valid")
-                for name, cols, mask in plans:
+                # each candidate freshness: both rankers early-stopped on its validation rows;
+                # the one whose lgbm_full validates best is kept (the first of equals)
+                best: tuple[float, str, dict[str, tuple[Ranker, pl.DataFrame]]] | None = None
+                scored: dict[str, dict[str, float]] = {}
+                for refresh, frame in candidates[mode].items():
+                    valid = rows_of(mode, "valid", frame)
+                    fits: dict[str, tuple[Ranker, pl.DataFrame]] = {}
+                    for name, cols, mask in plans:
+                        rows = fitted_rows(rows_of(mode, "train", frame), mask)
+                        fits[name] = (
+                            train_ranker(rows, valid, cols, cfg.ranker, group_col="request_id"),
+                            rows,
+                        )
+                    scored[refresh] = {n: _valid_auc(valid, r) for n, (r, _) in fits.items()}
+                    if best is None or scored[refresh]["lgbm_full"] > best[0]:
+                        best = (scored[refresh]["lgbm_full"], refresh, fits)
+                assert best is not None
+                _, pick, fits = best
+                out[f"refresh.{mode}"] = {"chosen": pick, "validation_auc": scored}
+                if len(scored) > 1:
+                    log(
+                        f"[rank] {mode}: training rows refreshed every {pick}, chosen on the "
+                        "validation slice as served (lgbm_full AUC "
+                        + ", ".join(f"{k} {v['lgbm_full']:.4f}" for k, v in scored.items())
+                        + ")"
+                    )
+                valid = rows_of(mode, "valid", candidates[mode][pick])
+                for name, _cols, mask in plans:
                     key = ranker_key(name, mode)
-                    rows = fitted_rows(rows_of(mode, "train"), mask)
-                    r = train_ranker(rows, valid, cols, cfg.ranker, group_col="request_id")
+                    r, rows = fits[name]
                     r.save(work / f"{key}.selected")
                     shipped = (
                         refit_ranker(
@@ -517,6 +557,10 @@ def run_nightly(
             },
             do_rank,
         )
+        chosen = st_rank.summary[f"refresh.{BATCH}"]["chosen"]
+        spec = dataclasses.replace(spec, refresh=chosen)
+        frames = {m: candidates[m][st_rank.summary[f"refresh.{m}"]["chosen"]] for m in MODES}
+        candidates.clear()  # the other periods' frames are not needed any more
         names = ("lgbm_full", "lgbm_behavioural")
         rankers = {
             m: {n: Ranker.load(st_rank.path / ranker_key(n, m)) for n in names} for m in MODES
@@ -545,7 +589,9 @@ def run_nightly(
                     "versus": table[0]["versus"],
                     "full_vs_behavioural": {"auc_diff": diff, "auc_diff_se": se},
                     "shipped_ranker": {"name": name, "reason": reason},
-                    "freshness": freshness_note(mode, spec, test_at),
+                    "freshness": freshness_note(
+                        mode, spec, test_at, st_rank.summary[f"refresh.{mode}"]["validation_auc"]
+                    ),
                     "validation": impression_metrics(vscores.rename({"lgbm_full": "score"})),
                 }
             name = modes[BATCH]["shipped_ranker"]["name"]
@@ -676,6 +722,7 @@ def run_nightly(
             candidate_recall=st_eval.summary["candidate_recall"],
             lists=st_eval.summary.get("lists", {}),
             freshness=st_eval.summary.get("freshness", ""),
+            refresh=st_rank.summary[f"refresh.{BATCH}"],
             versus=st_eval.summary.get("versus", ""),
             full_vs_behavioural=st_eval.summary.get("full_vs_behavioural", {}),
             shipped_ranker=st_eval.summary.get("shipped_ranker", {}),
@@ -774,8 +821,11 @@ def finetune_note(summary: dict[str, Any], method: str) -> str:
     return f"[finetune] shipped epoch {best} (validation AUC per epoch, frozen first: {shown})"
 
 
-def freshness_note(mode: str, spec: FeatureSpec, cutoff: datetime) -> str:
-    """Which feature freshness a mode's evaluation numbers assume (printed with its table)."""
+def freshness_note(
+    mode: str, spec: FeatureSpec, cutoff: datetime, chosen_from: dict[str, Any] | None = None
+) -> str:
+    """Which feature freshness a mode's evaluation numbers assume (printed with its table);
+    `chosen_from`: the candidate periods' validation scores, when the period was chosen."""
     if mode == ONLINE:
         return (
             "online: every test impression's features as of its own moment (what /v1/rank "
@@ -786,6 +836,11 @@ def freshness_note(mode: str, spec: FeatureSpec, cutoff: datetime) -> str:
         if spec.refresh != ONLINE
         else "as of each row's moment"
     )
+    if chosen_from and len(chosen_from) > 1:
+        trained += (
+            f", the period chosen among {', '.join(chosen_from)} on the validation rows as of "
+            "the validation start"
+        )
     return (
         f"batch: every test impression's features as of the cut-off {cutoff.isoformat()} "
         f"(what the nightly lists and an API without events serve); the ranker trained on "
@@ -794,16 +849,27 @@ def freshness_note(mode: str, spec: FeatureSpec, cutoff: datetime) -> str:
 
 
 def _batch_moments(
-    req: pl.DataFrame, imp: pl.DataFrame, spec: FeatureSpec, cutoff: datetime
+    req: pl.DataFrame, imp: pl.DataFrame, refresh: str, valid_at: datetime, cutoff: datetime
 ) -> pl.DataFrame:
     """`req` with ts moved to the moment its batch features describe: the cut-off for test rows,
-    the start of the refresh period for the others."""
+    the validation start for validation rows (a bundle built then serves them), the start of the
+    `refresh` period for training rows."""
+    utc = pl.Datetime("us", "UTC")
+    train_at = pl.col("ts") if refresh == ONLINE else pl.col("ts").dt.truncate(refresh)
     moment = (
         pl.when(imp["split"] == "test")
-        .then(pl.lit(cutoff, dtype=pl.Datetime("us", "UTC")))
-        .otherwise(spec.at(pl.col("ts")))
+        .then(pl.lit(cutoff, dtype=utc))
+        .when(imp["split"] == "valid")
+        .then(pl.lit(valid_at, dtype=utc))
+        .otherwise(train_at)
     )
     return req.with_columns(moment.alias("ts"))
+
+
+def _valid_auc(valid: pl.DataFrame, ranker: Ranker) -> float:
+    """The mean per-impression AUC of `ranker` on the validation rows."""
+    scores = valid.select(pl.col("request_id").alias("impression_id"), "clicked")
+    return impression_metrics(scores.with_columns(pl.Series("score", ranker.predict(valid))))["auc"]
 
 
 def ranker_key(name: str, mode: str) -> str:
@@ -811,8 +877,8 @@ def ranker_key(name: str, mode: str) -> str:
     return name if mode == BATCH else f"{name}.{mode}"
 
 
-def _feature_file(mode: str) -> str:
-    return "features.parquet" if mode == BATCH else f"features_{mode}.parquet"
+def _feature_file(mode: str, refresh: str) -> str:
+    return f"features_{mode}.parquet" if mode == ONLINE else f"features_{mode}_{refresh}.parquet"
 
 
 def _scores_file(mode: str) -> str:
@@ -1122,6 +1188,10 @@ def _log_to_tracker(
         tracker.set_tags({"ranker.shipped": shipped["name"],
                           "ranker.shipped_reason": shipped["reason"][:5000]})  # fmt: skip
     tracker.log_metrics({f"candidates.{k}": v for k, v in result.candidate_recall.items()})
+    refresh = st_rank.summary[f"refresh.{BATCH}"]
+    tracker.set_tags({"ranker.refresh": refresh["chosen"]})
+    for period, aucs in refresh["validation_auc"].items():
+        tracker.log_metrics({f"valid_refresh.{period}.{n}.auc": v for n, v in aucs.items()})
     for row in result.lists.get("table", []):
         tracker.log_metrics({f"lists.{row['list']}.{k}": v for k, v in row.items()
                              if isinstance(v, int | float)})  # fmt: skip

@@ -73,3 +73,18 @@ def test_list_rules_and_retrieval_settings():
         config_from_dict({"pipeline": {"k_category": -3}})
     with pytest.raises(ConfigError, match=r"pipeline\.live_window_days"):
         config_from_dict({"pipeline": {"live_window_days": -1.0}})
+
+
+def test_batch_refresh_auto_tries_each_candidate_period():
+    assert NightlyConfig().pipeline.refreshes == ("1d", "2d")  # the default: "auto"
+    assert config_from_dict({"pipeline": {"refresh": "6h"}}).pipeline.refreshes == ("6h",)
+    auto = config_from_dict({"pipeline": {"refresh_candidates": ["12h", "1d", "3d"]}})
+    assert auto.pipeline.refreshes == ("12h", "1d", "3d")
+    with pytest.raises(
+        ConfigError, match=r"pipeline\.refresh must be 'auto' .*'online' or a polars"
+    ):
+        config_from_dict({"pipeline": {"refresh": "daily"}})
+    with pytest.raises(ConfigError, match=r"refresh_candidates are batch periods"):
+        config_from_dict({"pipeline": {"refresh_candidates": ["1d", "online"]}})
+    with pytest.raises(ConfigError, match=r"refresh_candidates must name at least one"):
+        config_from_dict({"pipeline": {"refresh_candidates": []}})

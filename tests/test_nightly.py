@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
@@ -19,7 +20,7 @@ import polars as pl
 import pytest
 
 from experiments.config import PipelineConfig, config_from_dict
-from pipelines.nightly import run_nightly, ship_choice
+from pipelines.nightly import _batch_moments, run_nightly, ship_choice
 from recsys.bundle import Bundle
 from recsys.data import write_dataset
 from recsys.errors import ConfigError, DataError
@@ -54,6 +55,25 @@ def reference(data_dir):
     uri = f"sqlite:///{data_dir.parent / 'mlflow.db'}"
     result = run_nightly(data_dir, out, config=_config(), tracking_uri=uri, log=lambda s: None)
     return result, uri
+
+
+def test_batch_rows_get_the_moment_the_batch_path_serves() -> None:
+    """Test rows as of the cut-off, validation rows as of the validation start (a bundle built
+    then serves them), training rows as of the start of their refresh period."""
+    utc = pl.Datetime("us", "UTC")
+    ts = [datetime(2026, 1, d, h, tzinfo=UTC) for d, h in ((1, 5), (2, 20), (3, 9), (4, 1), (5, 7))]
+    imp = pl.DataFrame(
+        {"ts": ts, "split": ["train", "train", "train", "valid", "test"]},
+        schema={"ts": utc, "split": pl.Utf8},
+    )
+    req = imp.select(pl.int_range(5).alias("request_id"), "ts")
+    valid_at, cutoff = datetime(2026, 1, 3, 12, tzinfo=UTC), datetime(2026, 1, 4, 6, tzinfo=UTC)
+    day = datetime(2026, 1, 1, tzinfo=UTC)
+    two = _batch_moments(req, imp, "2d", valid_at, cutoff)["ts"].to_list()
+    assert two == [day, day, datetime(2026, 1, 3, tzinfo=UTC), valid_at, cutoff]
+    one = _batch_moments(req, imp, "1d", valid_at, cutoff)["ts"].to_list()
+    assert one[:3] == [day, datetime(2026, 1, 2, tzinfo=UTC), datetime(2026, 1, 3, tzinfo=UTC)]
+    assert _batch_moments(req, imp, "online", valid_at, cutoff)["ts"].to_list()[:3] == ts[:3]
 
 
 def test_the_full_ranker_ships_only_when_it_beats_the_behavioural_one_beyond_the_noise() -> None:
@@ -96,10 +116,14 @@ def test_outputs_and_known_answer(reference):
     assert result.full_vs_behavioural["auc_diff"] == pytest.approx(
         rows["lgbm_full"]["auc"] - rows["lgbm_behavioural"]["auc"], abs=1e-9
     )
+    # "auto": every candidate period was fitted; the one whose lgbm_full validates best ships
+    chosen, aucs = result.refresh["chosen"], result.refresh["validation_auc"]
+    assert list(aucs) == list(PipelineConfig().refresh_candidates) == ["1d", "2d"]
+    assert aucs[chosen]["lgbm_full"] == max(a["lgbm_full"] for a in aucs.values())
     assert (
-        f"refreshed every {PipelineConfig().refresh}" in result.freshness
-        and "as of the cut-off" in result.freshness
+        f"refreshed every {chosen}" in result.freshness and "as of the cut-off" in result.freshness
     )
+    assert "chosen among 1d, 2d" in result.freshness
     # the online mode: its own table (same models, same baselines) and its own shipped ranker
     online = {r["model"]: r for r in result.online["test"]}
     assert list(online) == list(rows) and "online" in result.online["freshness"]
@@ -114,9 +138,7 @@ def test_outputs_and_known_answer(reference):
     assert manifest["online"]["ranker"] == result.online["shipped_ranker"]
     bundle = Bundle.load(result.run_dir / "bundles" / "current")
     assert bundle.online_ranker is not None and bundle.online_spec is not None
-    assert (
-        bundle.online_spec.refresh == "online" and bundle.spec.refresh == PipelineConfig().refresh
-    )
+    assert bundle.online_spec.refresh == "online" and bundle.spec.refresh == chosen
     assert list(bundle.online_ranker.feature_names) == manifest["online"]["feature_names"]
     recs = pl.read_parquet(result.recommendations)
     assert recs.columns == [
