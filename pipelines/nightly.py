@@ -436,7 +436,13 @@ def run_nightly(
             req = _requests(imp)
             every = dataclasses.replace(online_spec, use_semantic=True)
             for mode, refresh in variants:
-                at = req if mode == ONLINE else _batch_moments(req, imp, refresh, valid_at, test_at)
+                at = (
+                    req
+                    if mode == ONLINE
+                    else _batch_moments(
+                        req, imp, dataclasses.replace(spec, refresh=refresh), valid_at, test_at
+                    )
+                )
                 frame = point_in_time_frame(every, at, data, vectors)
                 frozen_cos = semantic_only(every, at, data, frozen)["sem_cos_mean"].alias(
                     "sem_cos_mean_frozen"
@@ -849,19 +855,18 @@ def freshness_note(
 
 
 def _batch_moments(
-    req: pl.DataFrame, imp: pl.DataFrame, refresh: str, valid_at: datetime, cutoff: datetime
+    req: pl.DataFrame, imp: pl.DataFrame, spec: FeatureSpec, valid_at: datetime, cutoff: datetime
 ) -> pl.DataFrame:
     """`req` with ts moved to the moment its batch features describe: the cut-off for test rows,
     the validation start for validation rows (a bundle built then serves them), the start of the
-    `refresh` period for training rows."""
+    `spec.refresh` period for training rows."""
     utc = pl.Datetime("us", "UTC")
-    train_at = pl.col("ts") if refresh == ONLINE else pl.col("ts").dt.truncate(refresh)
     moment = (
         pl.when(imp["split"] == "test")
         .then(pl.lit(cutoff, dtype=utc))
         .when(imp["split"] == "valid")
         .then(pl.lit(valid_at, dtype=utc))
-        .otherwise(train_at)
+        .otherwise(spec.at(pl.col("ts")))
     )
     return req.with_columns(moment.alias("ts"))
 

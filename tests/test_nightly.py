@@ -20,10 +20,12 @@ import polars as pl
 import pytest
 
 from experiments.config import PipelineConfig, config_from_dict
+from features import FeatureConfig
 from pipelines.nightly import _batch_moments, run_nightly, ship_choice
 from recsys.bundle import Bundle
 from recsys.data import write_dataset
 from recsys.errors import ConfigError, DataError
+from recsys.featurize import FeatureSpec
 from recsys.generate import GeneratorConfig, generate
 
 GEN = GeneratorConfig(n_items=800, n_users=500, n_shown=16_000, seed=7)
@@ -69,11 +71,15 @@ def test_batch_rows_get_the_moment_the_batch_path_serves() -> None:
     req = imp.select(pl.int_range(5).alias("request_id"), "ts")
     valid_at, cutoff = datetime(2026, 1, 3, 12, tzinfo=UTC), datetime(2026, 1, 4, 6, tzinfo=UTC)
     day = datetime(2026, 1, 1, tzinfo=UTC)
-    two = _batch_moments(req, imp, "2d", valid_at, cutoff)["ts"].to_list()
-    assert two == [day, day, datetime(2026, 1, 3, tzinfo=UTC), valid_at, cutoff]
-    one = _batch_moments(req, imp, "1d", valid_at, cutoff)["ts"].to_list()
+
+    def moments(refresh: str) -> list[datetime]:
+        spec = FeatureSpec(FeatureConfig(), refresh=refresh)
+        return _batch_moments(req, imp, spec, valid_at, cutoff)["ts"].to_list()
+
+    assert moments("2d") == [day, day, datetime(2026, 1, 3, tzinfo=UTC), valid_at, cutoff]
+    one = moments("1d")
     assert one[:3] == [day, datetime(2026, 1, 2, tzinfo=UTC), datetime(2026, 1, 3, tzinfo=UTC)]
-    assert _batch_moments(req, imp, "online", valid_at, cutoff)["ts"].to_list()[:3] == ts[:3]
+    assert moments("online")[:3] == ts[:3]
 
 
 def test_the_full_ranker_ships_only_when_it_beats_the_behavioural_one_beyond_the_noise() -> None:
