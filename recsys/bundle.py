@@ -213,7 +213,7 @@ class Bundle:
         frame = self.featurize(requests, extra_history=extra_history, vectors=vectors)
         return self.ranker.predict(matrix(frame, self.spec.columns))
 
-    def encoder(self, quantize: str = "int8") -> Any:
+    def encoder(self, quantize: str = "auto") -> Any:
         """The bundle's text encoder (loaded on first use), for items not in the bundle."""
         if quantize not in self._encoders:
             from recsys.encoder import TextEncoder

@@ -203,7 +203,7 @@ class ServingModel:
         self.item_category: dict[str, str] = dict(cat.drop_nulls().iter_rows())
         self.categories = set(self.item_category.values())
         self.rules = ListRules.from_dict(bundle.manifest.get("lists", {}).get("rules", {}))
-        self.encoder: Any = bundle.encoder("int8") if preload_encoder else None
+        self.encoder: Any = bundle.encoder("auto") if preload_encoder else None
         self._encoder_lock = threading.Lock()
         # Live state (events after the cut-off, serving/app.py feeds it): built on first use.
         # live_lock serialises event writers against feature readers of `_live` and the live
@@ -435,18 +435,19 @@ class ServingModel:
         return self.head(at_us).ranker.predict(x)
 
     def text_encoder(self) -> Any:
-        """The bundle's int8 encoder, loaded on first use by one thread (requests run on a
-        thread pool: two first requests must not both load it)."""
+        """The bundle's encoder in the CPU's fast form ("auto": int8 with VNNI/AMX, else fp32,
+        as the embed job chooses on this machine), loaded on first use by one thread (requests
+        run on a thread pool: two first requests must not both load it)."""
         with self._encoder_lock:
             if self.encoder is None:
-                self.encoder = self.bundle.encoder("int8")
+                self.encoder = self.bundle.encoder("auto")
             return self.encoder
 
     def embed(self, items: Sequence[ItemText], needed: set[str]) -> NewItems | None:
         """Vectors of the `items` the bundle has no vector for and that `needed` names.
 
         Text is built by `recsys.encoder.item_texts` with the bundle encoder's template and
-        embedded by its int8 encoder; rows are normalised as `ItemVectors.from_arrays` does."""
+        embedded by its encoder (`text_encoder`); rows are normalised as `ItemVectors.from_arrays` does."""
         todo = [i for i in items if i.item_id in needed and i.item_id not in self.vectors.index]
         if not todo or not self.semantic:
             return None

@@ -5,7 +5,7 @@ RECSYS_MODEL_URI=models:/recsys@champion   a registered MLflow model (downloaded
 RECSYS_TRACKING_URI=sqlite:///mlflow.db    MLflow tracking URI for RECSYS_MODEL_URI
 RECSYS_ADMIN_TOKEN=...                  bearer token of POST /v1/admin/reload (unset: admin off)
 RECSYS_MAX_BODY_BYTES=1048576           larger request bodies get 413
-RECSYS_PRELOAD_ENCODER=true             load the int8 encoder at start (new-item embedding)
+RECSYS_PRELOAD_ENCODER=true             load the encoder at start (new-item embedding)
 RECSYS_PREDICT_THREADS=1                LightGBM threads per prediction (1: workers scale)
 RECSYS_EVENT_LOG=/path/to/events        event log folder: turns on POST /v1/events and features
                                         as of now (unset: events off, features as of the cut-off)

@@ -102,7 +102,7 @@ def test_embed_job_on_ray_is_incremental(tmp_path: Path, tiny_model_dir: Path, r
     table = read_item_vectors(out)
     assert table.columns == ["item_id", "vector", "text_hash", "encoder_id"]
     assert table["encoder_id"].unique().to_list() == [r1.encoder_id]
-    # int8 actors by default: close to the fp32 encoder in process.
+    # the default form (int8 on a CPU with VNNI, else fp32): close to the fp32 encoder
     fp32 = TextEncoder.load(tiny_model_dir).embed(["red apple. fruit. a long story about the sea"])
     assert float(v1[0] @ fp32[0]) > 0.99
 
@@ -139,12 +139,15 @@ def test_embed_job_gives_every_actor_work_and_names_the_form(
     r = run_embed(items, tiny_model_dir, out, num_actors=2)
     assert r.actors == 2 and sum(r.texts_per_actor.values()) == 400
     assert len(r.texts_per_actor) == 2 and min(r.texts_per_actor.values()) > 0, r.texts_per_actor
-    form = "cuda-fp16" if torch.cuda.is_available() else "cpu-int8"
+    from recsys.encoder.model import cpu_has_fast_int8
+
+    cpu_form = "int8" if cpu_has_fast_int8() else "fp32"  # "auto" on this CPU
+    form = "cuda-fp16" if torch.cuda.is_available() else f"cpu-{cpu_form}"
     base = TextEncoder.load(tiny_model_dir).encoder_id
     assert r.encoder_id == f"{base}+{form}"
     assert read_item_vectors(out)["encoder_id"].unique().to_list() == [r.encoder_id]
     # Another form is another identity: every vector is recomputed, none mixed in.
-    other = "none" if not torch.cuda.is_available() else "bf16"
+    other = "bf16" if torch.cuda.is_available() else {"int8": "none", "fp32": "int8"}[cpu_form]
     r2 = run_embed(items, tiny_model_dir, out, config=EncoderConfig(quantize=other))
     assert (r2.embedded, r2.reused) == (400, 0) and r2.encoder_id != r.encoder_id
     # A form the device cannot compute is refused, not swapped.

@@ -222,15 +222,38 @@ def test_embed_runs_each_distinct_token_sequence_once(tiny_model_dir: Path) -> N
     np.testing.assert_allclose(out, alone, atol=1e-6)
 
 
-def test_precision_choice() -> None:
+def test_precision_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    import recsys.encoder.model as model
+
     cpu = torch.device("cpu")
+    monkeypatch.setattr(model, "cpu_has_fast_int8", lambda: True)
     assert resolve_precision("auto", cpu) == "int8"
+    monkeypatch.setattr(model, "cpu_has_fast_int8", lambda: False)
+    assert resolve_precision("auto", cpu) == "fp32"  # int8 without VNNI is a slow loop
+    with pytest.warns(RuntimeWarning, match="VNNI"):
+        assert resolve_precision("int8", cpu) == "int8"  # asked for: honoured, with the cost
     assert resolve_precision("none", cpu) == "fp32"
     assert resolve_precision("auto", torch.device("cuda")) == "fp16"
     with pytest.raises(ConfigError, match="fp16' needs a CUDA device"):
         resolve_precision("fp16", cpu)
     with pytest.raises(ConfigError, match="int8' is a CPU form"):
         resolve_precision("int8", torch.device("cuda"))
+
+
+def test_fast_int8_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
+    from recsys.encoder.model import cpu_has_fast_int8
+
+    flags = "fpu sse2 avx2 fma"
+    for extra, fast in (
+        ("", False),
+        (" avx512_vnni", True),
+        (" avx_vnni", True),
+        (" amx_int8", True),
+    ):
+        info = tmp_path / f"cpuinfo{extra.strip() or '_plain'}"
+        info.write_text(f"processor\t: 0\nmodel name\t: X\nflags\t\t: {flags}{extra}\n\n")
+        assert cpu_has_fast_int8(str(info)) is fast
+    assert cpu_has_fast_int8(str(tmp_path / "absent")) is False  # no /proc (macOS): fp32
 
 
 def test_encoder_id_depends_on_weights_max_length_and_template(
