@@ -86,7 +86,7 @@ def eval_child(run: Path, config: str) -> dict[str, Any]:
     from datetime import datetime
 
     from experiments.config import load_config
-    from pipelines.nightly import list_evaluation
+    from pipelines.nightly import bundle_prior_weight, list_evaluation
 
     bundle, data, _ = _run_parts(run)
     cfg = load_config(None if config == "default" else config)
@@ -98,7 +98,7 @@ def eval_child(run: Path, config: str) -> dict[str, Any]:
         c = dataclasses.replace(cfg, rules=dataclasses.replace(cfg.rules, diversity=div))
         t = time.perf_counter()
         out = list_evaluation(data, test_at, bundle.ranker, bundle.spec, c, bundle.vectors,
-                               lambda s: None)  # fmt: skip
+                              lambda s: None, prior_weight=bundle_prior_weight(bundle))  # fmt: skip
         secs = time.perf_counter() - t
         if base is None:
             base = out

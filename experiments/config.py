@@ -61,6 +61,10 @@ class PipelineConfig:
     # Days of consumption after the cut-off that judge the lists; None = 1 for a fast
     # catalogue (live window <= 7 d), else the whole test split
     list_horizon_days: float | None = None
+    # Each list's order blends the ranker with the decayed popularity, rank-wise within the
+    # user's candidates: (1 - w) x ranker + w x popularity (recsys.lists.with_prior); None =
+    # the w among recsys.lists.PRIOR_WEIGHTS whose lists do best at the validation cut-off
+    list_prior_weight: float | None = None
     # the semantic source answers from an HNSW index (faiss) at this many live items; exact below
     ann_min_items: int = 100_000
     max_history: int = 50
@@ -131,6 +135,12 @@ class PipelineConfig:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ConfigError(f"pipeline.{name} must be > 0 (or left out: fitted), got {v}")
+        w = self.list_prior_weight
+        if w is not None and not 0.0 <= w <= 1.0:
+            raise ConfigError(
+                f"pipeline.list_prior_weight must be in [0, 1] (0 = the ranker alone, 1 = "
+                f"popularity alone) or left out (chosen on validation), got {w}"
+            )
         if self.live_window_days is not None and self.live_window_days < 0:
             raise ConfigError(
                 f"pipeline.live_window_days must be >= 0 (0 = every item), got "

@@ -36,13 +36,17 @@ from recsys.data.schema import IMPRESSIONS, INTERACTIONS, ITEMS, TS
 from recsys.errors import ConfigError, DataError
 from recsys.featurize import ONLINE, FeatureSpec, matrix, point_in_time_frame, semantic_only
 from recsys.io import CURRENT, publish_version, write_json, write_parquet
+from recsys.listmetrics import list_metrics
 from recsys.lists import (
+    PRIOR_WEIGHTS,
+    ScoreCache,
     baseline_lists,
     build_lists,
     evaluate_lists,
     list_horizon,
     retrieval_context,
     truth_after,
+    with_prior,
 )
 from recsys.metrics import evaluation_table, impression_metrics, paired_difference
 from recsys.ranker import Ranker, refit_ranker, train_ranker
@@ -601,9 +605,18 @@ def run_nightly(
                     "validation": impression_metrics(vscores.rename({"lgbm_full": "score"})),
                 }
             name = modes[BATCH]["shipped_ranker"]["name"]
-            lists = list_evaluation(
-                logged, test_at, rankers[BATCH][name], ranker_spec(spec, name), cfg, vectors, log
+            weight, tried = fit_prior_weight(
+                logged, valid_at, selected[BATCH][name], ranker_spec(spec, name), cfg, vectors
             )
+            if tried:
+                log(f"[evaluate] lists: popularity weight {weight:g}, chosen at the validation "
+                    f"cut-off (recall@{pc.top_n} " + ", ".join(
+                        f"w {k} {v:.4f}" for k, v in tried.items()) + ")")  # fmt: skip
+            lists = list_evaluation(
+                logged, test_at, rankers[BATCH][name], ranker_spec(spec, name), cfg, vectors, log,
+                prior_weight=weight,
+            )  # fmt: skip
+            lists["prior_weight_validation"] = tried
             summary = {
                 **modes[BATCH],  # the headline: what the lists and an API without events serve
                 ONLINE: modes[ONLINE],
@@ -664,6 +677,7 @@ def run_nightly(
                     "live_window_days": ctx.cadence.live_window_days,
                     "quotas": pc.quotas,
                     "rules": cfg.section("rules"),
+                    "prior_weight": st_eval.summary["lists"].get("prior_weight", 0.0),
                 },
             }
             write_bundle(
@@ -933,32 +947,89 @@ def list_evaluation(
     cfg: NightlyConfig,
     vectors: ItemVectors,
     log: Any,
+    *,
+    prior_weight: float = 0.0,
 ) -> dict[str, Any]:
     """The lists the nightly would have written at `test_at` (a bundle of the data before it,
-    the same `build_lists`), judged on what users consumed next, beside baseline lists.
-    `data` holds logged impressions only (none sampled)."""
+    the same `build_lists`, blended with popularity by `prior_weight`), judged on what users
+    consumed next, beside baseline lists. `data` holds logged impressions only (none
+    sampled)."""
     pc = cfg.pipeline
-    before = _before(data, test_at)
-    ctx = list_context(before, test_at, pc, vectors)
-    horizon = list_horizon(ctx.cadence, pc.list_horizon_days)
-    truth = truth_after(data, test_at, horizon)
-    if truth.height == 0:
+    at = _lists_at(data, test_at, ranker, spec, cfg, vectors)
+    if at is None:
         return {"table": [], "sources": [], "note": "no new consumption after the cut-off"}
-    bundle = Bundle(
-        Path("."), {"model_version": "evaluation"}, spec, ranker,
-        build_snapshot(before, test_at, cfg.features), vectors,
-        before.interactions.select("user_id", "item_id", "ts"), ctx.popularity,
-    )  # fmt: skip
-    users = truth["user_id"].unique().sort()
-    known = _known_users(before)
-    res = build_lists(bundle.score, ctx, users, pc.quotas, n=pc.top_n, rules=cfg.rules,
-                      known=known)  # fmt: skip
+    ctx, bundle, truth, horizon, users, known = at
+    score = with_prior(bundle.score, ctx.popularity, prior_weight)
+    res = build_lists(score, ctx, users, pc.quotas, n=pc.top_n, rules=cfg.rules, known=known)
     out = evaluate_lists(
         res, baseline_lists(ctx, users, pc.top_n), truth, ctx, n=pc.top_n, horizon_days=horizon,
         known=known,
     )  # fmt: skip
+    out["prior_weight"] = prior_weight
     log(f"[evaluate] lists: {out['note']}")
     return out
+
+
+def _lists_at(
+    data: Dataset,
+    at: datetime,
+    ranker: Ranker,
+    spec: FeatureSpec,
+    cfg: NightlyConfig,
+    vectors: ItemVectors,
+) -> tuple[Any, Bundle, pl.DataFrame, float, pl.Series, pl.Series] | None:
+    """What judging lists made at `at` needs: (retrieval context, a bundle of the data before
+    it, the truth after it, its horizon in days, the truth users, the known users); None when
+    nobody consumed anything new after `at`."""
+    pc = cfg.pipeline
+    before = _before(data, at)
+    ctx = list_context(before, at, pc, vectors)
+    horizon = list_horizon(ctx.cadence, pc.list_horizon_days)
+    truth = truth_after(data, at, horizon)
+    if truth.height == 0:
+        return None
+    bundle = Bundle(
+        Path("."), {"model_version": "evaluation"}, spec, ranker,
+        build_snapshot(before, at, cfg.features), vectors,
+        before.interactions.select("user_id", "item_id", "ts"), ctx.popularity,
+    )  # fmt: skip
+    return ctx, bundle, truth, horizon, truth["user_id"].unique().sort(), _known_users(before)
+
+
+def fit_prior_weight(
+    data: Dataset,
+    valid_at: datetime,
+    ranker: Ranker,
+    spec: FeatureSpec,
+    cfg: NightlyConfig,
+    vectors: ItemVectors,
+) -> tuple[float, dict[str, float]]:
+    """The lists' popularity weight: `pipeline.list_prior_weight` if set, else the one of
+    PRIOR_WEIGHTS whose lists made at the validation cut-off (with `ranker`, which trained on
+    rows before it) find the most of what users consumed next (ties: the smaller weight).
+    Returns (weight, {weight: recall@top_n} of those tried)."""
+    pc = cfg.pipeline
+    if pc.list_prior_weight is not None:
+        return pc.list_prior_weight, {}
+    at = _lists_at(data, valid_at, ranker, spec, cfg, vectors)
+    if at is None:
+        return 0.0, {}
+    ctx, bundle, truth, _, users, known = at
+    cached = ScoreCache(bundle.score)  # the candidates repeat: each pair is scored once
+    recall = {}
+    for w in PRIOR_WEIGHTS:
+        res = build_lists(with_prior(cached, ctx.popularity, w), ctx, users, pc.quotas,
+                          n=pc.top_n, rules=cfg.rules, known=known)  # fmt: skip
+        recall[f"{w:g}"] = list_metrics(
+            res.lists, truth, pc.top_n, catalogue_size=ctx.items.height
+        )[f"recall@{pc.top_n}"]
+    best = max(PRIOR_WEIGHTS, key=lambda w: (recall[f"{w:g}"], -w))
+    return best, recall
+
+
+def bundle_prior_weight(bundle: Bundle) -> float:
+    """The popularity weight a bundle's lists use (0 for bundles written before it existed)."""
+    return float(bundle.manifest.get("lists", {}).get("prior_weight", 0.0))
 
 
 def _known_users(data: Dataset) -> pl.Series:
@@ -987,8 +1058,9 @@ def ranked_lists(
         bar.update(done - bar.n)
 
     try:
+        score = with_prior(bundle.score, ctx.popularity, bundle_prior_weight(bundle))
         res = build_lists(
-            bundle.score, ctx, active, pc.quotas, n=pc.top_n, rules=cfg.rules,
+            score, ctx, active, pc.quotas, n=pc.top_n, rules=cfg.rules,
             known=_known_users(data), progress=progress, keep_candidates=False,
         )  # fmt: skip
     finally:
@@ -1075,7 +1147,8 @@ def evaluate_bundle(
         models = [*BASELINES, "bundle"]
         tables[mode] = evaluation_table(scores, models, versus=BASELINES).to_dicts()
     cfg = _bundle_config(bundle)
-    lists = list_evaluation(logged, test_at, bundle.ranker, bundle.spec, cfg, bundle.vectors, log)
+    lists = list_evaluation(logged, test_at, bundle.ranker, bundle.spec, cfg, bundle.vectors, log,
+                            prior_weight=bundle_prior_weight(bundle))  # fmt: skip
     return tables, lists
 
 
@@ -1204,6 +1277,14 @@ def _log_to_tracker(
         src = f"retrieval.{row['source']}"
         tracker.log_metrics({f"{src}.recall": row["recall"],
                              f"{src}.ms_per_user": row["ms_per_user"]})  # fmt: skip
+    if "prior_weight" in result.lists:
+        tracker.log_metrics({"lists.prior_weight": result.lists["prior_weight"]})
+        for w, recall in result.lists.get("prior_weight_validation", {}).items():
+            tracker.log_metrics({f"valid_lists.prior_weight_{w}.recall": recall})
+    if result.lists.get("ceiling"):
+        ceiling = result.lists["ceiling"]
+        tracker.log_metrics({"lists.ceiling.recall": ceiling["recall"],
+                             "lists.ceiling.cold_share": ceiling["cold_share"]})  # fmt: skip
     if result.lists.get("note"):
         tracker.set_tags({"lists.evaluation": result.lists["note"]})
     for i, loss in enumerate(st_ft.summary.get("losses", [])):
@@ -1295,7 +1376,9 @@ def print_summary(result: NightlyResult, *, show_users: int = 3) -> None:
                 "ndcg_diff_se", "coverage", "novelty", "intra_list_sim", "users"]  # fmt: skip
         print_table(
             [{k: r[k] for k in cols if k in r} for r in lists["table"]],
-            f"Ranked lists (top {n}; diffs: paired over users, versus {lists.get('versus')})\n"
+            f"Ranked lists (top {n}; diffs: paired over users, versus {lists.get('versus')}; "
+            f"lgbm_lists: the ranker blended with popularity at weight "
+            f"{lists.get('prior_weight', 0.0):g})\n"
             f"{lists.get('note', '')}",
         )
         if lists.get("table_known"):

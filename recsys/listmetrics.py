@@ -18,7 +18,7 @@ import polars as pl
 from recsys.errors import ConfigError, DataError
 from recsys.vectors import ItemVectors
 
-__all__ = ["compare_lists", "intra_list_similarity", "list_metrics", "per_user"]
+__all__ = ["compare_lists", "intra_list_similarity", "list_metrics", "per_user", "recall_ceiling"]
 
 
 def _check(df: pl.DataFrame, name: str, cols: tuple[str, ...]) -> None:
@@ -131,6 +131,33 @@ def compare_lists(
             }
         )
     return rows
+
+
+def recall_ceiling(truth: pl.DataFrame, known: pl.Series, k: int) -> dict[str, float]:
+    """The most recall@k that any top-k lists made at the cut-off can reach.
+
+    A user `known` at the cut-off could at best get k of their own test positives; the others
+    have nothing before it to tell them apart, so the best any list can do for them is one list
+    for all: the k items most of them went on to consume (an oracle that sees the test split).
+    Returns recall (that bound), cold_share (share of the truth pairs of users not known) and
+    k. Where most positives are cold, no personalisation can lift lists far above popular."""
+    if k < 1:
+        raise ConfigError(f"recall ceiling: k must be >= 1, got {k}")
+    _check(truth, "truth", ("user_id", "item_id"))
+    t = truth.select(pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String)).unique()
+    is_known = pl.col("user_id").is_in(known.cast(pl.String).unique().implode())
+    warm, cold = t.filter(is_known), t.filter(~is_known)
+    warm_hits = int(warm.group_by("user_id").len()["len"].clip(upper_bound=k).sum())
+    cold_hits = int(
+        cold.group_by("item_id").len().sort(["len", "item_id"], descending=[True, False])
+        .head(k)["len"].sum()
+    )  # fmt: skip
+    total = max(t.height, 1)
+    return {
+        "recall": (warm_hits + cold_hits) / total,
+        "cold_share": cold.height / total,
+        "k": float(k),
+    }
 
 
 def intra_list_similarity(lists: pl.DataFrame, vectors: ItemVectors, k: int) -> float:

@@ -447,7 +447,8 @@ class ServingModel:
         """Vectors of the `items` the bundle has no vector for and that `needed` names.
 
         Text is built by `recsys.encoder.item_texts` with the bundle encoder's template and
-        embedded by its encoder (`text_encoder`); rows are normalised as `ItemVectors.from_arrays` does."""
+        embedded by its encoder (`text_encoder`); rows are normalised as
+        `ItemVectors.from_arrays` does."""
         todo = [i for i in items if i.item_id in needed and i.item_id not in self.vectors.index]
         if not todo or not self.semantic:
             return None

@@ -73,6 +73,11 @@ def test_list_rules_and_retrieval_settings():
         config_from_dict({"pipeline": {"k_category": -3}})
     with pytest.raises(ConfigError, match=r"pipeline\.live_window_days"):
         config_from_dict({"pipeline": {"live_window_days": -1.0}})
+    assert cfg.pipeline.list_prior_weight is None  # chosen at the validation cut-off
+    fixed = config_from_dict({"pipeline": {"list_prior_weight": 0.5}})
+    assert fixed.pipeline.list_prior_weight == 0.5
+    with pytest.raises(ConfigError, match=r"pipeline\.list_prior_weight must be in \[0, 1\]"):
+        config_from_dict({"pipeline": {"list_prior_weight": 1.5}})
 
 
 def test_batch_refresh_auto_tries_each_candidate_period():

@@ -27,6 +27,7 @@ from recsys.data import write_dataset
 from recsys.errors import ConfigError, DataError
 from recsys.featurize import FeatureSpec
 from recsys.generate import GeneratorConfig, generate
+from recsys.lists import PRIOR_WEIGHTS
 
 GEN = GeneratorConfig(n_items=800, n_users=500, n_shown=16_000, seed=7)
 FAST = {
@@ -172,6 +173,15 @@ def test_outputs_and_known_answer(reference):
     for r in table.values():
         assert 0 <= r["recall@20"] <= 1 and 0 <= r["ndcg@20"] <= 1 and r["recall_diff_se"] >= 0
     assert saved["lists"]["note"].startswith("lists as of the cut-off")
+    # the popularity weight of the lists: chosen at the validation cut-off, used by the test
+    # evaluation and written into the bundle that the lists stage (and the API) read
+    tried = saved["lists"]["prior_weight_validation"]
+    assert set(tried) == {f"{w:g}" for w in PRIOR_WEIGHTS}
+    weight = saved["lists"]["prior_weight"]
+    assert tried[f"{weight:g}"] == max(tried.values())
+    assert Bundle.load(result.bundle_dir).manifest["lists"]["prior_weight"] == weight
+    ceiling = saved["lists"]["ceiling"]
+    assert table["lgbm_lists"]["recall@20"] <= ceiling["recall"] <= 1
     cost = json.loads((result.run_dir / "cost.json").read_text())
     # The Ray workers' cost is counted: fine-tune workers and embed actors.
     for stage in ("finetune", "embed"):

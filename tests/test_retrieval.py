@@ -12,7 +12,13 @@ import pytest
 
 from recsys.data.schema import TS
 from recsys.errors import ConfigError
-from recsys.listmetrics import compare_lists, intra_list_similarity, list_metrics, per_user
+from recsys.listmetrics import (
+    compare_lists,
+    intra_list_similarity,
+    list_metrics,
+    per_user,
+    recall_ceiling,
+)
 from recsys.retrieval import (
     RetrievalContext,
     decayed_popularity,
@@ -229,6 +235,31 @@ def test_list_metrics_known_values_and_paired_differences():
         compare_lists({"m": lists}, truth, 2, versus="nope", catalogue_size=8)
 
 
+def test_recall_ceiling_bounds_every_list_made_without_the_cold_users_history():
+    # u (known) has 3 test positives, k = 2 caps it at 2; cold users v, w, z share item c,
+    # so the one list for all strangers finds c for three of them and one more item at best
+    truth = pl.DataFrame(
+        {
+            "user_id": ["u", "u", "u", "v", "v", "w", "z"],
+            "item_id": ["a", "b", "e", "c", "d", "c", "c"],
+        }
+    )
+    c = recall_ceiling(truth, pl.Series(["u", "q"]), 2)
+    assert c["recall"] == pytest.approx((2 + 3 + 1) / 7)
+    assert c["cold_share"] == pytest.approx(4 / 7) and c["k"] == 2
+    assert recall_ceiling(truth, pl.Series(["u", "v", "w", "z"]), 2)["recall"] == pytest.approx(
+        6 / 7
+    )
+    for lists in (  # any lists, personal for u and one for all strangers, stay below it
+        pl.DataFrame({"user_id": ["u", "u"], "item_id": ["a", "b"], "rank": [1, 2]}),
+        pl.DataFrame({"user_id": ["v", "v", "w", "w", "z", "z"], "item_id": ["c", "d"] * 3,
+                      "rank": [1, 2] * 3}),
+    ):  # fmt: skip
+        assert list_metrics(lists, truth, 2, catalogue_size=5)["recall@2"] <= c["recall"]
+    with pytest.raises(ConfigError, match="k must be"):
+        recall_ceiling(truth, pl.Series(["u"]), 0)
+
+
 def test_build_lists_ranks_known_users_and_gives_strangers_the_popular_order():
     from recsys.lists import build_lists
 
@@ -303,3 +334,40 @@ def test_lists_in_blocks_equal_lists_in_one_go():
     )
     lean = build_lists(score, _ctx(hist, items), users, quotas, n=5, keep_candidates=False)
     assert lean.lists.equals(one.lists) and lean.candidates.height == 0
+
+
+def test_prior_blend_moves_lists_from_the_ranker_to_popularity_and_scores_each_pair_once():
+    from recsys.lists import ScoreCache, build_lists, with_prior
+
+    hist = _films(n=1500)
+    items = _items(hist["item_id"].unique().sort().to_list())
+    ctx = _ctx(hist, items)
+    calls: list[int] = []
+
+    def score(pairs: pl.DataFrame) -> np.ndarray:  # prefers item ids backwards
+        calls.append(pairs.height)
+        return -pairs["item_id"].str.slice(1).cast(pl.Int64).to_numpy().astype(float)
+
+    users, quotas = ["u1", "u2"], {"cooccurrence": 10, "popular": 10}
+    cached = ScoreCache(score)
+    lists = {
+        w: build_lists(with_prior(cached, ctx.popularity, w), ctx, users, quotas, n=5).lists
+        for w in (0.0, 0.5, 1.0)
+    }
+    pop_rank = {i: r for r, i in enumerate(ctx.popularity["item_id"].to_list())}
+    for user in users:
+        mean = {
+            w: np.mean([pop_rank[i] for i in df.filter(pl.col("user_id") == user)["item_id"]])
+            for w, df in lists.items()
+        }
+        assert mean[0.0] >= mean[0.5] >= mean[1.0]  # more weight: more popular items
+        assert mean[0.0] > mean[1.0]
+        top = lists[1.0].filter(pl.col("user_id") == user)["item_id"].to_list()
+        assert top == sorted(top, key=pop_rank.__getitem__)  # w 1: popularity's order
+    # weights 0.5 and 0 re-score the same candidates from the cache; weight 1 never asks
+    assert len(calls) == 1
+    direct = build_lists(score, ctx, users, quotas, n=5).lists
+    assert direct.equals(lists[0.0])  # cached scores are the scorer's own
+    assert with_prior(score, ctx.popularity, 0.0) is score
+    with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+        with_prior(score, ctx.popularity, 1.5)
