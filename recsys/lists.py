@@ -116,7 +116,7 @@ def with_prior(score: Score, prior: pl.DataFrame, weight: float) -> Score:
 
 def consumption(data: Dataset) -> pl.DataFrame:
     """user_id, item_id, ts: positive interactions plus clicked impressions, a click that is
-    also an interaction at the same time (as the MIND and events importers write it) once."""
+    also an interaction at the same time (as `recsys import --format events` writes it) once."""
     clicks = data.impressions.filter(pl.col("clicked")).select("user_id", "item_id", "ts")
     both = pl.concat([data.interactions.select("user_id", "item_id", "ts"), clicks])
     return both.unique(maintain_order=True)
