@@ -32,12 +32,14 @@ import ray
 
 from pipelines.ray_utils import cluster_cpus, cluster_gpus, init_ray, node_cpus, quiet_ray_data
 from recsys.encoder import EncoderConfig, encoder_id_for
+from recsys.encoder.store import head_only
 from recsys.encoder.vectors import (
     EmbedPlan,
     assemble,
     empty_vectors,
     plan_embedding,
     read_item_vectors,
+    through_head,
     vectors_frame,
 )
 from recsys.errors import DataError
@@ -51,7 +53,9 @@ ACTORS_READY_S = 600  # how long the embed job waits for its actor pool to start
 class EmbedReport:
     """What one embedding run did; `device` says where the new vectors were computed.
 
-    embedded: items that got a new vector; distinct_texts: how many texts the encoder ran on.
+    embedded: items that got a new vector; distinct_texts: how many texts the encoder ran on;
+    through_head: items whose new vector is the head applied to their base vector (see
+    `run_embed`'s base_vectors), without running the encoder.
     """
 
     embedded: int
@@ -67,6 +71,7 @@ class EmbedReport:
     texts_per_actor: dict[str, int] = field(default_factory=dict)  # "node:pid" -> texts
     worker_cpu_seconds: float = 0.0  # CPU time of the actor processes, all of them together
     worker_peak_rss_mb: float = 0.0  # the largest actor's peak resident memory
+    through_head: int = 0
 
 
 class EmbedActor:
@@ -229,6 +234,7 @@ def run_embed(
     config: EncoderConfig = EncoderConfig(),  # noqa: B008 - frozen, so a shared default is safe
     ray_address: str | None = None,
     num_actors: int | None = None,
+    base_vectors: str | os.PathLike[str] | None = None,
 ) -> EmbedReport:
     """Embed `items` (canonical items table) into `out_path` (item_vectors.parquet).
 
@@ -236,6 +242,10 @@ def run_embed(
         when that is None too, the packaged MiniLM.
     ray_address: a Ray cluster; None = a local Ray (started only if something needs embedding).
     num_actors: actor pool size; None = one per GPU, or one per 4 CPUs (at least one).
+    base_vectors: an item vectors file of the encoder's base model in the same form. When the
+        encoder is that base model followed by a projection head alone (`head_only`: fine-tuning
+        shipped a head epoch), each text found there gets the head applied to its base vector,
+        the same vector the encoder computes, and only the others go to Ray.
     """
     t0 = time.perf_counter()
     if "item_id" not in items.columns:
@@ -249,7 +259,17 @@ def run_embed(
     form = vector_form(config.quantize, _cluster_gpus(ray_address))
     vector_id = f"{encoder_id}+{form}"
     plan = plan_embedding(items, config.template, vector_id, _previous(out))
-    fresh, device, actors = empty_vectors(), "none (all reused)", 0
+    embedded = plan.todo.height
+    derived, base = empty_vectors(), _base_of(encoder_path, base_vectors)
+    if base is not None and plan.todo.height:
+        weight, base_dir = base
+        base_id = f"{encoder_id_for(base_dir, config.max_length, config.template)}+{form}"
+        assert base_vectors is not None
+        derived, plan = through_head(
+            plan, read_item_vectors(base_vectors), base_id, weight, vector_id
+        )
+    fresh, actors = empty_vectors(), 0
+    device = "head on base vectors" if derived.height else "none (all reused)"
     per_actor: dict[str, int] = {}
     usage: dict[str, tuple[float, float]] = {}
     distinct_texts = plan.todo["text_hash"].n_unique()
@@ -258,10 +278,10 @@ def run_embed(
         fresh, device, actors, per_actor, usage = _embed_on_ray(
             plan, encoder_path, config, encoder_id, form, num_actors
         )
-    table = assemble(plan, fresh)
+    table = assemble(plan, derived, fresh)
     write_parquet(table, out)
     return EmbedReport(
-        embedded=plan.todo.height,
+        embedded=embedded,
         reused=plan.reused.height,
         dropped=plan.dropped,
         fallback_texts=plan.fallback_texts,
@@ -274,4 +294,15 @@ def run_embed(
         texts_per_actor=per_actor,
         worker_cpu_seconds=sum(u[0] for u in usage.values()),
         worker_peak_rss_mb=max((u[1] for u in usage.values()), default=0.0),
+        through_head=derived.height,
     )
+
+
+def _base_of(
+    encoder_path: str | None, base_vectors: str | os.PathLike[str] | None
+) -> tuple[np.ndarray, Path] | None:
+    """(head weight, base model folder) when base vectors are given and the encoder is its base
+    model plus a head alone, else None."""
+    if base_vectors is None or encoder_path is None or not Path(base_vectors).is_file():
+        return None
+    return head_only(encoder_path)

@@ -388,22 +388,26 @@ def run_nightly(
             from pipelines.embed import run_embed
 
             summary: dict[str, Any] = {}
-            for name, enc in (("item_vectors", encoder_dir), ("item_vectors_frozen", None)):
+            frozen_file = work / "item_vectors_frozen.parquet"
+            for name, enc in (("item_vectors_frozen", None), ("item_vectors", encoder_dir)):
                 target = work / f"{name}.parquet"
-                if enc is None and (
+                if enc is not None and (
                     cfg.finetune.method == "none" or st_ft.summary.get("fell_back")
                 ):
                     # the "tuned" encoder is the frozen one: embedding twice would be waste
-                    shutil.copy2(work / "item_vectors.parquet", target)
-                    summary[name] = dict(summary["item_vectors"], reused_from="item_vectors")
+                    shutil.copy2(frozen_file, target)
+                    summary[name] = dict(summary[frozen_file.stem], reused_from=frozen_file.stem)
                     continue
                 if prev is not None and (prev / f"{name}.parquet").is_file():
                     shutil.copy2(prev / f"{name}.parquet", target)
+                # a tuned encoder that is the frozen one plus a head: the head on frozen vectors
                 rep = run_embed(
-                    data.items, enc, target, config=cfg.encoder, ray_address=ray_address
-                )
+                    data.items, enc, target, config=cfg.encoder, ray_address=ray_address,
+                    base_vectors=frozen_file if enc is not None else None,
+                )  # fmt: skip
                 summary[name] = {
                     "embedded": rep.embedded,
+                    "through_head": rep.through_head,
                     "distinct_texts": rep.distinct_texts,
                     "reused": rep.reused,
                     "dropped": rep.dropped,

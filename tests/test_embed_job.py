@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from recsys.encoder import (
     FinetuneConfig,
     TextEncoder,
     embed_catalogue,
+    item_texts,
     load_item_vectors,
     read_item_vectors,
     read_manifest,
@@ -82,6 +84,56 @@ def test_incremental_embedding_skips_unchanged_items(tiny_model_dir: Path) -> No
     # A different encoder id re-embeds everything.
     _, plan3 = embed_catalogue(embed, edited(items), DEFAULT_TEMPLATE, "other", second)
     assert plan3.todo.height == 12 and plan3.reused.height == 0
+
+
+def head_encoder(tiny_model_dir: Path, out: Path, *, trained_adapter: bool = False) -> Path:
+    """An encoder dir as fine-tuning writes when a head epoch ships: the LoRA adapter untouched
+    (every lora_B zero) plus a trained projection head; trained_adapter: one lora_B moved."""
+    from recsys.encoder.finetune import build_model
+    from recsys.encoder.model import projection_head
+    from recsys.encoder.store import save_encoder
+
+    cfg = FinetuneConfig(lora_layers=1, lora_r=4, target_modules=("query", "value"))
+    model, _ = build_model(cfg, tiny_model_dir)
+    head = projection_head(model)
+    assert head is not None
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(32) + 0.5 * torch.randn(32, 32, generator=g))
+        if trained_adapter:
+            b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+            b.add_(0.1)
+    return save_encoder(model, out, base_model=tiny_model_dir, config=cfg)
+
+
+def test_a_head_only_encoder_is_its_head_on_the_base_vectors(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """The shortcut the nightly takes when fine-tuning shipped a head epoch: the head applied to
+    the frozen vectors gives what the tuned encoder itself computes, without running it."""
+    from recsys.encoder.store import head_only
+    from recsys.encoder.vectors import plan_embedding, through_head
+
+    enc_dir = head_encoder(tiny_model_dir, tmp_path / "enc")
+    found = head_only(enc_dir)
+    assert found is not None and found[1].resolve() == tiny_model_dir.resolve()
+    assert head_only(head_encoder(tiny_model_dir, tmp_path / "b", trained_adapter=True)) is None
+    assert head_only(tiny_model_dir) is None  # a plain model folder: nothing to derive
+    base, tuned = TextEncoder.load(tiny_model_dir), TextEncoder.load(enc_dir)
+    assert base.encoder_id != tuned.encoder_id
+    items = catalogue()
+    base_table, _ = embed_catalogue(base.embed, items, DEFAULT_TEMPLATE, base.encoder_id)
+    plan = plan_embedding(items.head(10), DEFAULT_TEMPLATE, tuned.encoder_id, None)
+    rows, left = through_head(plan, base_table.head(8), base.encoder_id, found[0],
+                              tuned.encoder_id)  # fmt: skip
+    assert rows["item_id"].to_list() == [f"i{k}" for k in range(8)]
+    assert left.todo["item_id"].to_list() == ["i8", "i9"]  # not in the base table: the encoder
+    assert rows["encoder_id"].unique().to_list() == [tuned.encoder_id]
+    want = tuned.embed(plan.todo["text"].to_list()[:8])
+    np.testing.assert_allclose(rows["vector"].to_numpy(), want, atol=1e-5)
+    # base vectors under another id (another encoder or form) are not used
+    rows, left = through_head(plan, base_table, "other", found[0], tuned.encoder_id)
+    assert rows.height == 0 and left.todo.height == 10
 
 
 # --- Ray jobs (a real local Ray) ---------------------------------------------------------------
@@ -155,6 +207,32 @@ def test_embed_job_gives_every_actor_work_and_names_the_form(
     with pytest.raises(ConfigError, match="quantize"):
         run_embed(catalogue(), tiny_model_dir, tmp_path / "w.parquet",
                   config=EncoderConfig(quantize=wrong))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_embed_job_applies_a_head_only_encoder_to_the_base_vectors(
+    tmp_path: Path, tiny_model_dir: Path, ray_local
+) -> None:
+    from pipelines.embed import run_embed
+
+    enc_dir = head_encoder(tiny_model_dir, tmp_path / "enc")
+    fp32 = EncoderConfig(quantize="none")  # so the in-process encoder is the reference
+    base = tmp_path / "frozen.parquet"
+    run_embed(
+        catalogue(10), None, base, config=dataclasses.replace(fp32, model_path=str(tiny_model_dir))
+    )
+    r = run_embed(catalogue(), enc_dir, tmp_path / "v.parquet", config=fp32, base_vectors=base)
+    # 10 texts through the head, the 2 the frozen file lacks on the actors
+    assert (r.embedded, r.through_head, r.distinct_texts, r.actors) == (12, 10, 2, 1)
+    table = read_item_vectors(tmp_path / "v.parquet")
+    assert table["encoder_id"].unique().to_list() == [r.encoder_id]
+    want = TextEncoder.load(enc_dir).embed(item_texts(catalogue(), DEFAULT_TEMPLATE)[0])
+    np.testing.assert_allclose(table["vector"].to_numpy(), want, atol=1e-5)
+    # everything in the frozen file: Ray is not needed at all
+    r2 = run_embed(catalogue(10), enc_dir, tmp_path / "v2.parquet", config=fp32,
+                   base_vectors=base)  # fmt: skip
+    assert (r2.through_head, r2.actors, r2.device) == (10, 0, "head on base vectors")
+    assert r2.encoder_id == r.encoder_id
 
 
 @pytest.mark.slow

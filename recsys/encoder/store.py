@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -175,6 +176,34 @@ def load_encoder_weights(path: Path) -> LoadedWeights:
     return LoadedWeights(
         model, tokenizer, base_digest, weights_digest(delta), template, path, manifest, head
     )
+
+
+def head_only(path: str | os.PathLike[str]) -> tuple[np.ndarray, Path] | None:
+    """(the projection head's weight (D, D) float32, the base model folder) when the encoder
+    directory at `path` is its base model followed by that head alone: a LoRA adapter whose
+    every update is zero (its lora_B matrices, as when fine-tuning shipped a head epoch) plus
+    a head. Its vectors are then normalize(W v) of the base model's vectors v. Else None."""
+    p = Path(path)
+    if not is_encoder_dir(p):
+        return None
+    manifest = read_manifest(p)
+    delta = _delta_dir(p, manifest["method"])
+    if manifest["method"] != "lora" or delta is None or not (delta / HEAD_FILE).is_file():
+        return None
+    from safetensors.numpy import load_file
+
+    try:
+        weights = load_file(str(delta / "adapter_model.safetensors"))
+        head = load_file(str(delta / HEAD_FILE))["weight"]
+    except Exception:  # no or unreadable adapter: `load_encoder_weights` says what is wrong
+        return None
+    updates = [v for k, v in weights.items() if "lora_B" in k]
+    if not updates or any("lora_A" not in k and "lora_B" not in k for k in weights):
+        return None  # other trained weights (modules_to_save, DoRA magnitudes...)
+    if any(np.any(v) for v in updates):
+        return None
+    base, _ = _checked_base(p, manifest)
+    return np.ascontiguousarray(head, dtype=np.float32), base
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -9,6 +9,7 @@ new or changed items are embedded; items gone from the catalogue are dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -127,16 +128,42 @@ def plan_embedding(
     return EmbedPlan(todo, reused.select(COLUMNS), current.select("item_id"), dropped, n_fallback)
 
 
-def assemble(plan: EmbedPlan, fresh: pl.DataFrame) -> pl.DataFrame:
-    """Reused plus freshly embedded rows (both COLUMNS), in catalogue order."""
-    parts = [f.select(COLUMNS) for f in (plan.reused, fresh) if f.height]
+def through_head(
+    plan: EmbedPlan, base: pl.DataFrame, base_id: str, weight: np.ndarray, encoder_id: str
+) -> tuple[pl.DataFrame, EmbedPlan]:
+    """For an encoder that is a base model followed by a projection head W alone: (vectors of
+    the items of `plan.todo` whose text `base` (the base model's item vectors table) holds
+    under `base_id`, as normalize(W v), the plan left for the encoder itself).
+
+    The result equals embedding those texts with the encoder (`recsys.encoder.model.apply_head`
+    computes the same map), for the cost of one matrix product."""
+    known = base.filter(pl.col("encoder_id") == base_id).unique(
+        subset="text_hash", keep="first", maintain_order=True
+    )
+    hit = plan.todo.join(known.select("text_hash", "vector"), on="text_hash", how="inner",
+                         maintain_order="left")  # fmt: skip
+    if hit.height == 0:
+        return empty_vectors(), plan
+    v = np.ascontiguousarray(hit["vector"].to_numpy(), dtype=np.float32)
+    w = np.asarray(weight, dtype=np.float32)
+    out = v @ w.T
+    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    rows = vectors_frame(hit["item_id"].to_list(), out, hit["text_hash"].to_list(), encoder_id)
+    todo = plan.todo.join(hit.select("item_id"), on="item_id", how="anti", maintain_order="left")
+    return rows, dataclasses.replace(plan, todo=todo)
+
+
+def assemble(plan: EmbedPlan, *fresh: pl.DataFrame) -> pl.DataFrame:
+    """Reused plus freshly embedded rows (all COLUMNS), in catalogue order."""
+    parts = [f.select(COLUMNS) for f in (plan.reused, *fresh) if f.height]
     if not parts:
         return empty_vectors()
-    if len(parts) == 2 and parts[0].schema["vector"] != parts[1].schema["vector"]:
-        raise DataError(
-            f"previous vectors are {parts[0].schema['vector']}, new ones "
-            f"{parts[1].schema['vector']}; delete the item vectors file and re-embed"
-        )
+    for other in parts[1:]:
+        if other.schema["vector"] != parts[0].schema["vector"]:
+            raise DataError(
+                f"previous vectors are {parts[0].schema['vector']}, new ones "
+                f"{other.schema['vector']}; delete the item vectors file and re-embed"
+            )
     out = plan.order.join(pl.concat(parts), on="item_id", how="left", maintain_order="left")
     if out["vector"].null_count():
         raise RuntimeError("internal error: an item has no vector after embedding")
