@@ -73,6 +73,10 @@ class PipelineConfig:
     sampled_popular_share: float = 0.5  # of them, drawn in proportion to popularity at the time
     # The ranker sees rates, shares and within-request ranks/z-scores, no raw count or age.
     stable_features: bool = True
+    # With a tuned encoder, the full ranker also reads the frozen encoder's cosines: they are
+    # honest on the early training rows, where the tuned encoder's are hidden (it was tuned on
+    # them), so the ranker learns to use semantics from all its rows.
+    frozen_semantic: bool = True
     # Freshness of the batch ranker's training rows: a period such as "1d" = each row as of the
     # start of its period (a bundle rebuilt daily serves features up to a day old); "online" =
     # as of each impression; "auto" = each of `refresh_candidates`, the one whose lgbm_full

@@ -382,6 +382,11 @@ def run_nightly(
         )
         encoder_dir = st_ft.path / "encoder"
         log(finetune_note(st_ft.summary, cfg.finetune.method))
+        tuned = (
+            cfg.finetune.method != "none" and not st_ft.summary.get("fell_back") and pc.use_semantic
+        )
+        # a tuned encoder: the full ranker also reads the frozen encoder's cosines
+        spec = dataclasses.replace(spec, frozen_semantic=tuned and pc.frozen_semantic)
 
         # 4. embed (Ray Data; incremental) -----------------------------------
         def do_embed(work: Path, prev: Path | None) -> dict[str, Any]:
@@ -431,6 +436,8 @@ def run_nightly(
         )
         vectors = ItemVectors.from_parquet(st_emb.path / "item_vectors.parquet")
         frozen = ItemVectors.from_parquet(st_emb.path / "item_vectors_frozen.parquet")
+        if spec.frozen_semantic:
+            vectors = vectors.with_frozen(frozen)
 
         # 5. features (point in time), once per freshness mode -------------------
         # online: every row as of its own moment (the API with events). batch: as the batch
@@ -452,12 +459,10 @@ def run_nightly(
                     )
                 )
                 frame = point_in_time_frame(every, at, data, vectors)
-                frozen_cos = semantic_only(every, at, data, frozen)["sem_cos_mean"].alias(
-                    "sem_cos_mean_frozen"
-                )
-                frame = frame.with_columns(
-                    req["ts"], frozen_cos, imp["clicked"], imp["split"], imp["position"]
-                )
+                if not spec.frozen_semantic:  # the semantic_frozen baseline's column
+                    frozen_cos = semantic_only(every, at, data, frozen)["sem_cos_mean"]
+                    frame = frame.with_columns(frozen_cos.alias("sem_cos_mean_frozen"))
+                frame = frame.with_columns(req["ts"], imp["clicked"], imp["split"], imp["position"])
                 write_parquet(frame, work / _feature_file(mode, refresh))
             return {"rows": imp.height, "columns": spec.columns, "variants": variants}
 
@@ -469,7 +474,7 @@ def run_nightly(
                 "embed": st_emb.fingerprint,
                 "features": cfg.section("features"),
                 "semantic": [pc.max_history, pc.half_life_days],
-                "columns": [pc.stable_features],
+                "columns": [pc.stable_features, spec.frozen_semantic],
                 "variants": variants,
                 "moments": "valid-as-served",
             },
@@ -491,11 +496,9 @@ def run_nightly(
         # 6. rank (LightGBM LambdaRank) --------------------------------------
         # A tuned encoder saw the clicks before encoder_at: its semantic features on those rows
         # are fitted, not predicted. The full ranker still learns from every row, with those
-        # rows' semantic columns missing, so it loses no behavioural data to the hold-out.
-        tuned = (
-            cfg.finetune.method != "none" and not st_ft.summary.get("fell_back") and pc.use_semantic
-        )
-        semantic_cols = [c for c in spec.columns if c not in set(spec.behavioural)]
+        # rows' tuned semantic columns missing, so it loses no behavioural data to the hold-out;
+        # the frozen encoder's columns (no click tuned it) stay on every row.
+        semantic_cols = spec.tuned_semantic
 
         def fitted_rows(rows: pl.DataFrame, mask: bool) -> pl.DataFrame:
             if not mask:
@@ -688,6 +691,7 @@ def run_nightly(
                 work / "bundle",
                 encoder_dir=encoder_dir,
                 vectors_path=st_emb.path / "item_vectors.parquet",
+                frozen_vectors_path=st_emb.path / "item_vectors_frozen.parquet",
                 snapshot=snapshot,
                 history=history,
                 popular=popular,

@@ -3,6 +3,8 @@
     BUNDLE/manifest.json            versions, data fingerprint, feature names, metrics, as_of
     BUNDLE/encoder/                 encoder.json + adapter weights (safetensors)
     BUNDLE/item_vectors.parquet     item_id, vector, text_hash, encoder_id
+    BUNDLE/item_vectors_frozen.parquet  the same from the frozen base encoder, when the ranker
+                                    reads its cosines too (FeatureSpec.frozen_semantic)
     BUNDLE/features/                feature snapshot as of the cut-off (Parquet per table)
     BUNDLE/history.parquet          user_id, item_id, ts: each user's history before the cut-off
     BUNDLE/popular.parquet          item_id, score: the popularity prior (cold start, fallback)
@@ -40,6 +42,7 @@ from recsys.vectors import ItemVectors
 
 BUNDLE_FORMAT = 1
 MANIFEST = "manifest.json"
+FROZEN_VECTORS = "item_vectors_frozen.parquet"
 
 
 def write_bundle(
@@ -54,13 +57,22 @@ def write_bundle(
     spec: FeatureSpec,
     manifest: dict[str, Any],
     online: tuple[Ranker, FeatureSpec] | None = None,
+    frozen_vectors_path: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write a complete bundle at `out` atomically (build beside it, then rename). `online`:
-    the ranker for online features and its spec (same config and history, refresh online)."""
+    the ranker for online features and its spec (same config and history, refresh online).
+    frozen_vectors_path: the frozen base encoder's item vectors, needed when a spec has
+    `frozen_semantic`."""
     target = Path(out)
+    frozen = spec.frozen_semantic or (online is not None and online[1].frozen_semantic)
+    if frozen and frozen_vectors_path is None:
+        raise DataError("write_bundle: a spec reads the frozen encoder's cosines; pass its vectors")
     with atomic_dir(target) as tmp:
         shutil.copytree(encoder_dir, tmp / "encoder")
         shutil.copy2(vectors_path, tmp / "item_vectors.parquet")
+        if frozen:
+            assert frozen_vectors_path is not None
+            shutil.copy2(frozen_vectors_path, tmp / FROZEN_VECTORS)
         snapshot.save(tmp / "features")
         history.select("user_id", "item_id", "ts").write_parquet(tmp / "history.parquet")
         popular.select("item_id", "score").write_parquet(tmp / "popular.parquet")
@@ -68,13 +80,15 @@ def write_bundle(
         extra: dict[str, Any] = {}
         if online is not None:
             online[0].save(tmp / "ranker_online")
-            extra = {"feature_names": online[1].columns, "use_semantic": online[1].use_semantic}
+            extra = {"feature_names": online[1].columns, "use_semantic": online[1].use_semantic,
+                     "frozen_semantic": online[1].frozen_semantic}  # fmt: skip
         full = {
             "bundle_format": BUNDLE_FORMAT,
             "created_at": datetime.now(UTC).isoformat(),
             "as_of": snapshot.as_of.isoformat(),
             "feature_names": spec.columns,
             "use_semantic": spec.use_semantic,
+            "frozen_semantic": spec.frozen_semantic,
             "max_history": spec.max_history,
             "half_life_days": spec.half_life_days,
             "stable_features": spec.stable,
@@ -137,6 +151,8 @@ class Bundle:
             snapshot = FeatureSnapshot.load(p / "features")
             ranker = Ranker.load(p / "ranker")
             vectors = ItemVectors.from_parquet(p / "item_vectors.parquet")
+            if (p / FROZEN_VECTORS).is_file():
+                vectors = vectors.with_frozen(ItemVectors.from_parquet(p / FROZEN_VECTORS))
             history = pl.read_parquet(p / "history.parquet")
             popular = pl.read_parquet(p / "popular.parquet")
             recs_path = p / "recommendations.parquet"
@@ -155,6 +171,7 @@ class Bundle:
             # bundles written before the stable column set ranked on every raw column
             stable=bool(manifest.get("stable_features", False)),
             refresh=str(manifest.get("refresh", "online")),
+            frozen_semantic=bool(manifest.get("frozen_semantic", False)),
         )
         if list(ranker.feature_names) != spec.columns:
             raise DataError(
@@ -170,6 +187,7 @@ class Bundle:
             online_spec = dataclasses.replace(
                 spec,
                 use_semantic=bool(manifest["online"].get("use_semantic", spec.use_semantic)),
+                frozen_semantic=bool(manifest["online"].get("frozen_semantic", False)),
                 refresh=ONLINE,
             )
             if list(online_ranker.feature_names) != online_spec.columns:
@@ -177,6 +195,11 @@ class Bundle:
                     f"{p}: the online ranker's features differ from its spec's "
                     f"{online_spec.columns}; rebuild the bundle"
                 )
+        needs_frozen = spec.use_semantic and spec.frozen_semantic
+        if online_spec is not None:
+            needs_frozen |= online_spec.use_semantic and online_spec.frozen_semantic
+        if needs_frozen and vectors.frozen is None:
+            raise DataError(f"{p / FROZEN_VECTORS}: missing from the bundle; rebuild it")
         return cls(p, manifest, spec, ranker, snapshot, vectors, history, popular, recs,
                    online_ranker, online_spec)  # fmt: skip
 
@@ -213,16 +236,22 @@ class Bundle:
         frame = self.featurize(requests, extra_history=extra_history, vectors=vectors)
         return self.ranker.predict(matrix(frame, self.spec.columns))
 
-    def encoder(self, quantize: str = "auto") -> Any:
-        """The bundle's text encoder (loaded on first use), for items not in the bundle."""
-        if quantize not in self._encoders:
+    def encoder(self, quantize: str = "auto", *, frozen: bool = False) -> Any:
+        """The bundle's text encoder (loaded on first use), for items not in the bundle;
+        frozen: the base model it was tuned from (the `item_vectors_frozen` encoder)."""
+        key = f"{quantize}{'/frozen' if frozen else ''}"
+        if key not in self._encoders:
             from recsys.encoder import TextEncoder
+            from recsys.encoder.store import base_model_dir, is_encoder_dir, read_manifest
 
             cfg = self.manifest.get("config", {})
-            self._encoders[quantize] = TextEncoder.load(
-                self.encoder_dir,
+            path = self.encoder_dir
+            if frozen and is_encoder_dir(path):
+                path = base_model_dir(read_manifest(path))
+            self._encoders[key] = TextEncoder.load(
+                path,
                 quantize=quantize,
                 max_length=int(cfg.get("encoder.max_length", 64)),
                 template=cfg.get("encoder.template"),
             )
-        return self._encoders[quantize]
+        return self._encoders[key]

@@ -20,9 +20,9 @@ from features import snapshot_features as _snapshot_features
 from features.config import valid_duration
 from recsys.data.dataset import Dataset
 from recsys.data.schema import TS
-from recsys.errors import ConfigError
+from recsys.errors import ConfigError, DataError
 from recsys.relative import relative_columns, with_relative
-from recsys.semantic import SEMANTIC_FEATURES, semantic_features
+from recsys.semantic import FROZEN_SEMANTIC, SEMANTIC_FEATURES, semantic_features
 from recsys.vectors import ItemVectors
 
 # Raw counts and ages: their scale grows with the log's length and the clock, so a ranker over
@@ -59,6 +59,11 @@ class FeatureSpec:
         A row at time t gets the features of the last refresh at or before t (t truncated to
         the period, UTC): what the API serves from a bundle that a nightly job rebuilds once per
         period. "online": features as of t itself, which only an event stream keeps up to date.
+    frozen_semantic: with use_semantic, the semantic cosines also from the frozen base
+        encoder's vectors (`FROZEN_SEMANTIC`, from `ItemVectors.frozen`), beside the tuned
+        encoder's. The tuned encoder's columns are fitted, not predicted, on the rows it was
+        tuned on, so the nightly hides them there (`tuned_semantic`); the frozen ones are
+        honest on every row, and the ranker learns from them on all of its training rows.
     """
 
     config: FeatureConfig
@@ -67,6 +72,7 @@ class FeatureSpec:
     half_life_days: float = 7.0
     stable: bool = True
     refresh: str = "online"
+    frozen_semantic: bool = False
 
     @property
     def base_behavioural(self) -> list[str]:
@@ -76,7 +82,10 @@ class FeatureSpec:
     @property
     def base_columns(self) -> list[str]:
         """Every column the featurisation computes before the within-request step."""
-        return self.base_behavioural + (list(SEMANTIC_FEATURES) if self.use_semantic else [])
+        if not self.use_semantic:
+            return self.base_behavioural
+        frozen = list(FROZEN_SEMANTIC) if self.frozen_semantic else []
+        return self.base_behavioural + list(SEMANTIC_FEATURES) + frozen
 
     @property
     def relative_base(self) -> list[str]:
@@ -98,6 +107,15 @@ class FeatureSpec:
     def columns(self) -> list[str]:
         """The ranker's columns, in model order."""
         return self._model_columns(self.base_columns)
+
+    @property
+    def tuned_semantic(self) -> list[str]:
+        """The ranker columns computed from the (tuned) encoder's vectors: the semantic ones
+        but the frozen encoder's (and, beside them, the window length both share)."""
+        other = set(self.behavioural) | set(self._model_columns(list(FROZEN_SEMANTIC)))
+        if self.frozen_semantic:
+            other.add("sem_history_len")
+        return [c for c in self.columns if c not in other]
 
     def __post_init__(self) -> None:
         check_refresh(self.refresh, "refresh")
@@ -122,14 +140,26 @@ def check_refresh(value: str, where: str) -> None:
 def _semantic(
     spec: FeatureSpec, requests: pl.DataFrame, history: pl.DataFrame, vectors: ItemVectors
 ) -> pl.DataFrame:
-    sem = semantic_features(
-        requests.select("request_id", "user_id", "ts", "item_id"),
-        history.select("user_id", "item_id", "ts"),
-        vectors,
-        max_history=spec.max_history,
-        half_life_days=spec.half_life_days,
+    req = requests.select("request_id", "user_id", "ts", "item_id")
+    hist = history.select("user_id", "item_id", "ts")
+
+    def cosines(v: ItemVectors) -> pl.DataFrame:
+        return semantic_features(
+            req, hist, v, max_history=spec.max_history, half_life_days=spec.half_life_days
+        )
+
+    sem = cosines(vectors).select(SEMANTIC_FEATURES)
+    if not spec.frozen_semantic:
+        return sem
+    if vectors.frozen is None:
+        raise DataError(
+            "semantic features of the frozen encoder need its item vectors: pass "
+            "ItemVectors.with_frozen(<the base encoder's vectors>)"
+        )
+    fz = cosines(vectors.frozen)
+    return sem.hstack(
+        fz.select(pl.col(c.removesuffix("_frozen")).alias(c) for c in FROZEN_SEMANTIC).get_columns()
     )
-    return sem.select(SEMANTIC_FEATURES)
 
 
 def point_in_time_frame(

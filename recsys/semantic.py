@@ -23,7 +23,13 @@ import polars as pl
 from recsys.errors import ConfigError, DataError
 from recsys.vectors import ItemVectors
 
-__all__ = ["SEMANTIC_FEATURES", "recency_weights", "semantic_features", "user_profile_vectors"]
+__all__ = [
+    "FROZEN_SEMANTIC",
+    "SEMANTIC_FEATURES",
+    "recency_weights",
+    "semantic_features",
+    "user_profile_vectors",
+]
 
 SEMANTIC_FEATURES = [
     "sem_cos_mean",
@@ -32,6 +38,9 @@ SEMANTIC_FEATURES = [
     "sem_cos_recency",
     "sem_history_len",
 ]
+# The same cosines from the frozen base encoder's vectors (a second view of the text, which no
+# click tuned; the window, hence sem_history_len, is the same); FeatureSpec.frozen_semantic.
+FROZEN_SEMANTIC = [f"{c}_frozen" for c in SEMANTIC_FEATURES if c.startswith("sem_cos_")]
 
 # Upper bound on B * max(K, M) per chunk: bounds the (B, K, d) and (B, M, d) float32 tensors
 # (16384 * 384 * 4 bytes = 25 MB each for a MiniLM-sized encoder).

@@ -28,14 +28,17 @@ class ItemVectors:
     ids:    list[str] (n,), unique item ids
     matrix: np.ndarray (n, d) float32, each row of L2 norm 1
     index:  dict[str, int], item id -> row of `matrix`
+    frozen: the same items' vectors from the frozen base encoder, row for row (ids equal),
+            when the ranker also reads semantic features of the frozen encoder; else None
 
-    Build one with `from_arrays` (normalises the rows) or `from_parquet`; the constructor only
-    checks that the three fields agree.
+    Build one with `from_arrays` (normalises the rows) or `from_parquet`, and `with_frozen`;
+    the constructor only checks that the fields agree.
     """
 
     ids: list[str]
     matrix: np.ndarray
     index: dict[str, int]
+    frozen: ItemVectors | None = field(default=None, repr=False, compare=False)
     _frame: pl.DataFrame = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -47,6 +50,13 @@ class ItemVectors:
             raise DataError(
                 f"item vectors: {len(self.ids)} ids, {self.matrix.shape[0]} matrix rows and "
                 f"{len(self.index)} index entries must agree; build with ItemVectors.from_arrays"
+            )
+        if self.frozen is not None and (
+            self.frozen.ids != self.ids or self.frozen.frozen is not None
+        ):
+            raise DataError(
+                "item vectors: the frozen encoder's vectors must hold the same items in the same "
+                "order; build them with ItemVectors.with_frozen"
             )
         frame = pl.DataFrame(
             {"item_id": pl.Series(self.ids, dtype=pl.String), "__row": np.arange(len(self.ids))},
@@ -141,3 +151,30 @@ class ItemVectors:
         rows = joined["__row"]
         found = rows.is_not_null().to_numpy()
         return rows.fill_null(-1).to_numpy().astype(np.int64, copy=False), found
+
+    def with_frozen(self, frozen: ItemVectors) -> ItemVectors:
+        """These vectors with `frozen` (the base encoder's vectors of the same catalogue) as
+        their `frozen` companion, its rows put in this order; a DataError when it lacks items."""
+        rows, found = frozen.lookup(self.ids)
+        if not found.all():
+            missing = [i for i, f in zip(self.ids, found, strict=True) if not f][:3]
+            raise DataError(
+                f"item vectors: the frozen encoder's vectors lack {int((~found).sum())} items "
+                f"(e.g. {missing}); embed the catalogue with both encoders"
+            )
+        matrix = frozen.matrix[rows] if len(self.ids) else frozen.matrix[:0]
+        return ItemVectors(self.ids, self.matrix, self.index,
+                           ItemVectors(self.ids, matrix, self.index))  # fmt: skip
+
+    def extended(self, ids: Sequence[str], matrix: np.ndarray,
+                 frozen: np.ndarray | None = None) -> ItemVectors:  # fmt: skip
+        """These vectors followed by rows for new `ids` (unit rows (m, d), and the frozen
+        encoder's (m, d') when these have a frozen companion)."""
+        every = [*self.ids, *ids]
+        index = {i: n for n, i in enumerate(every)}
+        companion = None
+        if self.frozen is not None:
+            if frozen is None:
+                raise DataError("item vectors: new items need the frozen encoder's vectors too")
+            companion = ItemVectors(every, np.vstack([self.frozen.matrix, frozen]), index)
+        return ItemVectors(every, np.vstack([self.matrix, matrix]), index, companion)

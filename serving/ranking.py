@@ -34,7 +34,7 @@ from recsys.featurize import ONLINE, FeatureSpec, matrix
 from recsys.ranker import Ranker
 from recsys.relative import relative_columns, within_request
 from recsys.rules import ListRules, apply_rules
-from recsys.semantic import SEMANTIC_FEATURES, recency_weights
+from recsys.semantic import FROZEN_SEMANTIC, SEMANTIC_FEATURES, recency_weights
 from recsys.vectors import ItemVectors
 from serving.schemas import EXPLAIN_TOP, ItemText, RankRequest
 
@@ -49,10 +49,12 @@ def _epoch_us(t: datetime) -> int:
 
 @dataclass(frozen=True)
 class NewItems:
-    """Vectors of items embedded for one request: ids (m,), matrix (m, d) float32 unit rows."""
+    """Vectors of items embedded for one request: ids (m,), matrix (m, d) float32 unit rows,
+    and `frozen` (m, d') the frozen base encoder's, when the bundle's ranker reads them."""
 
     ids: list[str]
     matrix: np.ndarray
+    frozen: np.ndarray | None = None
 
     @property
     def index(self) -> dict[str, int]:
@@ -204,13 +206,19 @@ class ServingModel:
         self.categories = set(self.item_category.values())
         self.rules = ListRules.from_dict(bundle.manifest.get("lists", {}).get("rules", {}))
         self.encoder: Any = bundle.encoder("auto") if preload_encoder else None
+        if preload_encoder and self.vectors.frozen is not None:
+            bundle.encoder("auto", frozen=True)  # new items get both views' vectors
         self._encoder_lock = threading.Lock()
         # Live state (events after the cut-off, serving/app.py feeds it): built on first use.
         # live_lock serialises event writers against feature readers of `_live` and the live
         # catalogue (ids, vectors, categories of items that came as events).
         self.live_lock = threading.Lock()
         self._live: LiveFeatures | None = None
-        self.live_items = NewItems([], np.zeros((0, self.vectors.dim), dtype=np.float32))
+        fz = self.vectors.frozen
+        self.live_items = NewItems(
+            [], np.zeros((0, self.vectors.dim), dtype=np.float32),
+            np.zeros((0, fz.dim), dtype=np.float32) if fz is not None else None,
+        )  # fmt: skip
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, *, preload_encoder: bool = True) -> ServingModel:
@@ -249,7 +257,10 @@ class ServingModel:
             return new
         if new is None or not new.ids:
             return live
-        return NewItems([*live.ids, *new.ids], np.vstack([live.matrix, new.matrix]))
+        frozen = None
+        if live.frozen is not None and new.frozen is not None:
+            frozen = np.vstack([live.frozen, new.frozen])
+        return NewItems([*live.ids, *new.ids], np.vstack([live.matrix, new.matrix]), frozen)
 
     def apply_events(self, events: Sequence[dict[str, Any]], vectors: NewItems | None) -> None:
         """Count normalised events (serving/events.py) into the live state; `vectors` holds the
@@ -284,17 +295,24 @@ class ServingModel:
         live = self.live_items
         index = live.index
         matrix_ = live.matrix.copy()
+        frozen = live.frozen.copy() if live.frozen is not None else None
+        if frozen is not None and vectors.frozen is None:
+            raise DataError("live items need the frozen encoder's vectors too")
         ids = list(live.ids)
         fresh = []
         for n, item in enumerate(vectors.ids):
             if item in index:  # a changed item: its new text's vector replaces the old one
                 matrix_[index[item]] = vectors.matrix[n]
+                if frozen is not None:
+                    frozen[index[item]] = vectors.frozen[n]  # type: ignore[index]
             elif item not in self.vectors.index:
                 fresh.append(n)
                 ids.append(item)
         if fresh:
             matrix_ = np.vstack([matrix_, vectors.matrix[fresh]])
-        self.live_items = NewItems(ids, matrix_)
+            if frozen is not None:
+                frozen = np.vstack([frozen, vectors.frozen[fresh]])  # type: ignore[index]
+        self.live_items = NewItems(ids, matrix_, frozen)
 
     # ------------------------------------------------------------------ features
 
@@ -334,8 +352,9 @@ class ServingModel:
             base[:, : head.n_behavioural] = derive_numpy(raw, live.config)
         if head.spec.use_semantic:
             base[:, head.n_behavioural :] = self._semantic(
-                user_id, candidates, history, new, live_history, moment
-            )
+                user_id, candidates, history, new, live_history, moment,
+                frozen=head.spec.frozen_semantic,
+            )  # fmt: skip
         rel = within_request(base[:, head.relative_idx], np.zeros(n, dtype=np.int64))
         return np.hstack([base, rel])[:, head.model_idx]
 
@@ -347,27 +366,20 @@ class ServingModel:
         new: NewItems | None,
         live_history: Sequence[tuple[int, str]] = (),
         moment: int | None = None,
+        frozen: bool = False,
     ) -> np.ndarray:
-        """The SEMANTIC_FEATURES block (K, 5) of one context, as `semantic_features` computes it
-        for a chunk of that single context (B = 1): same gathers, products and reductions."""
+        """The SEMANTIC_FEATURES block (K, 5) of one context, then with `frozen` the
+        FROZEN_SEMANTIC block (K, 4), as `semantic_features` computes them for a chunk of that
+        single context (B = 1): same gathers, products and reductions."""
         vec = self.vectors
         nb = len(vec.ids)
         new_index = new.index if new is not None else {}
 
-        def row_of(item: str) -> int:
+        def row_of(item: str) -> int:  # a row of the virtual [bundle; new] matrix, or -1
             r = vec.index.get(item, -1)
             if r < 0 and item in new_index:
                 r = nb + new_index[item]
             return r
-
-        def take(rows: np.ndarray) -> np.ndarray:  # rows of the virtual [bundle; new] matrix
-            if new is None:
-                return vec.matrix[rows]
-            out = np.empty((rows.size, vec.dim), dtype=np.float32)
-            base = rows < nb
-            out[base] = vec.matrix[rows[base]]
-            out[~base] = new.matrix[rows[~base] - nb]
-            return out
 
         # The window: the user's stored history, their clicks since the cut-off (live), then
         # the request's history (at the moment - 1us), items without a vector skipped, the last
@@ -390,18 +402,55 @@ class ServingModel:
             ts = np.concatenate([ts, np.full(len(history), float(at - 1))])
         keep = rows >= 0
         rows, ts = rows[keep][-self.spec.max_history :], ts[keep][-self.spec.max_history :]
-        m, k = rows.size, len(candidates)
+        k = len(candidates)
+        if new is None:  # the common case, without a function call per candidate
+            get = vec.index.get
+            cand = np.array([get(c, -1) for c in candidates], dtype=np.int64)
+        else:
+            cand = np.fromiter((row_of(c) for c in candidates), np.int64, k)
+
+        spaces = [(vec.matrix, new.matrix if new is not None else None)]
+        if frozen:
+            assert vec.frozen is not None  # Bundle.load checks
+            spaces.append((vec.frozen.matrix, new.frozen if new is not None else None))
+        block = np.empty((k, len(SEMANTIC_FEATURES) + (len(FROZEN_SEMANTIC) if frozen else 0)))
+        for n, (base, extra_rows) in enumerate(spaces):
+            out = self._cosines(base, extra_rows, rows, ts, cand)
+            # float32 -> float64, as matrix() casts the Float32 columns
+            if n == 0:
+                block[:, :4] = out.T
+                block[:, 4] = float(rows.size)
+            else:
+                block[:, 5:] = out.T
+        return block
+
+    def _cosines(
+        self,
+        base: np.ndarray,
+        new: np.ndarray | None,
+        rows: np.ndarray,
+        ts: np.ndarray,
+        cand: np.ndarray,
+    ) -> np.ndarray:
+        """(4, K) float32: mean, max, top3 and recency cosines of candidates `cand` to history
+        `rows` (rows of the virtual [base; new] matrix, -1 = no vector)."""
+        nb, dim = base.shape
+        m, k = rows.size, cand.size
+
+        def take(r: np.ndarray) -> np.ndarray:
+            if new is None:
+                return base[r]
+            got = np.empty((r.size, dim), dtype=np.float32)
+            inside = r < nb
+            got[inside] = base[r[inside]]
+            got[~inside] = new[r[~inside] - nb]
+            return got
 
         out = np.full((4, k), np.nan, dtype=np.float32)  # mean, max, top3, recency
-        if m and k and vec.dim:
-            if new is None:  # the common case, without a function call per candidate
-                get = vec.index.get
-                cand = np.array([get(c, -1) for c in candidates], dtype=np.int64)
-            else:
-                cand = np.fromiter((row_of(c) for c in candidates), np.int64, k)
+        if m and k and dim:
             cmask = (cand >= 0)[None, :]  # (1, K)
-            cv = take(np.where(cmask[0], cand, 0)).reshape(1, k, vec.dim)  # (1, K, d)
-            hv = take(rows).reshape(1, m, vec.dim)  # (1, M, d)
+            cv = take(np.where(cmask[0], cand, 0)).reshape(1, k, dim)  # (1, K, d)
+            hv = take(rows).reshape(1, m, dim)  # (1, M, d)
             hmask = np.ones((1, m), dtype=bool)
             hts = ts.reshape(1, m)
             sims = np.matmul(cv, hv.transpose(0, 2, 1))  # (1, K, M) cosines
@@ -421,10 +470,7 @@ class ServingModel:
             top3 = np.where(top_valid, top, 0.0).sum(axis=2) / n_top
             out[1, cmask[0]] = top[:, :, 0][cmask]
             out[2, cmask[0]] = top3[cmask]
-        block = np.empty((k, len(SEMANTIC_FEATURES)))
-        block[:, :4] = out.T  # float32 -> float64, as matrix() casts the Float32 columns
-        block[:, 4] = float(m)
-        return block
+        return out
 
     # ------------------------------------------------------------------ requests
 
@@ -434,11 +480,14 @@ class ServingModel:
         OpenMP at one per worker, see serving/app.py.)"""
         return self.head(at_us).ranker.predict(x)
 
-    def text_encoder(self) -> Any:
+    def text_encoder(self, *, frozen: bool = False) -> Any:
         """The bundle's encoder in the CPU's fast form ("auto": int8 with VNNI/AMX, else fp32,
         as the embed job chooses on this machine), loaded on first use by one thread (requests
-        run on a thread pool: two first requests must not both load it)."""
+        run on a thread pool: two first requests must not both load it); frozen: the base
+        model it was tuned from."""
         with self._encoder_lock:
+            if frozen:
+                return self.bundle.encoder("auto", frozen=True)
             if self.encoder is None:
                 self.encoder = self.bundle.encoder("auto")
             return self.encoder
@@ -464,9 +513,12 @@ class ServingModel:
                                            "subcategory")},
         )  # fmt: skip
         texts, _ = item_texts(frame, encoder.template)
-        emb = encoder.embed(texts)
-        fresh = ItemVectors.from_arrays([i.item_id for i in todo], emb)
-        return NewItems(fresh.ids, fresh.matrix)
+        ids = [i.item_id for i in todo]
+        fresh = ItemVectors.from_arrays(ids, encoder.embed(texts))
+        frozen = None
+        if self.vectors.frozen is not None:  # the ranker reads the frozen encoder's cosines too
+            frozen = ItemVectors.from_arrays(ids, self.text_encoder(frozen=True).embed(texts))
+        return NewItems(fresh.ids, fresh.matrix, frozen.matrix if frozen is not None else None)
 
     def embed_events(self, items: Sequence[dict[str, Any]]) -> NewItems | None:
         """Vectors of item events (normalised dicts), embedded as `embed` does; None without
@@ -698,13 +750,7 @@ class ServingModel:
         )
         vectors = None
         if new is not None and new.ids:
-            v = self.vectors
-            ids = [*v.ids, *new.ids]
-            vectors = ItemVectors(
-                ids=ids,
-                matrix=np.vstack([v.matrix, new.matrix]),
-                index={i: n for n, i in enumerate(ids)},
-            )
+            vectors = self.vectors.extended(new.ids, new.matrix, new.frozen)
         frame = self.bundle.featurize(req, extra_history=extra, vectors=vectors, spec=head.spec)
         return matrix(frame, head.columns)
 

@@ -147,6 +147,19 @@ def test_outputs_and_known_answer(reference):
     assert bundle.online_ranker is not None and bundle.online_spec is not None
     assert bundle.online_spec.refresh == "online" and bundle.spec.refresh == chosen
     assert list(bundle.online_ranker.feature_names) == manifest["online"]["feature_names"]
+    # a tuned encoder: the full ranker reads the frozen encoder's cosines too, the bundle
+    # carries both vector sets, and the API's fast path computes them as featurize does
+    from recsys.ranker import Ranker
+
+    tuned = not result.finetune.get("fell_back")
+    full = Ranker.load(result.run_dir / "rank" / "lgbm_full").feature_names
+    assert ("sem_cos_mean_frozen" in full and "sem_cos_max_frozen_rank" in full) == tuned
+    assert (bundle.vectors.frozen is not None) == tuned
+    if tuned:
+        assert bundle.vectors.frozen.ids == bundle.vectors.ids
+        from serving.ranking import ServingModel
+
+        ServingModel.from_bundle(bundle, preload_encoder=False)  # the parity self-check
     recs = pl.read_parquet(result.recommendations)
     assert recs.columns == [
         "user_id", "rank", "item_id", "score", "source", "model_version", "generated_at"

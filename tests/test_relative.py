@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -90,3 +91,47 @@ def test_one_request_kernel_equals_the_grouped_one_on_floats(seed: int, n: int, 
     x[rng.random((n, f)) < 0.2] = np.nan
     grouped = within_request(np.vstack([x, x]), np.repeat([0, 1], n))[:n]  # the general path
     np.testing.assert_array_equal(within_request(x, np.zeros(n, dtype=np.int64)), grouped)
+
+
+def test_frozen_cosines_are_the_semantic_kernel_on_the_frozen_vectors() -> None:
+    """frozen_semantic: the same cosines from the frozen encoder's vectors (a companion in its
+    own row order is put in the tuned one's), with their within-request columns; the nightly
+    hides only the tuned encoder's columns on the rows it was tuned on."""
+    from features import FeatureConfig
+    from recsys.errors import DataError
+    from recsys.featurize import FeatureSpec, point_in_time_frame
+    from recsys.generate import GeneratorConfig, generate
+    from recsys.semantic import FROZEN_SEMANTIC, semantic_features
+    from recsys.vectors import ItemVectors
+
+    data, _ = generate(GeneratorConfig(n_items=60, n_users=40, n_shown=600, seed=2))
+    rng = np.random.default_rng(1)
+    ids = data.items["item_id"].to_list()
+    tuned = ItemVectors.from_arrays(ids, rng.standard_normal((len(ids), 8)).astype(np.float32))
+    frozen = ItemVectors.from_arrays(ids[::-1], rng.standard_normal((len(ids), 6)))
+    req = data.impressions.select(
+        pl.col("impression_id").alias("request_id"), "user_id", "ts", "item_id"
+    ).tail(300)
+    spec = FeatureSpec(FeatureConfig(), frozen_semantic=True)
+    with pytest.raises(DataError, match="with_frozen"):
+        point_in_time_frame(spec, req, data, tuned)
+    with pytest.raises(DataError, match="lack 1 items"):
+        tuned.with_frozen(ItemVectors(frozen.ids[1:], frozen.matrix[1:],
+                                      {i: n for n, i in enumerate(frozen.ids[1:])}))  # fmt: skip
+    got = point_in_time_frame(spec, req, data, tuned.with_frozen(frozen))
+    want = semantic_features(req, data.interactions, frozen)
+    for c in FROZEN_SEMANTIC:
+        np.testing.assert_array_equal(got[c].to_numpy(), want[c.removesuffix("_frozen")].to_numpy())
+    assert (
+        {"sem_cos_mean_frozen_rank", "sem_cos_top3_frozen_z"}
+        <= set(spec.columns)
+        <= set(got.columns)
+    )
+    hidden = set(spec.tuned_semantic)
+    assert "sem_cos_mean" in hidden and "sem_cos_mean_rank" in hidden
+    assert not hidden & {c for c in spec.columns if "_frozen" in c}
+    assert not hidden & set(spec.behavioural) and "sem_history_len" not in hidden
+    plain = FeatureSpec(FeatureConfig())
+    assert not [c for c in plain.columns if "_frozen" in c] and "sem_history_len" in set(
+        plain.tuned_semantic
+    )

@@ -30,6 +30,7 @@ import pytest
 from conftest_serving import (  # noqa: F401  (fixtures)
     TOKEN,
     LiveServer,
+    bundle_copy,
     bundle_dir,
     client,
     corrupt_bundle,
@@ -552,6 +553,89 @@ def test_fast_path_equals_bundle_featurize(serving_model, data):
     assert fast.shape == ref.shape == (len(cands), len(m.columns))
     np.testing.assert_array_equal(np.isnan(fast), np.isnan(ref))
     np.testing.assert_allclose(np.nan_to_num(fast), np.nan_to_num(ref), rtol=0, atol=1e-9)
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    mat = rng.standard_normal((n, d)).astype(np.float32)
+    return mat / np.linalg.norm(mat, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def frozen_model(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ServingModel:
+    """The serving bundle made to read the frozen encoder's cosines too (as the nightly's is
+    when fine-tuning ships a tuned encoder): a second vector set, in another row order, and a
+    batch ranker trained on the wider columns."""
+    from recsys.bundle import Bundle
+    from recsys.encoder.vectors import vectors_frame
+    from recsys.ranker import RankerConfig, train_ranker
+
+    dest = bundle_copy(bundle_dir, tmp_path_factory.mktemp("frozen") / "bundle", "frozen-v1")
+    b = Bundle.load(dest)
+    rng = np.random.default_rng(5)
+    order = rng.permutation(len(b.vectors.ids))
+    ids = [b.vectors.ids[i] for i in order]
+    # another encoder's view: close to the tuned vectors, not equal
+    mat = b.vectors.matrix[order] + 0.5 * _unit(rng, len(ids), b.vectors.dim)
+    mat /= np.linalg.norm(mat, axis=1, keepdims=True)
+    vectors_frame(ids, mat, ["h"] * len(ids), "frozen-test").write_parquet(
+        dest / "item_vectors_frozen.parquet"
+    )
+    b = Bundle.load(dest)  # the companion is read (no flag needed yet)
+    spec = dataclasses.replace(b.spec, frozen_semantic=True)
+    users = sorted(b.history["user_id"].unique().to_list())[:60]
+    pairs = pl.DataFrame(
+        {"user_id": [u for u in users for _ in range(12)],
+         "item_id": [ids[int(i)] for i in rng.integers(0, len(ids), 12 * len(users))]}
+    ).unique(maintain_order=True)  # fmt: skip
+    frame = b.featurize(pairs, spec=spec).with_columns(
+        pl.Series("clicked", rng.random(pairs.height) < 0.3)
+    )
+    ranker = train_ranker(frame, frame, spec.columns, RankerConfig(n_estimators=20),
+                          group_col="user_id")  # fmt: skip
+    shutil.rmtree(dest / "ranker")
+    ranker.save(dest / "ranker")
+    manifest = json.loads((dest / "manifest.json").read_text())
+    manifest.update(frozen_semantic=True, feature_names=spec.columns)
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return ServingModel.from_bundle(Bundle.load(dest), preload_encoder=False)  # self-checks
+
+
+def test_frozen_cosines_are_served_as_bundle_featurize_computes_them(frozen_model) -> None:
+    m = frozen_model
+    assert m.batch.spec.frozen_semantic and m.vectors.frozen is not None
+    cols = m.columns
+    assert {"sem_cos_mean_frozen", "sem_cos_max_frozen_rank"} <= set(cols)
+    rng = np.random.default_rng(11)
+    ids = m.vectors.ids
+    users = sorted(m.histories.ptr)
+    new = NewItems(["new-a", "new-b"], _unit(rng, 2, m.vectors.dim),
+                   _unit(rng, 2, m.vectors.frozen.dim))  # fmt: skip
+    for n in range(12):
+        user = users[n] if n % 3 else None
+        cands = [ids[int(i)] for i in rng.choice(len(ids), 25, replace=False)] + ["new-a"]
+        history = ["new-b", ids[n]] if n % 2 else []
+        got = m.features(user, cands, history, new if n % 4 else None)
+        ref = m.reference_features(user, cands, history, new if n % 4 else None)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+        np.testing.assert_allclose(np.nan_to_num(got), np.nan_to_num(ref), rtol=0, atol=1e-9)
+    # the two views differ: the frozen columns are not a copy of the tuned ones
+    x = m.features(users[1], ids[:40])
+    tuned, frozen = cols.index("sem_cos_max"), cols.index("sem_cos_max_frozen")
+    assert np.isfinite(x[:, frozen]).all() and not np.allclose(x[:, tuned], x[:, frozen])
+    # live items (events) need both views; without the frozen one it is refused
+    with pytest.raises(DataError, match="frozen"):
+        m._add_live_vectors(NewItems(["ev-1"], _unit(rng, 1, m.vectors.dim)))
+
+
+def test_a_bundle_whose_ranker_reads_frozen_cosines_needs_their_vectors(
+    frozen_model, tmp_path: Path
+) -> None:
+    from recsys.bundle import Bundle
+
+    dest = shutil.copytree(frozen_model.bundle.path, tmp_path / "b")
+    (dest / "item_vectors_frozen.parquet").unlink()
+    with pytest.raises(DataError, match=r"item_vectors_frozen\.parquet: missing"):
+        Bundle.load(dest)
 
 
 candidate_ids = st.text(min_size=1, max_size=12) | st.sampled_from(["x1", "x2", "x3"])
