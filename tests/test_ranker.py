@@ -270,3 +270,32 @@ def test_semantic_plus_behavioural_beats_either_alone() -> None:
     assert min(ndcg["lgbm_behavioural"], ndcg["semantic_only"]) > ndcg["random"]
     top = both.feature_importance()["feature"].head(3).to_list()
     assert any(f.startswith("sem_") for f in top) and any(f in BEHAVIOURAL for f in top)
+
+
+def test_rows_reach_lightgbm_in_a_seeded_random_order_within_each_impression() -> None:
+    """LightGBM breaks score ties by row order; impressions synthesised from interactions put
+    the positive first (and logs put clicks near the top), so in input order a model that
+    scores a group alike is credited with ranking the click first. The rows of each group are
+    shuffled, the same way for the same seed."""
+    from recsys.ranker import _grouped
+
+    n = 200
+    df = pl.DataFrame(
+        {
+            "impression_id": np.repeat(np.arange(n), 8),
+            "clicked": np.tile([True] + [False] * 7, n),
+            "f": np.tile(np.arange(8.0), n),
+        }
+    )
+    a, b, c = (_grouped(df, ["f"], "impression_id", "clicked", "t", seed=s) for s in (0, 0, 1))
+    np.testing.assert_array_equal(a.x, b.x)  # deterministic
+    assert not np.array_equal(a.x, c.x)  # another seed, another order
+    assert (a.sizes == 8).all() and a.y.sum() == n
+    first = a.y.reshape(n, 8)[:, 0]
+    assert 0 < first.mean() < 0.3  # the click is no longer always first (1/8 expected)
+    # each group keeps its own rows
+    np.testing.assert_array_equal(
+        np.sort(a.x.reshape(n, 8), axis=1), np.tile(np.arange(8.0), (n, 1))
+    )
+    pos = a.x[a.y == 1, 0]
+    assert (pos == 0.0).all()  # the clicked row's features travel with its label
