@@ -34,7 +34,7 @@ from recsys.featurize import ONLINE, FeatureSpec, matrix
 from recsys.ranker import Ranker
 from recsys.relative import relative_columns, within_request
 from recsys.rules import ListRules, apply_rules
-from recsys.semantic import FROZEN_SEMANTIC, SEMANTIC_FEATURES, recency_weights
+from recsys.semantic import recency_weights
 from recsys.vectors import ItemVectors
 from serving.schemas import EXPLAIN_TOP, ItemText, RankRequest
 
@@ -409,20 +409,14 @@ class ServingModel:
         else:
             cand = np.fromiter((row_of(c) for c in candidates), np.int64, k)
 
-        spaces = [(vec.matrix, new.matrix if new is not None else None)]
+        # float32 -> float64, as matrix() casts the Float32 columns
+        tuned = self._cosines(vec.matrix, new.matrix if new is not None else None, rows, ts, cand)
+        blocks = [tuned.T.astype(np.float64), np.full((k, 1), float(rows.size))]
         if frozen:
             assert vec.frozen is not None  # Bundle.load checks
-            spaces.append((vec.frozen.matrix, new.frozen if new is not None else None))
-        block = np.empty((k, len(SEMANTIC_FEATURES) + (len(FROZEN_SEMANTIC) if frozen else 0)))
-        for n, (base, extra_rows) in enumerate(spaces):
-            out = self._cosines(base, extra_rows, rows, ts, cand)
-            # float32 -> float64, as matrix() casts the Float32 columns
-            if n == 0:
-                block[:, :4] = out.T
-                block[:, 4] = float(rows.size)
-            else:
-                block[:, 5:] = out.T
-        return block
+            new_frozen = new.frozen if new is not None else None
+            blocks.append(self._cosines(vec.frozen.matrix, new_frozen, rows, ts, cand).T)
+        return np.hstack(blocks)
 
     def _cosines(
         self,
