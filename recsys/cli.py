@@ -11,7 +11,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from recsys.errors import RecsysError
@@ -147,21 +146,17 @@ def _cmd_nightly(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from pipelines.nightly import print_summary, run_nightly
-    from recsys.data import write_dataset
-    from recsys.generate import GeneratorConfig, generate
+    from pipelines.demo import run_demo
+    from pipelines.nightly import print_summary
+    from recsys.generate import GeneratorConfig
 
-    out = Path(args.out)
-    data_dir = out / "data"
-    if not (data_dir / "manifest.json").is_file():
-        print(f"Generating the embedded default data into {data_dir} ...")
-        data, _ = generate(GeneratorConfig(seed=args.seed))
-        write_dataset(data_dir, data, source={"generator": "default", "seed": args.seed})
-    result = run_nightly(
-        data_dir,
-        out / "run",
+    generator = GeneratorConfig(
+        n_items=args.items, n_users=args.users, n_shown=args.shown, seed=args.seed
+    )
+    result = run_demo(
+        args.out,
+        generator,
         config_path=args.config,
-        split_at=None,
         ray_address=args.ray_address,
         tracking_uri=args.tracking_uri,
     )
@@ -230,6 +225,16 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_sizes(p: argparse.ArgumentParser) -> None:
+    """The generator's sizes (its defaults: the embedded demo data)."""
+    from recsys.generate import GeneratorConfig
+
+    defaults = GeneratorConfig()
+    p.add_argument("--items", type=int, default=defaults.n_items, help="catalogue size")
+    p.add_argument("--users", type=int, default=defaults.n_users)
+    p.add_argument("--shown", type=int, default=defaults.n_shown, help="impression rows")
+
+
 def _add_tracking(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tracking-uri",
@@ -256,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="demo", help="output folder (default: ./demo)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    _add_sizes(p)
     p.add_argument("--show-users", type=int, default=3, help="ranked lists to print")
     _add_config(p)
     _add_ray(p)
@@ -269,9 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         "both item text and behaviour.",
     )
     p.add_argument("--out", required=True, help="dataset directory to write")
-    p.add_argument("--items", type=int, default=3000)
-    p.add_argument("--users", type=int, default=2000)
-    p.add_argument("--shown", type=int, default=50_000, help="impression rows")
+    _add_sizes(p)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_generate)
 
