@@ -1,8 +1,5 @@
-"""Fixtures of the serving tests: a small real bundle (the nightly pipeline on generated data,
-built once per session) and real uvicorn servers on 127.0.0.1 in background threads.
-
-Imported by tests/test_serving.py (`from tests.conftest_serving import *`-style, by name).
-"""
+"""Helpers of the API tests: real uvicorn servers on 127.0.0.1 in background threads, and bundle
+copies that tell reloads apart (the fixtures that use them are in conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,21 +7,14 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-import pytest
 import uvicorn
 
-from serving.app import create_app
-from serving.ranking import ServingModel
-from serving.settings import Settings
-
 TOKEN = "test-admin-token"
-GEN = {"n_items": 300, "n_users": 200, "n_shown": 4000, "seed": 3}
 
 
 @dataclass
@@ -73,41 +63,6 @@ def live_server(app: Any) -> Iterator[LiveServer]:
         server.stop()
 
 
-@pytest.fixture(scope="session")
-def serving_run(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """The nightly pipeline on small generated data: tracking off, frozen encoder."""
-    from experiments.config import config_from_dict
-    from pipelines.nightly import run_nightly
-    from recsys.data import write_dataset
-    from recsys.generate import GeneratorConfig, generate
-
-    root = tmp_path_factory.mktemp("serving")
-    data, _ = generate(GeneratorConfig(**GEN))
-    write_dataset(root / "data", data)
-    config = config_from_dict(
-        {
-            "finetune": {"method": "none"},
-            "pipeline": {"ship": "lgbm_full"},  # both halves on the hot path, whatever noise says
-            "tracking": {"enabled": False},
-            "ranker": {"n_estimators": 200, "num_threads": 2},
-        },
-        name="serving-test",
-    )
-    return run_nightly(root / "data", root / "run", config=config, log=lambda s: None)
-
-
-@pytest.fixture(scope="session")
-def bundle_dir(serving_run: Any) -> Path:
-    return Path(serving_run.bundle_dir)
-
-
-@pytest.fixture(scope="session")
-def serving_model(bundle_dir: Path) -> ServingModel:
-    from recsys.bundle import Bundle
-
-    return ServingModel.from_bundle(Bundle.load(bundle_dir), preload_encoder=True)
-
-
 def bundle_copy(src: Path, dest: Path, model_version: str) -> Path:
     """A copy of a bundle whose manifest says `model_version` (to tell reloads apart)."""
     import json
@@ -119,39 +74,10 @@ def bundle_copy(src: Path, dest: Path, model_version: str) -> Path:
     return dest
 
 
-@pytest.fixture(scope="session")
-def second_bundle(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return bundle_copy(bundle_dir, tmp_path_factory.mktemp("second") / "bundle", "second-v2")
-
-
-@pytest.fixture(scope="session")
-def corrupt_bundle(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A bundle whose ranker model file is truncated garbage."""
-    dest = bundle_copy(bundle_dir, tmp_path_factory.mktemp("corrupt") / "bundle", "corrupt-v3")
-    model = dest / "ranker" / "model.txt"
-    model.write_text(model.read_text()[:200] + "\nnot a tree\n")
-    return dest
-
-
-@pytest.fixture(scope="session")
-def server(
-    serving_model: ServingModel, bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LiveServer]:
-    """The loaded bundle served with admin on (session-wide: tests that reload swap back).
-    Its MLflow store is an empty sqlite file of its own (never ./mlflow.db)."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    settings = Settings(bundle=bundle_dir, admin_token=TOKEN, tracking_uri=uri)  # type: ignore[call-arg]
-    yield from live_server(create_app(settings, model=serving_model))
-
-
-@pytest.fixture(scope="module")
-def empty_server() -> Iterator[LiveServer]:
-    """A server with no bundle configured and admin off (fast: no model)."""
-    settings = Settings(max_body_bytes=10_000)  # type: ignore[call-arg]
-    yield from live_server(create_app(settings))
-
-
-@pytest.fixture
-def client() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=60) as c:
-        yield c
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Wait for `condition()` to hold (checked every 10 ms); an AssertionError naming `what`
+    once `timeout` seconds pass without it."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {timeout:g} s"
+        time.sleep(0.01)

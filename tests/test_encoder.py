@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -312,16 +311,6 @@ def test_load_item_vectors_round_trip(tmp_path: Path) -> None:
 
 
 # --- the packaged model -------------------------------------------------------------------------
-
-
-def test_core_imports_no_ray_mlflow_or_web() -> None:
-    code = (
-        "import sys, recsys.encoder, recsys.encoder.finetune, recsys.encoder.store;"
-        "bad = [m for m in ('ray', 'mlflow', 'fastapi', 'uvicorn') if m in sys.modules];"
-        "print(bad); sys.exit(1 if bad else 0)"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.mark.slow

@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from conftest_serving are re-bound as arguments)
 """Events into the API (real uvicorn servers on 127.0.0.1): validation per event, idempotency,
 the durable event log, replay on restart, and online features equal to the offline path."""
 
@@ -16,13 +15,7 @@ import httpx
 import numpy as np
 import polars as pl
 import pytest
-from conftest_serving import (  # noqa: F401  (fixtures)
-    bundle_dir,
-    client,
-    empty_server,
-    live_server,
-    serving_run,
-)
+from servers import TOKEN, live_server
 
 from recsys.bundle import Bundle
 from recsys.data.dataset import Dataset, read_dataset, write_dataset
@@ -68,9 +61,9 @@ def test_events_are_off_without_an_event_log(empty_server: Any, client: httpx.Cl
 # ------------------------------------------------------------------ the API (slow)
 
 
-def _events_server(bundle: Path, log_dir: Path) -> Iterator[Any]:
+def _events_server(bundle: Path, log_dir: Path, **extra: Any) -> Iterator[Any]:
     model = ServingModel.from_bundle(Bundle.load(bundle), preload_encoder=True)  # its own state
-    settings = Settings(bundle=bundle, event_log=log_dir)  # type: ignore[call-arg]
+    settings = Settings(bundle=bundle, event_log=log_dir, **extra)  # type: ignore[call-arg]
     yield from live_server(create_app(settings, model=model))
 
 
@@ -136,7 +129,7 @@ def _replay_plan(data: Dataset, as_of: Any, n: int) -> pl.DataFrame:
 
 @pytest.mark.slow
 def test_replay_through_the_api_equals_the_offline_online_features(
-    serving_run: Any, bundle_dir: Path, tmp_path: Path, client: httpx.Client
+    nightly: Any, bundle_dir: Path, tmp_path: Path, client: httpx.Client
 ) -> None:
     """Impressions after the cut-off replayed in time order: rank (at = its time, its shown list
     and a new item's text as an item event), then its impression and clicks. The API's scores
@@ -145,7 +138,7 @@ def test_replay_through_the_api_equals_the_offline_online_features(
     from pipelines.nightly import read_tables
     from recsys.featurize import matrix, point_in_time_frame
 
-    data = read_tables(Path(serving_run.run_dir) / "validate")
+    data = read_tables(Path(nightly.result.run_dir) / "validate")
     log_dir = tmp_path / "events"
     servers = _events_server(bundle_dir, log_dir)
     server = next(servers)
@@ -198,8 +191,12 @@ def test_replay_through_the_api_equals_the_offline_online_features(
     from recsys.vectors import ItemVectors
 
     ids = [*vectors.ids, *live.ids]
-    all_vectors = ItemVectors(ids, np.vstack([vectors.matrix, live.matrix]),
-                              {i: k for k, i in enumerate(ids)})  # fmt: skip
+    index = {i: k for k, i in enumerate(ids)}
+    all_vectors = ItemVectors(ids, np.vstack([vectors.matrix, live.matrix]), index)
+    if vectors.frozen is not None:  # a tuned encoder: the frozen view too, row for row
+        assert vectors.frozen.ids == vectors.ids and live.frozen is not None
+        frozen = np.vstack([vectors.frozen.matrix, live.frozen])
+        all_vectors = all_vectors.with_frozen(ItemVectors(ids, frozen, index))
     req = pl.DataFrame(requests, schema_overrides={"ts": pl.Datetime("us", "UTC")})
     head = model.head(0)  # the ranker requests with `at` get: the bundle's online one
     assert head is model.online and head.spec.refresh == "online"
@@ -259,3 +256,66 @@ def test_events_during_a_reload_reach_the_model_that_serves(
     assert store.ingest(lambda: next(reads), [event])["accepted"] == 1
     with new.live_lock, old.live_lock:
         assert "r1" in new.live().impressions and "r1" not in old.live().impressions
+
+
+@pytest.mark.slow
+def test_an_admin_reload_keeps_the_live_state(
+    bundle_dir: Path, second_bundle: Path, tmp_path: Path, client: httpx.Client
+) -> None:
+    """A reload on a server with events: the new bundle gets every event of the log (counts,
+    histories, live items), so a request ranks the same before and after; events after the
+    reload reach the new model."""
+    for srv in _events_server(bundle_dir, tmp_path / "events", admin_token=TOKEN):
+        model = srv.state.model
+        cut = model.bundle.snapshot.as_of
+        user, items = sorted(model.histories.ptr)[0], list(model.bundle.vectors.ids[:8])
+        events = [
+            {"event_id": "item-1", "type": "item", "ts": _iso(cut), "item_id": "live-1",
+             "title": "a red apple story", "category": model.item_category[items[0]]},
+            {"event_id": "imp-1", "type": "impression", "ts": _iso(cut), "user_id": user,
+             "request_id": "r1", "items": [*items, "live-1"]},
+            {"event_id": "click-1", "type": "click", "ts": _iso(cut + timedelta(seconds=5)),
+             "user_id": user, "item_id": "live-1", "request_id": "r1"},
+        ]  # fmt: skip
+        assert client.post(f"{srv.url}/v1/events", json={"events": events}).json()["accepted"] == 3
+        body = {"user_id": user, "candidates": [*items, "live-1"],
+                "at": _iso(cut + timedelta(minutes=5))}  # fmt: skip
+        before = client.post(f"{srv.url}/v1/rank", json=body).json()
+        r = client.post(f"{srv.url}/v1/admin/reload", json={"bundle": str(second_bundle)},
+                        headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+        assert r.status_code == 200 and r.json()["model_version"] == "second-v2", r.text
+        new = srv.state.model
+        assert new is not model and "live-1" in new.live_items.ids
+        after = client.post(f"{srv.url}/v1/rank", json=body).json()
+        assert after["model_version"] == "second-v2" and not after["unknown_items"]
+        assert after["items"] == before["items"]  # the same bundle content, the same events
+        late = {"event_id": "click-2", "type": "click", "ts": _iso(cut + timedelta(minutes=1)),
+                "user_id": user, "item_id": items[1], "request_id": "r1"}  # fmt: skip
+        assert client.post(f"{srv.url}/v1/events", json={"events": [late]}).json()["accepted"]
+        with new.live_lock:
+            assert "r1" in new.live().impressions and len(new.live()._clicked) == 2
+        assert srv.state.events.log.count == 4
+
+
+@pytest.mark.slow
+def test_events_answer_503_when_the_log_cannot_be_written(
+    bundle_dir: Path, tmp_path: Path, client: httpx.Client
+) -> None:
+    """The log's next segment is /dev/full (every write fails with ENOSPC, as on a full disk):
+    a 503 that says nothing was accepted, the state unchanged, ranking still served."""
+    log_dir = tmp_path / "events"
+    log_dir.mkdir()
+    (log_dir / "events-000000000000.jsonl").symlink_to("/dev/full")
+    for srv in _events_server(bundle_dir, log_dir):
+        model = srv.state.model
+        cut = model.bundle.snapshot.as_of
+        event = {"event_id": "imp-1", "type": "impression", "ts": _iso(cut), "user_id": "u",
+                 "request_id": "r1", "items": list(model.bundle.vectors.ids[:3])}  # fmt: skip
+        r = client.post(f"{srv.url}/v1/events", json={"events": [event]})
+        assert r.status_code == 503, r.text
+        assert "could not write the event log" in r.json()["error"]
+        assert "nothing accepted" in r.json()["error"] and "Traceback" not in r.text
+        with model.live_lock:
+            assert "r1" not in model.live().impressions
+        r = client.post(f"{srv.url}/v1/rank", json={"candidates": event["items"], "at": _iso(cut)})
+        assert r.status_code == 200, r.text

@@ -259,13 +259,15 @@ def test_lora_trains_only_the_adapter(tiny_model_dir: Path) -> None:
 
 
 def test_history_without_gradient_still_trains_the_item_side(tiny_model_dir: Path) -> None:
-    cfg = FinetuneConfig(
-        max_steps=5, batch_size=8, lr=1e-2, lora_r=4, history_grad=False, val_fraction=0.0
-    )
-    result = train_encoder(cfg, topic_dataset(n_users=15), base_model=tiny_model_dir)
-    assert len(result.losses) == 5
-    lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
-    assert all(float(p.detach().abs().sum()) > 0 for p in lora_b)  # B starts at zero: it moved
+    """Known answer: users click their own topic. With the history encoded once per epoch
+    without gradients (only the item side learns), the adapter still beats the frozen encoder
+    on the held-out slice (measured: AUC 0.822 -> 0.906; with history gradients 0.983)."""
+    cfg = FinetuneConfig(max_steps=40, batch_size=8, lr=1e-2, lora_r=4, history_grad=False,
+                         head=False, patience=None, epochs=1)  # fmt: skip
+    result = train_encoder(cfg, topic_dataset(n_users=150), base_model=tiny_model_dir)
+    assert len(result.losses) == 40 and not result.fell_back
+    frozen, tuned = result.val_scores
+    assert tuned > frozen + 0.05, result.val_scores
 
 
 def test_lora_layers_limits_the_adapter_to_the_last_layers(tiny_model_dir: Path) -> None:

@@ -1,9 +1,8 @@
-# ruff: noqa: F811  (pytest fixtures imported from conftest_serving are re-bound as arguments)
 """The ranking API against real uvicorn servers on 127.0.0.1.
 
 Fast tests use a server with no bundle (validation, limits, errors, admin off, metrics) and pure
-units (metrics text, settings). Slow tests build a small real bundle once per session with the
-nightly pipeline (tests/conftest_serving.py) and check: the API's scores equal the batch scores,
+units (metrics text, settings). Slow tests use the bundle of the session's nightly
+(tests/conftest.py) and check: the API's scores equal the batch scores,
 the numpy fast path equals `bundle.featurize` on many random requests, fuzzed requests never
 give a 5xx, reloads under load lose no request, a corrupt bundle keeps the old one serving.
 """
@@ -20,6 +19,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,28 +27,15 @@ import httpx
 import numpy as np
 import polars as pl
 import pytest
-from conftest_serving import (  # noqa: F401  (fixtures)
-    TOKEN,
-    LiveServer,
-    bundle_copy,
-    bundle_dir,
-    client,
-    corrupt_bundle,
-    empty_server,
-    live_server,
-    second_bundle,
-    server,
-    serving_model,
-    serving_run,
-)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
+from servers import TOKEN, bundle_copy, live_server, wait_until
 
 from recsys.errors import ConfigError, DataError
 from serving.metrics import Metrics, histogram_quantile, parse_histogram
 from serving.ranking import ANONYMOUS, NewItems, ServingModel
-from serving.schemas import RankResponse, RecommendationsResponse
+from serving.schemas import RankRequest, RankResponse, RecommendationsResponse
 from serving.settings import Settings
 from serving.sync import NoteWatcher, read_note, write_note
 
@@ -313,12 +300,12 @@ def test_fuzzed_routes_never_5xx(empty_server, method, path, query, content):
 
 
 @pytest.mark.slow
-def test_api_scores_equal_batch_scores(server, serving_run, serving_model, client):
+def test_api_scores_equal_batch_scores(server, nightly, serving_model, client):
     """Each user's nightly list re-ranked by the API: the scores the batch path (`Bundle.score`,
     which the nightly lists use) gives the same candidates, in any order (1e-6). Within-request
     columns make a score depend on its co-candidates, so the comparison is on one candidate set.
     """
-    recs = pl.read_parquet(serving_run.recommendations).sort("user_id", "rank")
+    recs = pl.read_parquet(nightly.result.recommendations).sort("user_id", "rank")
     users = recs["user_id"].unique().sort().to_list()
     rng = random.Random(0)
     for user in rng.sample(users, min(25, len(users))):
@@ -382,9 +369,9 @@ def test_strategies_known_user_history_and_cold_start(server, serving_model, cli
 
 
 @pytest.mark.slow
-def test_unknown_items_with_and_without_text(server, serving_run, serving_model, client):
+def test_unknown_items_with_and_without_text(server, nightly, serving_model, client):
     b = serving_model.bundle
-    items = pl.read_parquet(Path(serving_run.run_dir) / "validate" / "items.parquet")
+    items = pl.read_parquet(Path(nightly.result.run_dir) / "validate" / "items.parquet")
     twin_of = items.row(7, named=True)
     user = sorted(serving_model.histories.ptr)[1]
     cands = [*b.vectors.ids[:20], "new-twin", "new-mystery"]
@@ -449,8 +436,8 @@ def test_explanations_are_the_top_contributions(server, serving_model, client):
 
 
 @pytest.mark.slow
-def test_recommendations_nightly_list_and_fallback(server, serving_run, serving_model, client):
-    recs = pl.read_parquet(serving_run.recommendations)
+def test_recommendations_nightly_list_and_fallback(server, nightly, serving_model, client):
+    recs = pl.read_parquet(nightly.result.recommendations)
     user = recs["user_id"][0]
     mine = recs.filter(pl.col("user_id") == user).sort("rank")
     r = client.get(f"{server.url}/v1/recommendations/{user}", params={"k": 5})
@@ -467,11 +454,11 @@ def test_recommendations_nightly_list_and_fallback(server, serving_run, serving_
 
 
 @pytest.mark.slow
-def test_rules_in_rank_and_recommendations(server, serving_run, serving_model, client):
+def test_rules_in_rank_and_recommendations(server, nightly, serving_model, client):
     """Exclusions, a category cap and diversity apply to /v1/rank and /v1/recommendations; an
     unknown item or category is a 422 that names it; a list the rules leave short stays short."""
     cat = serving_model.item_category
-    recs = pl.read_parquet(serving_run.recommendations)
+    recs = pl.read_parquet(nightly.result.recommendations)
     user = recs["user_id"][0]
     cands = [i for i in serving_model.popular_ids if i in cat][:60]
     base = client.post(f"{server.url}/v1/rank", json={"user_id": user, "candidates": cands})
@@ -545,9 +532,9 @@ def test_fast_path_equals_bundle_featurize(serving_model, data):
     new = None
     if data.draw(st.booleans()):
         rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
-        mat = rng.standard_normal((2, m.vectors.dim)).astype(np.float32)
-        mat /= np.linalg.norm(mat, axis=1, keepdims=True)
-        new = NewItems(["new-a", "new-b"], mat)
+        fz = m.vectors.frozen  # a tuned bundle: new items come with both encoders' vectors
+        new = NewItems(["new-a", "new-b"], _unit(rng, 2, m.vectors.dim),
+                       None if fz is None else _unit(rng, 2, fz.dim))  # fmt: skip
     fast = m.features(user, cands, history, new)
     ref = m.reference_features(user, cands, history, new)
     assert fast.shape == ref.shape == (len(cands), len(m.columns))
@@ -717,12 +704,14 @@ def test_fuzzed_recommendation_requests_never_5xx(server, user, k):
 
 @pytest.mark.slow
 def test_reload_under_load_loses_no_request(server, second_bundle, bundle_dir, serving_model):
-    """A client hammers /v1/rank while the bundle is swapped twice: every answer is a 200."""
+    """Clients hammer /v1/rank while the bundle is swapped twice: every answer is a 200, and
+    answers from both versions arrive while traffic flows on either side of each swap."""
     user = sorted(serving_model.histories.ptr)[0]
     body = {"user_id": user, "candidates": serving_model.bundle.vectors.ids[:100]}
     statuses: list[int] = []
-    versions: set[str] = set()
+    versions: list[str] = []  # in order of arrival
     stop = threading.Event()
+    first = serving_model.model_version
 
     def hammer() -> None:
         with httpx.Client(timeout=60) as c:
@@ -730,34 +719,40 @@ def test_reload_under_load_loses_no_request(server, second_bundle, bundle_dir, s
                 r = c.post(f"{server.url}/v1/rank", json=body)
                 statuses.append(r.status_code)
                 if r.status_code == 200:
-                    versions.add(r.json()["model_version"])
+                    versions.append(r.json()["model_version"])
+
+    def answers_from(version: str, after: int, n: int = 10) -> Callable[[], bool]:
+        return lambda: versions[after:].count(version) >= n or bool(set(statuses) - {200})
 
     threads = [threading.Thread(target=hammer) for _ in range(3)]
     for t in threads:
         t.start()
     try:
-        time.sleep(0.3)
+        wait_until(answers_from(first, 0), "answers before the reload")
         r = httpx.post(f"{server.url}/v1/admin/reload", json={"bundle": str(second_bundle)},
                        headers=AUTH, timeout=300)  # fmt: skip
         assert r.status_code == 200, r.text
         assert r.json()["model_version"] == "second-v2"
-        assert r.json()["previous_model_version"] == serving_model.model_version
-        time.sleep(0.3)
+        assert r.json()["previous_model_version"] == first
+        wait_until(answers_from("second-v2", 0), "answers from the new bundle")
         assert httpx.get(f"{server.url}/readyz").json()["model_version"] == "second-v2"
     finally:
         # swap back (empty body would reload the second bundle: give the first explicitly)
+        swapped = len(versions)
         r2 = httpx.post(f"{server.url}/v1/admin/reload", json={"bundle": str(bundle_dir)},
                         headers=AUTH, timeout=300)  # fmt: skip
-        time.sleep(0.2)
-        stop.set()
-        for t in threads:
-            t.join()
+        try:
+            wait_until(answers_from(first, swapped), "answers after swapping back")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
     assert r2.status_code == 200, r2.text
-    assert len(statuses) > 20 and set(statuses) == {200}, set(statuses)
-    assert {"second-v2", serving_model.model_version} <= versions
+    assert set(statuses) == {200}, set(statuses)
+    assert len(statuses) == len(versions) >= 30
     text = httpx.get(f"{server.url}/metrics").text
     assert 'recsys_model_reloads_total{result="ok"}' in text
-    assert f'recsys_model_info{{model_version="{serving_model.model_version}"}} 1' in text
+    assert f'recsys_model_info{{model_version="{first}"}} 1' in text
 
 
 @pytest.mark.slow
@@ -777,16 +772,16 @@ def test_other_workers_follow_a_reload(serving_model, bundle_dir, second_bundle,
             r = httpx.post(f"{a.url}/v1/admin/reload", json={"bundle": str(second_bundle)},
                            headers=AUTH, timeout=300)  # fmt: skip
             assert r.status_code == 200 and r.json()["workers_follow"] is True, r.text
-            deadline = time.monotonic() + 120
-            while httpx.get(f"{b.url}/readyz").json()["model_version"] != "second-v2":
-                assert time.monotonic() < deadline, "the other worker did not follow"
-                time.sleep(0.1)
+            wait_until(
+                lambda u=b.url: httpx.get(f"{u}/readyz").json()["model_version"] == "second-v2",
+                "reload followed by the other worker",
+            )
             assert 'recsys_model_reloads_total{result="ok"} 1' in httpx.get(f"{b.url}/metrics").text
             write_note(tmp_path / "reload.json", str(tmp_path / "no-bundle-here"))
-            deadline = time.monotonic() + 60
-            while 'result="error"} 1' not in httpx.get(f"{b.url}/metrics").text:
-                assert time.monotonic() < deadline, "the bad note was not tried"
-                time.sleep(0.1)
+            wait_until(
+                lambda u=b.url: 'result="error"} 1' in httpx.get(f"{u}/metrics").text,
+                "try of the bad note",
+            )
             for srv in (a, b):
                 assert httpx.get(f"{srv.url}/readyz").json()["model_version"] == "second-v2"
 
@@ -905,7 +900,7 @@ def test_recsys_serve_command(bundle_dir, second_bundle, tmp_path):
         return {httpx.get(f"{url}/readyz").json()["model_version"] for _ in range(n)}
 
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 120
         while True:
             try:
                 if all(httpx.get(f"{url}/readyz").status_code == 200 for _ in range(10)):
@@ -933,44 +928,56 @@ def test_recsys_serve_command(bundle_dir, second_bundle, tmp_path):
 
 
 @pytest.mark.slow
-def test_model_uri_from_the_registry(bundle_dir, tmp_path):
-    """A bundle registered in MLflow (sqlite store) loads through models:/NAME@champion."""
+def test_model_uri_from_the_registry(bundle_dir, second_bundle, serving_model, tmp_path):
+    """Bundles registered in MLflow (sqlite store): models:/NAME@champion loads the version the
+    alias names (not merely some bundle), and the server started from it ranks as the bundle
+    does; models:/NAME/N loads version N."""
     import mlflow
 
-    from serving.app import load_model, resolve_source
+    from serving.app import create_app, load_model, resolve_source
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)  # no global tracking URI: serving must pass it on
     exp = client.create_experiment("serving-test", artifact_location=str(tmp_path / "art"))
-    run = client.create_run(exp)
-    client.log_artifacts(run.info.run_id, str(bundle_dir), artifact_path="bundle")
-    client.set_terminated(run.info.run_id)
     client.create_registered_model("serving-test")
-    mv = client.create_model_version(
-        "serving-test", source=f"{run.info.artifact_uri}/bundle", run_id=run.info.run_id
-    )
-    client.set_registered_model_alias("serving-test", "champion", mv.version)
+    for bundle in (bundle_dir, second_bundle):  # versions 1 and 2
+        run = client.create_run(exp)
+        client.log_artifacts(run.info.run_id, str(bundle), artifact_path="bundle")
+        client.set_terminated(run.info.run_id)
+        mv = client.create_model_version(
+            "serving-test", source=f"{run.info.artifact_uri}/bundle", run_id=run.info.run_id
+        )
+    client.set_registered_model_alias("serving-test", "champion", mv.version)  # version 2
     path = resolve_source("models:/serving-test@champion", uri)
-    assert (path / "manifest.json").is_file()
+    assert json.loads((path / "manifest.json").read_text())["model_version"] == "second-v2"
+    assert resolve_source("models:/serving-test/2", uri) == path  # the same version: no download
+    first = load_model(resolve_source("models:/serving-test/1", uri).as_posix(),
+                       Settings(preload_encoder=False))  # type: ignore[call-arg]  # fmt: skip
+    assert first.model_version == serving_model.model_version
     settings = Settings(model_uri="models:/serving-test@champion", tracking_uri=uri,  # type: ignore[call-arg]
                         preload_encoder=False)  # fmt: skip
-    model = load_model(settings.source or "", settings)
-    assert isinstance(model, ServingModel)
-    assert resolve_source("models:/serving-test/1", uri) == path  # the same version: no download
+    user = sorted(serving_model.histories.ptr)[0]
+    body = {"user_id": user, "candidates": serving_model.bundle.vectors.ids[:30]}
+    want = serving_model.rank(RankRequest.model_validate(body))
+    for srv in live_server(create_app(settings)):
+        r = httpx.post(f"{srv.url}/v1/rank", json=body)
+        assert r.status_code == 200 and r.json()["model_version"] == "second-v2", r.text
+        got = {i["item_id"]: i["score"] for i in r.json()["items"]}
+        assert got == pytest.approx({i["item_id"]: i["score"] for i in want["items"]}, abs=1e-9)
     with pytest.raises(DataError, match="could not download"):
         resolve_source("models:/serving-test@nope", uri)
     shutil.rmtree(path)
 
 
 @pytest.mark.slow
-def test_training_rows_equal_what_serving_computes_at_the_same_moment(serving_run, serving_model):
+def test_training_rows_equal_what_serving_computes_at_the_same_moment(nightly, serving_model):
     """A training row (the point-in-time path) at the bundle's cut-off has the ranker columns
     the API computes from the bundle: behavioural, semantic and within-request."""
     from pipelines.nightly import read_tables
     from recsys.featurize import matrix, point_in_time_frame
 
     m = serving_model
-    data = read_tables(Path(serving_run.run_dir) / "validate")
+    data = read_tables(Path(nightly.result.run_dir) / "validate")
     as_of = m.bundle.snapshot.as_of
     assert m.spec.stable and m.spec.columns != m.spec.base_columns  # ranks/z-scores are in use
     users = sorted(m.histories.ptr)[:12]
