@@ -185,6 +185,8 @@ class AppState:
             self.model = m  # the single reference swap
             self.source, self.status, self.detail = source, "ready", None
             self.metrics.model_loaded(m.model_version)
+            ranker, freshness = m.served(live=self.events is not None)
+            logger.info("serving %s: ranker %s, %s", m.model_version, ranker, freshness)
 
         if self.events is not None:
             self.events.attach(model, install)
@@ -457,24 +459,27 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
 
         A user the bundle knows is ranked with their stored profile, extended by `history`; an
         unknown user with a `history` with that history; with neither, by the popularity prior.
-        With `at` (or with events on, where the default is now) features come from the live
-        state as of that moment and the online ranker ranks any user id, new ones included.
+        With events on, features come from the live state as of `at` (default now) and the
+        online ranker ranks any user id, new ones included; without events, the batch ranker
+        ranks on features as of the cut-off (`at` is checked, but nothing later is counted).
         Candidates the bundle does not know but whose text is in `items` are embedded on the
         spot; unknown ones without text get the model's prior for an unseen item and are listed
         in `unknown_items`. `explain` adds each item's top feature contributions.
         """
         model = _model(request)  # read the reference once: a reload cannot change it under us
         at_us = None
-        if body.at is not None:
-            at_us = epoch_us(body.at)
-            if at_us < model.as_of_us:
-                return _error(
-                    422,
-                    f"at {body.at.isoformat()} is before the bundle's cut-off "
-                    f"{model.bundle.snapshot.as_of.isoformat()}; give a later moment",
-                )
-        elif state.events is not None:  # events keep the state fresh: features as of now
-            at_us = max(epoch_us(datetime.now(UTC)), model.as_of_us)
+        if body.at is not None and epoch_us(body.at) < model.as_of_us:
+            return _error(
+                422,
+                f"at {body.at.isoformat()} is before the bundle's cut-off "
+                f"{model.bundle.snapshot.as_of.isoformat()}; give a later moment",
+            )
+        if state.events is not None:  # events keep the state fresh: as of `at`, default now
+            now = max(epoch_us(datetime.now(UTC)), model.as_of_us)
+            at_us = epoch_us(body.at) if body.at is not None else now
+        # Without events nothing after the cut-off is counted: the batch ranker on features as
+        # of the cut-off, whatever `at` says (the online ranker on counts frozen at the
+        # cut-off ranked EB-NeRD's next week worse than random: AUC 0.466).
         new = None
         live = at_us is not None
         if body.items and model.strategy(body.user_id, body.history, live) != "popularity":
@@ -576,7 +581,9 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
     async def readyz() -> Any:
         """200 once a bundle serves; 503 while loading, with no bundle, or after a failed load."""
         if state.model is not None:
-            return Health(status="ready", model_version=state.model.model_version)
+            ranker, freshness = state.model.served(live=state.events is not None)
+            return Health(status="ready", model_version=state.model.model_version,
+                          ranker=ranker, freshness=freshness)  # fmt: skip
         return JSONResponse(
             Health(status=state.status, detail=state.detail).model_dump(exclude_none=True), 503
         )

@@ -241,6 +241,16 @@ class ServingModel:
         (`at_us` given) and the bundle has one, else the bundle's (batch) ranker."""
         return self.online if at_us is not None and self.online is not None else self.batch
 
+    def served(self, live: bool) -> tuple[str, str]:
+        """(the ranker's name, the freshness of its features) for a server with events (`live`)
+        or without."""
+        if live and self.online is not None:
+            name = self.bundle.manifest.get("online", {}).get("ranker", {}).get("name", "online")
+            return str(name), "online: the live state (events) as of each request"
+        name = self.bundle.manifest.get("ranker", {}).get("name", "ranker")
+        cut = self.bundle.snapshot.as_of.isoformat()
+        return str(name), f"batch: as of the cut-off {cut} (no events after it are counted)"
+
     def moment(self, at_us: int) -> int:
         """The moment whose features a request at `at_us` gets: itself for a ranker trained on
         online features, else the start of its refresh period (never before the cut-off)."""

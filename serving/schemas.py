@@ -118,8 +118,9 @@ class RankRequest(BaseModel):
     at: AwareDatetime | None = Field(
         default=None,
         strict=False,  # an ISO 8601 string in JSON (strict mode would want a datetime object)
-        description="the moment the features describe (ISO 8601 with a time zone; default now "
-        "when the server takes events, else the bundle's cut-off); at or after the cut-off",
+        description="the moment the features describe (ISO 8601 with a time zone, at or after "
+        "the cut-off; default now) when the server takes events; without events features are "
+        "as of the cut-off and the batch ranker ranks (nothing later is counted)",
     )
     diversity: float | None = Field(
         default=None,
@@ -323,4 +324,8 @@ class ErrorResponse(BaseModel):
 class Health(BaseModel):
     status: str
     model_version: str | None = None
+    ranker: str | None = Field(default=None, description="the ranker /v1/rank uses")
+    freshness: str | None = Field(
+        default=None, description="the features it reads: the live state (events) or batch"
+    )
     detail: str | None = None

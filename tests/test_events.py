@@ -112,6 +112,9 @@ def test_each_event_is_checked_alone(events_server: Any, client: httpx.Client) -
     )
     assert early.status_code == 422 and "cut-off" in early.json()["error"]
     assert "new-1" in events_server.state.model.live_items.ids  # embedded, in the live catalogue
+    ready = client.get(f"{events_server.url}/readyz").json()
+    online = events_server.state.model.bundle.manifest["online"]["ranker"]["name"]
+    assert ready["ranker"] == online and ready["freshness"].startswith("online: the live state")
 
 
 def _replay_plan(data: Dataset, as_of: Any, n: int) -> pl.DataFrame:
