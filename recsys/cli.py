@@ -197,6 +197,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         tracking_uri=args.tracking_uri,
         event_log=args.event_log,
+        access_log=args.access_log or None,
     )
     return 0
 
@@ -374,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--event-log",
         default=None,
         help="event log folder: turns on POST /v1/events, and features as of now (one worker)",
+    )
+    p.add_argument(
+        "--access-log",
+        action="store_true",
+        help="a line per request on the terminal (default off; also RECSYS_ACCESS_LOG=true)",
     )
     _add_tracking(p)
     p.set_defaults(func=_cmd_serve)

@@ -39,8 +39,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
+import anyio
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
@@ -72,6 +73,7 @@ from serving.sync import NoteWatcher, read_note, write_note
 from serving.workers import run_workers
 
 logger = logging.getLogger("serving")
+T = TypeVar("T")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -417,6 +419,12 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
     settings = settings or Settings()
     metrics = Metrics()
     state = AppState(settings, metrics)
+    computing = anyio.CapacityLimiter(settings.rank_threads)
+
+    async def compute(fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on a worker thread, at most `rank_threads` at once."""
+        return await anyio.to_thread.run_sync(fn, *args, limiter=computing)
+
     if model is not None:
         state.swap(model, settings.source)
 
@@ -488,7 +496,7 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
                    for i in body.items):  # fmt: skip
                 new = await run_in_threadpool(model.embed, body.items, needed)
         try:  # features, LightGBM and explanations off the event loop (health stays live)
-            return _json(await run_in_threadpool(model.rank, body, new, at_us))
+            return _json(await compute(model.rank, body, new, at_us))
         except ConfigError as e:  # a rule names an unknown item or category
             return _error(422, str(e))
 
@@ -519,7 +527,7 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
         model = _model(request)
         asks = (exclude_items, exclude_categories, max_per_category, diversity)
         if all(a is None for a in asks):  # the list as the nightly made it
-            return _json(await run_in_threadpool(model.recommendations, user_id, k))
+            return _json(await compute(model.recommendations, user_id, k))
         try:
             rules = model.request_rules(
                 exclude_items=exclude_items or (), exclude_categories=exclude_categories or (),
@@ -527,7 +535,7 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
             )  # fmt: skip
         except ConfigError as e:
             return _error(422, str(e))
-        return _json(await run_in_threadpool(model.recommendations, user_id, k, rules))
+        return _json(await compute(model.recommendations, user_id, k, rules))
 
     @app.post(
         "/v1/events",
@@ -731,8 +739,12 @@ def serve(
     workers: int = 1,
     tracking_uri: str | None = None,
     event_log: str | os.PathLike[str] | None = None,
+    access_log: bool | None = None,
 ) -> None:
     """Load the bundle (a folder, or a registered MLflow model) and serve it until stopped.
+
+    access_log: a line per request on the terminal (None: RECSYS_ACCESS_LOG, default off; at
+    storefront rates the lines cost more CPU than the ranking).
 
     The bundle is loaded and checked before the server starts, so a bad one is a one-line
     error. With workers > 1 each worker process (serving/workers.py: its own SO_REUSEPORT
@@ -768,7 +780,8 @@ def serve(
     model = load_model(source, settings)
     print(f"serving {model.model_version} from {source} on http://{host}:{port} (docs: /docs)")
     log_level = os.environ.get("RECSYS_LOG_LEVEL", "info").lower()
-    access_log = os.environ.get("RECSYS_ACCESS_LOG", "true").lower() not in ("0", "false", "no")
+    if access_log is None:
+        access_log = os.environ.get("RECSYS_ACCESS_LOG", "false").lower() in ("1", "true", "yes")
     if workers == 1:
         uvicorn.run(create_app(settings, model=model), host=host, port=port,
                     log_level=log_level, access_log=access_log)  # fmt: skip
