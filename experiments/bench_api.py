@@ -211,7 +211,7 @@ def start_server(bundle: Path, port: int, workers: int, timeout: float = 300) ->
     env = {**os.environ, "RECSYS_ACCESS_LOG": "false", "RECSYS_LOG_LEVEL": "warning"}
     proc = subprocess.Popen(
         [exe, "serve", "--bundle", str(bundle), "--host", HOST, "--port", str(port),
-         "--workers", str(workers)],
+         "--workers", str(workers), "--no-events"],  # the batch path: no events are sent
         env=env,
     )  # fmt: skip
     deadline = time.monotonic() + timeout

@@ -198,6 +198,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         event_log=args.event_log,
         access_log=args.access_log or None,
+        events=not args.no_events,
     )
     return 0
 
@@ -371,10 +372,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument(
+    ev = p.add_mutually_exclusive_group()
+    ev.add_argument(
         "--event-log",
         default=None,
-        help="event log folder: turns on POST /v1/events, and features as of now (one worker)",
+        help="event log folder of POST /v1/events (features as of now, one worker); default: "
+        "RUN/events beside the bundle's run folder",
+    )
+    ev.add_argument(
+        "--no-events",
+        action="store_true",
+        help="no events: the batch ranker on features as of the cut-off (the default with "
+        "several workers)",
     )
     p.add_argument(
         "--access-log",

@@ -731,6 +731,13 @@ def app_from_env() -> FastAPI:
     return create_app(Settings())
 
 
+def default_event_log(bundle: Path) -> Path:
+    """Where a served bundle's events go by default: RUN/events for a bundle the nightly
+    published (RUN/bundles/VERSION or RUN/bundles/current), else events/ beside the bundle."""
+    parent = bundle.absolute().parent
+    return parent.parent / "events" if parent.name == "bundles" else parent / "events"
+
+
 def serve(
     bundle: str | os.PathLike[str] | None = None,
     model_uri: str | None = None,
@@ -740,11 +747,15 @@ def serve(
     tracking_uri: str | None = None,
     event_log: str | os.PathLike[str] | None = None,
     access_log: bool | None = None,
+    events: bool = True,
 ) -> None:
     """Load the bundle (a folder, or a registered MLflow model) and serve it until stopped.
 
-    access_log: a line per request on the terminal (None: RECSYS_ACCESS_LOG, default off; at
-    storefront rates the lines cost more CPU than the ranking).
+    Events (the live engine) are on by default with one worker: the event log is `event_log`,
+    else RECSYS_EVENT_LOG, else `default_event_log(bundle)` beside the run's bundles (a
+    model URI has no such place: give one). events=False (`--no-events`), several workers or
+    a model URI without a log serve the batch ranker on features as of the cut-off.
+    access_log: a line per request on the terminal (None: RECSYS_ACCESS_LOG, default off).
 
     The bundle is loaded and checked before the server starts, so a bad one is a one-line
     error. With workers > 1 each worker process (serving/workers.py: its own SO_REUSEPORT
@@ -760,6 +771,17 @@ def serve(
     if workers > 1 and port == 0:
         raise ConfigError("--port 0 (any free port) works with one worker only; give a port")
     event_log = event_log or os.environ.get("RECSYS_EVENT_LOG")
+    if not events and event_log:
+        raise ConfigError("--no-events and --event-log contradict each other: give one")
+    why_off = None
+    if not events:
+        why_off = "--no-events"
+    elif not event_log and workers > 1:
+        why_off = f"{workers} workers keep no shared live state"
+    elif not event_log and bundle is None:
+        why_off = "a model URI has no run folder for the log; give --event-log DIR"
+    elif not event_log:
+        event_log = default_event_log(Path(bundle))  # type: ignore[arg-type]
     if workers > 1 and event_log:
         raise ConfigError(
             "--event-log keeps the live state in one process; with several workers each would "
@@ -779,6 +801,11 @@ def serve(
     assert source is not None
     model = load_model(source, settings)
     print(f"serving {model.model_version} from {source} on http://{host}:{port} (docs: /docs)")
+    ranker, freshness = model.served(live=event_log is not None)
+    if event_log is not None:
+        print(f"events on, log {event_log} (--no-events to turn off): ranker {ranker}, {freshness}")
+    else:
+        print(f"events off ({why_off}): ranker {ranker}, {freshness}")
     log_level = os.environ.get("RECSYS_LOG_LEVEL", "info").lower()
     if access_log is None:
         access_log = os.environ.get("RECSYS_ACCESS_LOG", "false").lower() in ("1", "true", "yes")

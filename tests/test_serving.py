@@ -9,6 +9,7 @@ give a 5xx, reloads under load lose no request, a corrupt bundle keeps the old o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -17,9 +18,8 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -902,10 +902,10 @@ def test_app_loads_configured_bundle_at_start(bundle_dir, tmp_path, client):
         assert r.status_code == 503 and "not a model bundle" in r.json()["detail"]
 
 
-@pytest.mark.slow
-def test_recsys_serve_command(bundle_dir, second_bundle, tmp_path):
-    """`recsys serve --workers 2` in a subprocess: ready, answers, an admin reload reaches every
-    worker, stops; a bad bundle is a one-line error (exit 2)."""
+@contextlib.contextmanager
+def serve_command(args: list[str], log: Path) -> Iterator[str]:
+    """`recsys serve ARGS` in a subprocess on a free port, its output to `log`: the URL once
+    /readyz answers 200 on 10 connections in a row (every worker up); stopped after."""
     import os
     import socket
 
@@ -913,43 +913,74 @@ def test_recsys_serve_command(bundle_dir, second_bundle, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "recsys.cli", "serve", "--port", str(port)]
-    env = {**os.environ, "RECSYS_ADMIN_TOKEN": TOKEN, "RECSYS_PRELOAD_ENCODER": "false",
-           "RECSYS_ACCESS_LOG": "false"}  # fmt: skip
-    log = tmp_path / "serve.log"
+    env = {**os.environ, "RECSYS_ADMIN_TOKEN": TOKEN, "RECSYS_PRELOAD_ENCODER": "false"}
     with log.open("w") as out:
-        proc = subprocess.Popen([*cmd, "--bundle", str(bundle_dir), "--workers", "2"], env=env,
-                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "recsys.cli", "serve", "--port", str(port), *args],
+            env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    def ready() -> bool:
+        assert proc.poll() is None, log.read_text()
+        try:
+            return all(httpx.get(f"{url}/readyz").status_code == 200 for _ in range(10))
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(ready, f"server ready ({log})", timeout=120)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_recsys_serve_command(bundle_dir, second_bundle, tmp_path):
+    """`recsys serve --workers 2` in a subprocess: ready, answers, an admin reload reaches every
+    worker, stops; a bad bundle is a one-line error (exit 2)."""
 
     def versions(n: int = 30) -> set[str]:  # a new connection each: several workers answer
         return {httpx.get(f"{url}/readyz").json()["model_version"] for _ in range(n)}
 
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if all(httpx.get(f"{url}/readyz").status_code == 200 for _ in range(10)):
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.3)
+    log = tmp_path / "serve.log"
+    with serve_command(["--bundle", str(bundle_dir), "--workers", "2"], log) as url:
         r = httpx.post(f"{url}/v1/rank", json={"candidates": ["x"]})
         assert r.status_code == 200
         r = httpx.post(f"{url}/v1/admin/reload", json={"bundle": str(second_bundle)},
                        headers=AUTH, timeout=300)  # fmt: skip
         assert r.status_code == 200, r.text
-        deadline = time.monotonic() + 120
-        while versions() != {"second-v2"}:
-            assert time.monotonic() < deadline, "not every worker followed the reload"
-            time.sleep(0.5)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-    out = subprocess.run([*cmd, "--bundle", str(tmp_path / "nope")], capture_output=True,
-                         text=True, timeout=120)  # fmt: skip
+        wait_until(lambda: versions() == {"second-v2"}, "reload followed by every worker")
+    assert "events off (2 workers keep no shared live state)" in log.read_text()
+    cmd = [sys.executable, "-m", "recsys.cli", "serve", "--bundle", str(tmp_path / "nope")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "not a model bundle" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_recsys_serve_is_the_live_engine_by_default(nightly, tmp_path):
+    """`recsys serve --bundle RUN/bundles/current`: events on, their log in RUN/events, the
+    online ranker on the live state; `--no-events`: the batch ranker, /v1/events a 409."""
+    from conftest import copy_run
+
+    run = copy_run(nightly, tmp_path / "run")
+    bundle = run / "bundles" / "current"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    with serve_command(["--bundle", str(bundle)], tmp_path / "live.log") as url:
+        ready = httpx.get(f"{url}/readyz").json()
+        assert ready["ranker"] == manifest["online"]["ranker"]["name"]
+        assert ready["freshness"].startswith("online")
+        r = httpx.post(f"{url}/v1/events", json={"events": []})
+        assert r.status_code == 200 and r.json()["accepted"] == 0, r.text
+    assert f"events on, log {run / 'events'}" in (tmp_path / "live.log").read_text()
+    assert (run / "events").is_dir()
+    with serve_command(["--bundle", str(bundle), "--no-events"], tmp_path / "off.log") as url:
+        ready = httpx.get(f"{url}/readyz").json()
+        assert ready["ranker"] == manifest["ranker"]["name"]
+        assert ready["freshness"].startswith("batch")
+        assert httpx.post(f"{url}/v1/events", json={"events": []}).status_code == 409
+    assert "events off (--no-events)" in (tmp_path / "off.log").read_text()
 
 
 @pytest.mark.slow
