@@ -132,6 +132,33 @@ def test_mind_growing_history_never_reaches_back_in_time(tmp_path: Path) -> None
     assert ts["N2"] == datetime(2019, 11, 22, 8, 0, tzinfo=UTC) - timedelta(microseconds=1)
 
 
+def test_mind_static_histories_predate_the_whole_log(tmp_path: Path) -> None:
+    """MIND's histories are the clicks of the weeks before the log, the same on every row of a
+    user: every item is dated before the log's first row, so a user first seen after a cut-off
+    has a history at the cut-off (as the API's requests carry it). One user whose history
+    changes (EB-NeRD's growing histories) keeps the earliest-row rule for everyone (the test
+    above)."""
+    d = tmp_path / "mind"
+    _write(d / "news.tsv", NEWS[:3])
+    _write(
+        d / "behaviors.tsv",
+        [
+            "1\tU1\t11/15/2019 8:00:00 AM\tN1\tN2-1 N3-0",
+            "2\tU1\t11/16/2019 8:00:00 AM\tN1\tN3-1",  # the same history again
+            "3\tU2\t11/20/2019 9:30:00 AM\tN2 N3\tN1-1",  # first seen on the last day
+            "4\tU3\t11/20/2019 9:40:00 AM\t\tN1-0",  # no history
+        ],
+    )
+    r = import_source("mind", d)
+    inter = r.validated.interactions
+    start = datetime(2019, 11, 15, 8, 0, tzinfo=UTC) - timedelta(microseconds=1)
+    assert inter.select("user_id", "item_id").rows() == [("U1", "N1"), ("U2", "N2"), ("U2", "N3")]
+    assert inter["ts"].to_list() == [start] * 3
+    assert r.stats["history_dating"] == "before the log"
+    grown = import_source("mind", _mind(tmp_path))  # U2's history grows between its rows
+    assert grown.stats["history_dating"] == "before the earliest row listing it"
+
+
 def test_mind_malformed_rows_land_in_rejects_with_reasons(tmp_path: Path) -> None:
     r = import_source("mind", _mind(tmp_path))
     assert _rejects(r, tmp_path) == [

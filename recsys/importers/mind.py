@@ -9,8 +9,15 @@ A MIND folder holds two tab-separated files without a header and without quoting
 Mapping to the canonical tables:
   items        item_id=news_id, title, description=abstract, category, subcategory,
                published_at null (MIND gives no publication time).
-  interactions one row per (user, news id) in any history: ts just before the earliest row whose
-               history lists it (the click is known to predate that row, no more), weight 1.0.
+  interactions one row per (user, news id) in any history, weight 1.0, dated by what the log
+               shows of when (stats["history_dating"]):
+               - "before the log": every user's history is the same on all their rows (MIND,
+                 whose histories are the clicks of the weeks before the log), so they predate
+                 the whole log: ts just before its first row. A user first seen after a
+                 cut-off still has a history at the cut-off, as every request of theirs says.
+               - "before the earliest row listing it": some user's history changes between
+                 their rows (EB-NeRD: week 2's histories hold week 1's clicks), so an item is
+                 known to predate only the earliest row whose history lists it.
                MIND repeats a user's history on each of their rows; the repeats are counted in
                stats["history_rows_deduplicated"], not rejected.
   impressions  one row per shown news item: impression_id, user_id, ts (the row's time, UTC),
@@ -86,7 +93,7 @@ def import_mind(src: str | os.PathLike[str]) -> ImportResult:
 
     items, items_rej = _items(news)
     rows, rows_rej = _behavior_rows(behaviors)
-    interactions, n_history, n_dedup = _history(rows)
+    interactions, n_history, n_dedup, dating = _history(rows)
     impressions, imp_rej = _impressions(rows)
 
     prior = concat_rejects([items_rej, *rows_rej, *imp_rej])
@@ -96,6 +103,7 @@ def import_mind(src: str | os.PathLike[str]) -> ImportResult:
         "behavior_rows": behaviors.height,
         "history_ids": n_history,
         "history_rows_deduplicated": n_dedup,
+        "history_dating": dating,
     }
     return ImportResult(validated, stats)
 
@@ -134,19 +142,28 @@ def _behavior_rows(b: pl.DataFrame) -> tuple[pl.DataFrame, list[pl.DataFrame]]:
     return b, [ragged, no_user]
 
 
-def _history(b: pl.DataFrame) -> tuple[pl.DataFrame, int, int]:
+def _history(b: pl.DataFrame) -> tuple[pl.DataFrame, int, int, str]:
     """History ids → interactions (weight 1.0), one per (user, item), first row kept.
 
-    A history lists clicks made *before* its row's time, nothing more is known of when. So an
-    item's ts is just before the earliest row whose history holds it (null when no such row has
-    a readable time). A null ts would count it before every impression, and data sets whose
-    histories grow between periods (EB-NeRD: week 2's history holds week 1's clicks) would
-    then show week 1's rows their own future clicks: a label leak for the ranker and the
-    fine-tune alike.
+    A history lists clicks made *before* its row's time. Where every user's history is the
+    same on all their rows (MIND), the histories predate the whole log: each item's ts is just
+    before the log's first readable row. Otherwise nothing more is known of when: an item's ts
+    is just before the earliest row whose history holds it (null when no such row has a
+    readable time). A null ts, or the log's start, would count it before every impression, and
+    data sets whose histories grow between periods (EB-NeRD: week 2's history holds week 1's
+    clicks) would then show week 1's rows their own future clicks: a label leak for the ranker
+    and the fine-tune alike.
 
-    Returns (interactions with `__row`, history ids read, repeats dropped).
+    Returns (interactions with `__row`, history ids read, repeats dropped, the dating used).
     """
     n_ids = int(b.select(_tokens("history").list.len().sum()).item() or 0)
+    per_user = (
+        b.select("user_id", _tokens("history").list.join(" ").alias("h"))
+        .filter(pl.col("h").str.len_chars() > 0)
+        .group_by("user_id")
+        .agg(pl.col("h").n_unique())
+    )
+    static = per_user.height > 0 and int(per_user["h"].max()) == 1  # type: ignore[arg-type]
     # A user's history repeats verbatim on each of their rows: drop repeated strings before the
     # explode, so MIND-large explodes each history once, not once per impression.
     h = (
@@ -161,7 +178,12 @@ def _history(b: pl.DataFrame) -> tuple[pl.DataFrame, int, int]:
         .unique(["user_id", "item_id"], keep="first", maintain_order=True)
         .with_columns(pl.lit(1.0).alias("weight"))
     )
-    return h, n_ids, n_ids - h.height
+    dating = "before the earliest row listing it"
+    if static:
+        start = b.select(_row_time().min()).item()
+        h = h.with_columns(pl.lit(start, dtype=h.schema["ts"]).alias("ts") - _JUST_BEFORE)
+        dating = "before the log"
+    return h, n_ids, n_ids - h.height, dating
 
 
 def _row_time() -> pl.Expr:
