@@ -80,11 +80,6 @@ def node_cpus() -> int:
     return max([*sizes, 1])
 
 
-def device_name(gpus: int) -> str:
-    """A short description of where a job runs, for reports ("cpu", "cuda x2")."""
-    return f"cuda x{gpus}" if gpus else "cpu"
-
-
 def quiet_ray_data() -> None:
     """No progress bars or per-run INFO logs from Ray Data (jobs print their own summary)."""
     import ray.data

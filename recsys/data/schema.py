@@ -7,7 +7,6 @@ Each table is a Parquet file in the dataset directory; these polars schemas are 
 from __future__ import annotations
 
 import polars as pl
-import pyarrow as pa
 
 from recsys.errors import DataError
 
@@ -65,15 +64,6 @@ UNIQUE_KEYS: dict[str, tuple[str, ...]] = {
 REJECTS_SCHEMA = pl.Schema(
     {"table": pl.String, "row": pl.Int64, "reason": pl.String, "record": pl.String}
 )
-
-
-def arrow_schema(table: str) -> pa.Schema:
-    """The canonical schema of `table` as a pyarrow schema (nullability per `REQUIRED`)."""
-    fields = []
-    for name, dtype in SCHEMAS[table].items():
-        arrow_type = pl.Series([], dtype=dtype).to_arrow().type
-        fields.append(pa.field(name, arrow_type, nullable=name not in REQUIRED[table]))
-    return pa.schema(fields)
 
 
 def empty(table: str) -> pl.DataFrame:

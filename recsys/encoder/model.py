@@ -24,7 +24,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import contextlib
 import functools
 import importlib.resources
-import io
 import itertools
 import warnings
 from collections.abc import Iterator, Sequence
@@ -515,15 +514,6 @@ def cpu_has_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
-
-
-def state_dict_bytes(model: nn.Module) -> int:
-    """Size in bytes of `model`'s serialised state dict (for reports; nothing is written)."""
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.save(model.state_dict(), buf)
-    return buf.tell()
 
 
 # glibc mallopt parameters
