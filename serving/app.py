@@ -475,16 +475,19 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
         in `unknown_items`. `explain` adds each item's top feature contributions.
         """
         model = _model(request)  # read the reference once: a reload cannot change it under us
-        at_us = None
-        if body.at is not None and epoch_us(body.at) < model.as_of_us:
-            return _error(
-                422,
-                f"at {body.at.isoformat()} is before the bundle's cut-off "
-                f"{model.bundle.snapshot.as_of.isoformat()}; give a later moment",
-            )
-        if state.events is not None:  # events keep the state fresh: as of `at`, default now
-            now = max(epoch_us(datetime.now(UTC)), model.as_of_us)
-            at_us = epoch_us(body.at) if body.at is not None else now
+        at_us = None  # events keep the state fresh: as of `at`, default now
+        if body.at is not None:
+            asked = epoch_us(body.at)
+            if asked < model.as_of_us:
+                return _error(
+                    422,
+                    f"at {body.at.isoformat()} is before the bundle's cut-off "
+                    f"{model.bundle.snapshot.as_of.isoformat()}; give a later moment",
+                )
+            if state.events is not None:
+                at_us = asked
+        elif state.events is not None:
+            at_us = max(epoch_us(datetime.now(UTC)), model.as_of_us)
         # Without events nothing after the cut-off is counted: the batch ranker on features as
         # of the cut-off, whatever `at` says (the online ranker on counts frozen at the
         # cut-off ranked EB-NeRD's next week worse than random: AUC 0.466).
