@@ -69,7 +69,7 @@ def run_nightly_child(data_dir: Path, out: Path, config: str, split: str | None)
 
 
 def _run_parts(run: Path) -> tuple[Any, Any, Any]:
-    from pipelines.nightly import read_tables
+    from pipelines.prepare import read_tables
     from recsys.bundle import Bundle
     from recsys.data import Dataset
 
@@ -86,7 +86,8 @@ def eval_child(run: Path, config: str) -> dict[str, Any]:
     from datetime import datetime
 
     from experiments.config import load_config
-    from pipelines.nightly import bundle_prior_weight, list_evaluation
+    from pipelines.nightly import list_settings
+    from recsys.lists import bundle_prior_weight, list_evaluation
 
     bundle, data, _ = _run_parts(run)
     cfg = load_config(None if config == "default" else config)
@@ -97,7 +98,8 @@ def eval_child(run: Path, config: str) -> dict[str, Any]:
     for div in DIVERSITY:
         c = dataclasses.replace(cfg, rules=dataclasses.replace(cfg.rules, diversity=div))
         t = time.perf_counter()
-        out = list_evaluation(data, test_at, bundle.ranker, bundle.spec, c, bundle.vectors,
+        out = list_evaluation(data, test_at, bundle.ranker, bundle.spec, list_settings(c),
+                              bundle.vectors,
                               lambda s: None, prior_weight=bundle_prior_weight(bundle))  # fmt: skip
         secs = time.perf_counter() - t
         if base is None:
@@ -112,14 +114,16 @@ def eval_child(run: Path, config: str) -> dict[str, Any]:
 def lists_child(run: Path, config: str) -> dict[str, Any]:
     """The nightly lists for every active user through the final bundle, timed."""
     from experiments.config import load_config
-    from pipelines.nightly import list_context, ranked_lists
+    from pipelines.nightly import list_settings
+    from recsys.lists import list_context, ranked_lists
 
     cfg = load_config(None if config == "default" else config)
     bundle, data, _ = _run_parts(run)
     t = time.perf_counter()
     as_of = bundle.snapshot.as_of
-    ctx = list_context(data, as_of, cfg.pipeline, bundle.vectors)
-    recs, short = ranked_lists(bundle, data, ctx, cfg, log=lambda s: None)
+    settings = list_settings(cfg)
+    ctx = list_context(data, as_of, settings, bundle.vectors)
+    recs, short = ranked_lists(bundle, data, ctx, settings)
     return {
         "seconds": round(time.perf_counter() - t, 1),
         "users": recs["user_id"].n_unique(),

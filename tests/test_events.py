@@ -138,7 +138,7 @@ def test_replay_through_the_api_equals_the_offline_online_features(
     and a new item's text as an item event), then its impression and clicks. The API's scores
     equal the ranker on the offline point-in-time features of a dataset holding the same events
     (online freshness); a restarted server replays the log and ranks the same."""
-    from pipelines.nightly import read_tables
+    from pipelines.prepare import read_tables
     from recsys.featurize import matrix, point_in_time_frame
 
     data = read_tables(Path(nightly.result.run_dir) / "validate")

@@ -24,10 +24,11 @@ from conftest import NIGHTLY_SIZES, NIGHTLY_TOML, copy_run, count_stages
 
 from experiments.config import PipelineConfig, config_from_dict
 from features import FeatureConfig
-from pipelines.nightly import _batch_moments, run_nightly, ship_choice
+from pipelines.nightly import run_nightly
 from recsys.bundle import Bundle
 from recsys.data import write_dataset
 from recsys.errors import ConfigError, DataError
+from recsys.evaluation import batch_moments, ship_choice
 from recsys.featurize import FeatureSpec
 from recsys.generate import GeneratorConfig, generate
 from recsys.lists import PRIOR_WEIGHTS
@@ -48,7 +49,7 @@ def test_batch_rows_get_the_moment_the_batch_path_serves() -> None:
 
     def moments(refresh: str) -> list[datetime]:
         spec = FeatureSpec(FeatureConfig(), refresh=refresh)
-        return _batch_moments(req, imp, spec, valid_at, cutoff)["ts"].to_list()
+        return batch_moments(req, imp, spec, valid_at, cutoff)["ts"].to_list()
 
     assert moments("2d") == [day, day, datetime(2026, 1, 3, tzinfo=UTC), valid_at, cutoff]
     one = moments("1d")

@@ -1029,7 +1029,7 @@ def test_model_uri_from_the_registry(bundle_dir, second_bundle, serving_model, t
 def test_training_rows_equal_what_serving_computes_at_the_same_moment(nightly, serving_model):
     """A training row (the point-in-time path) at the bundle's cut-off has the ranker columns
     the API computes from the bundle: behavioural, semantic and within-request."""
-    from pipelines.nightly import read_tables
+    from pipelines.prepare import read_tables
     from recsys.featurize import matrix, point_in_time_frame
 
     m = serving_model

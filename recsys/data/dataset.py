@@ -43,6 +43,11 @@ class Dataset:
     def table(self, name: str) -> pl.DataFrame:
         return getattr(self, name)  # type: ignore[no-any-return]
 
+    def before(self, t: datetime) -> Dataset:
+        """The data strictly before `t` (history without a time counts as before)."""
+        inter = self.interactions.filter(pl.col("ts").is_null() | (pl.col("ts") < t))
+        return Dataset(self.items, inter, self.impressions.filter(pl.col("ts") < t))
+
     def counts(self) -> dict[str, int]:
         return {t: self.table(t).height for t in TABLES}
 

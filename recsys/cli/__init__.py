@@ -10,32 +10,12 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
+from recsys.cli.report import print_summary, print_table
 from recsys.errors import RecsysError
 
 EXIT_USAGE = 2
-
-
-def print_table(rows: Sequence[Mapping[str, Any]], title: str | None = None) -> None:
-    """Print dict rows as an aligned text table (floats with 4 decimals)."""
-    if title:
-        print(f"\n{title}")
-    if not rows:
-        print("(no rows)")
-        return
-    cols = list(rows[0])
-
-    def fmt(v: object) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
-    print("  ".join("-" * w for w in widths))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -131,7 +111,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_nightly(args: argparse.Namespace) -> int:
-    from pipelines.nightly import print_summary, run_nightly
+    from pipelines.nightly import run_nightly
 
     result = run_nightly(
         args.data,
@@ -147,7 +127,6 @@ def _cmd_nightly(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
-    from pipelines.nightly import print_summary
     from recsys.generate import GeneratorConfig
 
     generator = GeneratorConfig(
@@ -167,8 +146,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from datetime import datetime
 
-    from pipelines.nightly import evaluate_bundle, freshness_note
+    from pipelines.evaluate import evaluate_bundle
     from recsys.bundle import Bundle
+    from recsys.evaluation import freshness_note
 
     tables, lists = evaluate_bundle(args.data, args.bundle, split_at=args.split_at)
     bundle = Bundle.load(args.bundle)
@@ -416,7 +396,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,11 +1,5 @@
-"""Ranked lists: retrieval from several sources, ranking through a bundle, business rules; and
-their evaluation against what users consumed next, beside baseline lists.
-
-The nightly job and `recsys evaluate` both build lists with `build_lists`, the same code, so the
-list metrics measure what the nightly writes. For a fast catalogue (news: a live window of a week
-or less) lists as of the cut-off are judged on the next day's consumption; for a slow one, on
-the whole test split (`list_horizon`).
-"""
+"""List building: retrieval context, candidates from every source, scores through a bundle,
+business rules; the nightly's top-N per user (`ranked_lists`)."""
 
 from __future__ import annotations
 
@@ -13,23 +7,21 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime
 
 import numpy as np
 import polars as pl
 
-from recsys.candidates import candidate_recall
+from features import FeatureConfig
+from recsys.bundle import Bundle
 from recsys.data import Dataset
+from recsys.data.schema import TS
 from recsys.errors import ConfigError
-from recsys.listmetrics import compare_lists, intra_list_similarity, recall_ceiling
 from recsys.retrieval import (
     ANN_MIN_ITEMS,
     Cadence,
-    CooccurrenceSource,
     RetrievalContext,
     SourceRun,
-    decayed_popularity,
     fit_cadence,
     live_items,
     retrieve,
@@ -39,18 +31,20 @@ from recsys.vectors import ItemVectors
 
 __all__ = [
     "PRIOR_WEIGHTS",
+    "ListSettings",
     "ListsResult",
     "ScoreCache",
-    "baseline_lists",
     "build_lists",
+    "bundle_prior_weight",
     "consumption",
-    "evaluate_lists",
+    "known_users",
+    "list_context",
     "list_horizon",
+    "ranked_lists",
     "retrieval_context",
     "with_prior",
 ]
 
-BASELINES = ("popular", "recent_popular", "item_knn")
 # The popularity weights a nightly tries at the validation cut-off (`with_prior`): a ranker
 # trained on logged impressions learns which shown item a user picks, not how much more the
 # whole catalogue's popular items draw, which lists over every live item need. EB-NeRD's
@@ -255,124 +249,75 @@ def build_lists(
     return ListsResult(lists, runs, cands, u.len(), short, secs)
 
 
-def _as_list(frame: pl.DataFrame) -> pl.DataFrame:
-    return frame.with_columns((pl.int_range(pl.len()).over("user_id") + 1).alias("rank"))
+@dataclass(frozen=True)
+class ListSettings:
+    """What building and judging ranked lists needs of a nightly config (`pipeline`, `rules`,
+    `features` sections): list length, retrieval quotas and cadence, rules."""
+
+    top_n: int
+    quotas: Mapping[str, int]
+    rules: ListRules
+    features: FeatureConfig
+    max_history: int = 50
+    popular_half_life_days: float | None = None  # None: fitted to the log
+    live_window_days: float | None = None  # None: fitted; 0: every item
+    ann_min_items: int | None = None
+    horizon_days: float | None = None  # None: see list_horizon
+    prior_weight: float | None = None  # None: chosen at the validation cut-off
 
 
-def baseline_lists(ctx: RetrievalContext, users: pl.Series, n: int) -> dict[str, pl.DataFrame]:
-    """Top-n baselines, minus what each user consumed, among live items: `popular` (all-time
-    counts), `recent_popular` (the fitted decay), `item_knn` (co-occurrence; popular fills the
-    lists of users it has nothing for)."""
-    counts = decayed_popularity(ctx.history, ctx.as_of, math.inf).join(
-        ctx.eligible_items, on="item_id", how="semi"
-    )
-    popular = _as_list(ctx.from_list(users, counts, n))
-    recent = _as_list(ctx.from_list(users, ctx.popularity, n))
-    knn = CooccurrenceSource().retrieve(ctx, users, n)
-    fill = recent.join(
-        knn.select("user_id").unique(), on="user_id", how="anti", maintain_order="left"
-    ).drop("rank")
-    knn = _as_list(pl.concat([knn, fill]).sort("user_id", maintain_order=True))
-    return {"popular": popular, "recent_popular": recent, "item_knn": knn}
-
-
-def truth_after(data: Dataset, at: datetime, horizon_days: float) -> pl.DataFrame:
-    """(user_id, item_id) consumed in [at, at + horizon) and not before `at`."""
-    cons = consumption(data)
-    after = cons.filter(pl.col("ts") >= at)
-    if not math.isinf(horizon_days):
-        after = after.filter(pl.col("ts") < at + timedelta(days=horizon_days))
-    before = cons.filter(pl.col("ts").is_null() | (pl.col("ts") < at)).select("user_id", "item_id")
-    return (
-        after.select("user_id", "item_id")
-        .unique()
-        .join(before, on=["user_id", "item_id"], how="anti")
-        .sort("user_id", "item_id")
-    )
-
-
-def evaluate_lists(
-    result: ListsResult,
-    baselines: Mapping[str, pl.DataFrame],
-    truth: pl.DataFrame,
-    ctx: RetrievalContext,
-    *,
-    n: int,
-    horizon_days: float,
-    known: pl.Series | None = None,
-) -> dict[str, Any]:
-    """The list table (the model's lists and each baseline: recall@n, nDCG@n, coverage,
-    novelty, intra-list similarity, paired differences to the best baseline) and the per-source
-    retrieval table (recall of each source's own candidates, latency per user). With `known`
-    (the users the bundle knows) and some truth users outside it, `table_known` repeats the
-    list table over the known users only: where personalisation can act."""
-    everyone = ctx.seen["user_id"].n_unique()
-    users_of_item = ctx.seen.group_by("item_id").len("users")
-    named = {"lgbm_lists": result.lists, **baselines}
-    by_recall = {
-        name: truth.join(
-            df.filter(pl.col("rank") <= n), on=["user_id", "item_id"], how="semi"
-        ).height
-        for name, df in baselines.items()
-    }
-    versus = max(by_recall, key=lambda k: (by_recall[k], k)) if by_recall else "lgbm_lists"
-    table = compare_lists(
-        named, truth, n, versus=versus, catalogue_size=ctx.items.height,
-        popularity=users_of_item, n_users=everyone,
+def list_context(
+    data: Dataset, as_of: datetime, settings: ListSettings, vectors: ItemVectors | None
+) -> RetrievalContext:
+    """The retrieval context of lists made at `as_of` with `settings`."""
+    return retrieval_context(
+        data, as_of, vectors=vectors, max_history=settings.max_history,
+        half_life_days=settings.popular_half_life_days,
+        live_window_days=settings.live_window_days, ann_min_items=settings.ann_min_items,
     )  # fmt: skip
-    if ctx.vectors is not None and len(ctx.vectors):
-        for row in table:
-            row["intra_list_sim"] = intra_list_similarity(named[str(row["list"])], ctx.vectors, n)
 
-    table_known: list[dict[str, Any]] = []
-    if known is not None:
-        mine = truth.filter(pl.col("user_id").is_in(known.cast(pl.String).unique().implode()))
-        if 0 < mine.height < truth.height:
-            table_known = compare_lists(
-                named, mine, n, versus=versus, catalogue_size=ctx.items.height,
-                popularity=users_of_item, n_users=everyone,
-            )  # fmt: skip
 
-    sources = [
-        {
-            "source": r.name,
-            "k": r.quota,
-            "recall": candidate_recall(r.candidates, truth),
-            "ms_per_user": 1000 * r.seconds / max(result.users, 1),
-        }
-        for r in result.runs
-    ]
-    sources.append(
-        {
-            "source": "union",
-            "k": int(sum(r.quota for r in result.runs)),
-            "recall": candidate_recall(result.candidates, truth),
-            "ms_per_user": 1000 * result.seconds["retrieve"] / max(result.users, 1),
-        }
+def bundle_prior_weight(bundle: Bundle) -> float:
+    """The popularity weight a bundle's lists use (0 for bundles written before it existed)."""
+    return float(bundle.manifest.get("lists", {}).get("prior_weight", 0.0))
+
+
+def known_users(data: Dataset) -> pl.Series:
+    """Users the bundle of `data` knows (a history or impressions): the API ranks them with
+    the ranker, and the popularity prior ranks everyone else."""
+    return pl.concat([data.interactions["user_id"], data.impressions["user_id"]]).unique()
+
+
+def ranked_lists(
+    bundle: Bundle,
+    data: Dataset,
+    ctx: RetrievalContext,
+    settings: ListSettings,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[pl.DataFrame, int]:
+    """Top-N per active user of `data` through the bundle (the same loader and features as the
+    API): candidates from every retrieval source among the live items, minus what the user
+    consumed, then the business rules. Returns (lists: user_id, rank, item_id, score, source,
+    model_version, generated_at; users with a short list)."""
+    active = (
+        pl.concat([data.interactions.select("user_id"), data.impressions.select("user_id")])
+        .unique()
+        .sort("user_id")["user_id"]
     )
-    who = ctx.seen["user_id"] if known is None else known
-    ceiling = recall_ceiling(truth, who, n) if truth.height else None
-    horizon = "the whole test split" if math.isinf(horizon_days) else f"the next {horizon_days:g} d"
-    return {
-        "table": table,
-        "table_known": table_known,
-        "sources": sources,
-        "versus": versus,
-        "truth_pairs": truth.height,
-        "truth_users": truth["user_id"].n_unique(),
-        "short_lists": result.short,
-        "ceiling": ceiling,
-        "note": (
-            f"lists as of the cut-off, judged on what users consumed in {horizon} "
-            f"({truth.height} new (user, item) pairs of {truth['user_id'].n_unique()} users); "
-            f"{ctx.cadence.describe()}; "
-            f"{'every item live' if ctx.eligible is None else f'{ctx.eligible.len()} live items'}"
-            + (
-                f"; no lists made at the cut-off can exceed recall@{n} {ceiling['recall']:.4f} "
-                f"({ceiling['cold_share']:.0%} of the pairs are of users with no history before "
-                "it, who can only get one list for all)"
-                if ceiling is not None
-                else ""
-            )
-        ),
-    }
+    score = with_prior(bundle.score, ctx.popularity, bundle_prior_weight(bundle))
+    res = build_lists(
+        score, ctx, active, settings.quotas, n=settings.top_n, rules=settings.rules,
+        known=known_users(data), progress=progress, keep_candidates=False,
+    )  # fmt: skip
+    now = datetime.now(UTC)
+    recs = res.lists.select(
+        "user_id",
+        pl.col("rank").cast(pl.Int32),
+        "item_id",
+        "score",
+        "source",
+        pl.lit(bundle.model_version).alias("model_version"),
+        pl.lit(now, dtype=TS).alias("generated_at"),
+    )
+    return recs, res.short

@@ -1,0 +1,332 @@
+"""The nightly's learning stages: fine-tune the encoder (Ray Train), embed the catalogue (Ray
+Data), build the point-in-time feature frames, train the LambdaRank rankers."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import polars as pl
+
+from recsys.encoder import EncoderConfig, FinetuneConfig
+from recsys.evaluation import BATCH, MODES, batch_moments, requests, valid_auc
+from recsys.featurize import ONLINE, FeatureSpec, point_in_time_frame, semantic_only
+from recsys.io import write_parquet
+from recsys.ranker import Ranker, RankerConfig, refit_ranker, train_ranker
+from recsys.vectors import ItemVectors
+
+from .prepare import Split, Validated, labelled, read_tables
+from .stages import StageContext, StageResult
+
+
+@dataclass(frozen=True)
+class Finetuned:
+    losses: list[float]
+    val_metrics: dict[str, float]
+    val_scores: list[float]
+    best_epoch: int | None
+    fell_back: bool
+    peak_rss_mb: int
+    worker_cpu_seconds: float
+    trainable_params: int
+    total_params: int
+    seconds: float
+    device: str
+    method: str
+
+    @property
+    def tuned(self) -> bool:
+        """A tuned encoder ships (not the frozen one)."""
+        return self.method != "none" and not self.fell_back
+
+
+def finetune(
+    ctx: StageContext,
+    validated: StageResult[Validated],
+    split: StageResult[Split],
+    config: FinetuneConfig,
+) -> Finetuned:
+    """The encoder tuned on the impressions before `split.encoder_at` (ctx.work/encoder)."""
+    from pipelines.finetune import run_finetune
+
+    data = read_tables(validated.path).before(split.summary.encoder_at)
+    with ctx.env.tracker.stage("finetune") as t:
+
+        def on_epoch(m: dict[str, Any]) -> None:
+            metrics = {k: v for k, v in m.items() if isinstance(v, int | float)}
+            t.log_metrics(metrics, step=int(m.get("epoch", 0)))
+
+        uri = ctx.env.tracking_uri
+        rep = run_finetune(
+            data, ctx.work / "encoder", config, ray_address=ctx.env.ray_address,
+            on_epoch=on_epoch, mlflow_run=(uri, t.run_id) if t.run_id else None, log=ctx.env.log,
+        )  # fmt: skip
+        if rep.fell_back:
+            t.set_tags({"finetune.fell_back": "true"})
+    return Finetuned(
+        losses=[float(x) for x in rep.losses],
+        val_metrics={k: float(v) for k, v in rep.val_metrics.items()},
+        val_scores=rep.val_scores,
+        best_epoch=rep.best_epoch,
+        fell_back=rep.fell_back,
+        peak_rss_mb=round(rep.peak_rss_mb),
+        worker_cpu_seconds=round(rep.worker_cpu_seconds, 3),
+        trainable_params=int(rep.trainable_params),
+        total_params=int(rep.total_params),
+        seconds=float(rep.seconds),
+        device=str(rep.device),
+        method=config.method,
+    )
+
+
+@dataclass(frozen=True)
+class EmbedRun:
+    embedded: int
+    through_head: int
+    distinct_texts: int
+    reused: int
+    dropped: int
+    fallback_texts: int
+    seconds: float
+    device: str
+    encoder_id: str
+    worker_cpu_seconds: float
+    worker_peak_rss_mb: int
+    reused_from: str | None = None  # the tuned encoder is the frozen one: its vectors, copied
+
+
+@dataclass(frozen=True)
+class Embedded:
+    item_vectors_frozen: EmbedRun  # the frozen base encoder's
+    item_vectors: EmbedRun  # the shipped (tuned) encoder's
+
+
+def embed(
+    ctx: StageContext,
+    validated: StageResult[Validated],
+    finetuned: StageResult[Finetuned],
+    config: EncoderConfig,
+) -> Embedded:
+    """Item vectors of the frozen and of the shipped encoder (incremental: items whose text is
+    unchanged keep their vectors from the previous run)."""
+    from pipelines.embed import run_embed
+
+    items = read_tables(validated.path).items
+    runs: dict[str, EmbedRun] = {}
+    frozen_file = ctx.work / "item_vectors_frozen.parquet"
+    encoder_dir = finetuned.path / "encoder"
+    for name, enc in (("item_vectors_frozen", None), ("item_vectors", encoder_dir)):
+        target = ctx.work / f"{name}.parquet"
+        if enc is not None and not finetuned.summary.tuned:
+            # the "tuned" encoder is the frozen one: embedding twice would be waste
+            shutil.copy2(frozen_file, target)
+            runs[name] = dataclasses.replace(runs[frozen_file.stem], reused_from=frozen_file.stem)
+            continue
+        if ctx.previous is not None and (ctx.previous / f"{name}.parquet").is_file():
+            shutil.copy2(ctx.previous / f"{name}.parquet", target)
+        # a tuned encoder that is the frozen one plus a head: the head on frozen vectors
+        rep = run_embed(
+            items, enc, target, config=config, ray_address=ctx.env.ray_address,
+            base_vectors=frozen_file if enc is not None else None,
+        )  # fmt: skip
+        runs[name] = EmbedRun(
+            rep.embedded, rep.through_head, rep.distinct_texts, rep.reused, rep.dropped,
+            rep.fallback_texts, float(rep.seconds), str(rep.device), rep.encoder_id,
+            round(rep.worker_cpu_seconds, 3), round(rep.worker_peak_rss_mb),
+        )  # fmt: skip
+    return Embedded(**runs)
+
+
+def item_vectors(embedded: StageResult[Embedded], spec: FeatureSpec) -> ItemVectors:
+    """The shipped encoder's item vectors, with the frozen encoder's beside them when the spec
+    reads both."""
+    vectors = ItemVectors.from_parquet(embedded.path / "item_vectors.parquet")
+    if spec.frozen_semantic:
+        return vectors.with_frozen(frozen_vectors(embedded))
+    return vectors
+
+
+def frozen_vectors(embedded: StageResult[Embedded]) -> ItemVectors:
+    return ItemVectors.from_parquet(embedded.path / "item_vectors_frozen.parquet")
+
+
+@dataclass(frozen=True)
+class Frames:
+    rows: int
+    columns: list[str]
+    variants: list[list[str]]  # [mode, refresh] of each frame
+
+
+def feature_file(mode: str, refresh: str) -> str:
+    return f"features_{mode}.parquet" if mode == ONLINE else f"features_{mode}_{refresh}.parquet"
+
+
+def features(
+    ctx: StageContext,
+    validated: StageResult[Validated],
+    split: StageResult[Split],
+    embedded: StageResult[Embedded],
+    spec: FeatureSpec,
+    refreshes: tuple[str, ...],
+) -> Frames:
+    """Point-in-time feature frames of every impression, once per freshness mode. online: every
+    row as of its own moment (the API with events). batch: as the batch path serves them, test
+    rows as of the cut-off (the nightly lists and an API without events), validation rows as of
+    the validation start, training rows as of their refresh period's start (one frame per
+    candidate period). Each frame also holds ts, clicked, split and position."""
+    data = read_tables(validated.path)
+    imp = labelled(data.impressions, split.summary)
+    s = split.summary
+    vectors = item_vectors(embedded, spec)
+    req = requests(imp)
+    every = dataclasses.replace(spec, refresh=ONLINE, use_semantic=True)
+    variants = [[BATCH, r] for r in refreshes] + [[ONLINE, ONLINE]]
+    for mode, refresh in variants:
+        at = req
+        if mode != ONLINE:
+            period = dataclasses.replace(spec, refresh=refresh)
+            at = batch_moments(req, imp, period, s.valid_at, s.test_at)
+        frame = point_in_time_frame(every, at, data, vectors)
+        if not spec.frozen_semantic:  # the semantic_frozen baseline's column
+            frozen_cos = semantic_only(every, at, data, frozen_vectors(embedded))["sem_cos_mean"]
+            frame = frame.with_columns(frozen_cos.alias("sem_cos_mean_frozen"))
+        frame = frame.with_columns(req["ts"], imp["clicked"], imp["split"], imp["position"])
+        write_parquet(frame, ctx.work / feature_file(mode, refresh))
+    return Frames(imp.height, spec.columns, variants)
+
+
+def frames_of(frames: StageResult[Frames]) -> dict[str, dict[str, pl.DataFrame]]:
+    """{mode: {refresh: frame}} of the features stage."""
+    out: dict[str, dict[str, pl.DataFrame]] = {m: {} for m in MODES}
+    for mode, refresh in frames.summary.variants:
+        out[mode][refresh] = pl.read_parquet(frames.path / feature_file(mode, refresh))
+    return out
+
+
+def rows_of(frame: pl.DataFrame, name: str) -> pl.DataFrame:
+    return frame.filter(pl.col("split") == name)
+
+
+@dataclass(frozen=True)
+class Refresh:
+    chosen: str  # the training rows' refresh period kept
+    validation_auc: dict[str, dict[str, float]]  # {period: {ranker: AUC}}
+
+
+@dataclass(frozen=True)
+class RankerInfo:
+    best_iteration: int
+    train_rows: int
+    semantic_missing_before: str | None
+    refit_rows: int | None
+    importance: list[dict[str, Any]]
+    history: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Ranked:
+    refresh: dict[str, Refresh]  # per mode
+    rankers: dict[str, RankerInfo]  # per ranker_key
+
+
+def ranker_key(name: str, mode: str) -> str:
+    """The folder of a ranker in the rank stage: lgbm_full (batch), lgbm_full.online, ..."""
+    return name if mode == BATCH else f"{name}.{mode}"
+
+
+def load_rankers(
+    ranked: StageResult[Ranked], *, selected: bool = False
+) -> dict[str, dict[str, Ranker]]:
+    """{mode: {name: ranker}}: the shipped rankers, or those early stopping selected (trained
+    on the training rows only)."""
+    suffix = ".selected" if selected else ""
+    names = ("lgbm_full", "lgbm_behavioural")
+    return {m: {n: Ranker.load(ranked.path / f"{ranker_key(n, m)}{suffix}") for n in names}
+            for m in MODES}  # fmt: skip
+
+
+def _hide_fitted(rows: pl.DataFrame, columns: list[str], encoder_at: datetime) -> pl.DataFrame:
+    """`rows` with the tuned encoder's semantic columns missing before `encoder_at`: that
+    encoder saw those clicks, so its features there are fitted, not predicted. The full ranker
+    still learns from every row (it loses no behavioural data to the hold-out); the frozen
+    encoder's columns (no click tuned it) stay on every row."""
+    early = pl.col("ts") < encoder_at
+    return rows.with_columns(pl.when(~early).then(pl.col(c)).alias(c) for c in columns)
+
+
+def _fit_pair(
+    frame: pl.DataFrame,
+    plans: list[tuple[str, list[str], bool]],
+    config: RankerConfig,
+    encoder_at: datetime,
+    hidden: list[str],
+) -> dict[str, tuple[Ranker, pl.DataFrame]]:
+    """Each planned ranker (name, columns, hide fitted semantics) early-stopped on the frame's
+    validation rows: {name: (ranker, its training rows)}."""
+    valid = rows_of(frame, "valid")
+    fits = {}
+    for name, cols, mask in plans:
+        rows = rows_of(frame, "train")
+        rows = _hide_fitted(rows, hidden, encoder_at) if mask else rows
+        fits[name] = (train_ranker(rows, valid, cols, config, group_col="request_id"), rows)
+    return fits
+
+
+def rank(
+    ctx: StageContext,
+    frames: StageResult[Frames],
+    split: StageResult[Split],
+    spec: FeatureSpec,
+    config: RankerConfig,
+    tuned: bool,
+    refit: bool,
+) -> Ranked:
+    """Per freshness mode: lgbm_full (every column of `spec`) and lgbm_behavioural, trained on
+    the frame of each candidate refresh period; the period whose lgbm_full validates best is
+    kept (the first of equals), then refit on train + validation when `refit`. Saves each
+    ranker (ctx.work/<ranker_key>) and the one early stopping selected (<key>.selected)."""
+    encoder_at = split.summary.encoder_at
+    plans = [("lgbm_full", spec.columns, tuned), ("lgbm_behavioural", spec.behavioural, False)]
+    refresh: dict[str, Refresh] = {}
+    infos: dict[str, RankerInfo] = {}
+    for mode, candidates in frames_of(frames).items():
+        best: tuple[float, str, dict[str, tuple[Ranker, pl.DataFrame]]] | None = None
+        scored: dict[str, dict[str, float]] = {}
+        for period, frame in candidates.items():
+            fits = _fit_pair(frame, plans, config, encoder_at, spec.tuned_semantic)
+            valid = rows_of(frame, "valid")
+            scored[period] = {n: valid_auc(valid, r) for n, (r, _) in fits.items()}
+            if best is None or scored[period]["lgbm_full"] > best[0]:
+                best = (scored[period]["lgbm_full"], period, fits)
+        assert best is not None
+        _, pick, fits = best
+        refresh[mode] = Refresh(pick, scored)
+        if len(scored) > 1:
+            ctx.env.log(
+                f"[rank] {mode}: training rows refreshed every {pick}, chosen on the validation "
+                "slice as served (lgbm_full AUC "
+                + ", ".join(f"{k} {v['lgbm_full']:.4f}" for k, v in scored.items())
+                + ")"
+            )
+        valid = rows_of(candidates[pick], "valid")
+        for name, _cols, mask in plans:
+            key = ranker_key(name, mode)
+            r, rows = fits[name]
+            r.save(ctx.work / f"{key}.selected")
+            shipped = r
+            if refit:
+                both = pl.concat([rows, valid])
+                shipped = refit_ranker(both, r, config, group_col="request_id")
+            shipped.save(ctx.work / key)
+            infos[key] = RankerInfo(
+                best_iteration=int(r.best_iteration),
+                train_rows=rows.height,
+                semantic_missing_before=encoder_at.isoformat() if mask else None,
+                refit_rows=shipped.info.get("refit_rows"),
+                importance=shipped.feature_importance().to_dicts(),
+                history=r.history,
+            )
+    return Ranked(refresh, infos)
