@@ -2,11 +2,11 @@
 
     snapshot_features_numpy(snapshot, user_id, item_ids, extra_history=...) -> (n, F) float64
 
-`SnapshotIndex.build` runs once per snapshot (`snapshot.index()` caches it): the item columns
-of every catalogue item (and of an unknown item) are computed by the polars path itself, so
-they are the same numbers; the per-user part is a few array gathers plus `smoothed_ctr` and
-`share_np`, the twins of the polars formulas. Column order is `feature_names(config)`; NaN
-marks what the polars path leaves null.
+`SnapshotIndex.build` runs once per snapshot (`SnapshotIndex.of` keeps it on the snapshot): the
+item columns of every catalogue item (and of an unknown item) are computed by the polars path
+itself, so they are the same numbers; the per-user part is a few array gathers, then the user
+groups' numpy evaluation (`features.groups`), the twin of the polars one. Column order is
+`feature_names(config)`; NaN marks what the polars path leaves null.
 """
 
 from __future__ import annotations
@@ -20,19 +20,15 @@ import numpy as np
 import polars as pl
 
 from features.config import FeatureConfig
-from features.derive import (
-    GROUP_TABLES,
-    ITEM_TIME_FEATURES,
-    feature_names,
-    item_feature_names,
-    share_np,
-    smoothed_ctr,
-)
+from features.derive import GROUP_TABLES, feature_names, item_feature_names, user_feature_names
 from features.events import GROUPS, USER_COUNTS
+from features.groups import USER_GROUPS
+from features.groups.item_counts import TIME_FEATURES
 from features.snapshot import FeatureSnapshot, as_utc, snapshot_features
 
 _US_PER_HOUR = 3_600_000_000.0
 _ONE_US = timedelta(microseconds=1)
+_CACHED = "_snapshot_index"
 
 
 @dataclass(frozen=True)
@@ -81,12 +77,22 @@ class SnapshotIndex:
     item_block: np.ndarray  # (n_items + 1, n_item_features): item columns at as_of
     item_cols: np.ndarray  # positions of the item columns in the output
     time_cols: np.ndarray  # positions of item_age_hours, item_hours_since_click
+    user_cols: np.ndarray  # positions of the user groups' columns
     user_row: dict[str, int]
     user_counts: np.ndarray  # (n_users, 3): shows, clicks, history
     item_group: dict[str, np.ndarray]  # group -> (n_items + 1,) code, -1 when null / unknown
     n_codes: dict[str, int]
     user_groups: dict[str, _UserRows]  # group -> stats shows, clicks, history per (user, code)
     user_items: _UserRows  # stats shows, history per (user, item row)
+
+    @classmethod
+    def of(cls, snapshot: FeatureSnapshot) -> SnapshotIndex:
+        """The index of `snapshot`, built on first use and kept on the snapshot object."""
+        index = snapshot.__dict__.get(_CACHED)
+        if index is None:
+            index = cls.build(snapshot)
+            snapshot.__dict__[_CACHED] = index  # as functools.cached_property stores its value
+        return index  # type: ignore[no-any-return]
 
     @classmethod
     def build(cls, snapshot: FeatureSnapshot) -> SnapshotIndex:
@@ -129,7 +135,10 @@ class SnapshotIndex:
             item_row=item_row,
             item_block=np.ascontiguousarray(item_block, dtype=np.float64),
             item_cols=np.array([names.index(n) for n in item_names], dtype=np.int64),
-            time_cols=np.array([names.index(n) for n in ITEM_TIME_FEATURES], dtype=np.int64),
+            time_cols=np.array([names.index(n) for n in TIME_FEATURES], dtype=np.int64),
+            user_cols=np.array(
+                [names.index(n) for n in user_feature_names(config)], dtype=np.int64
+            ),
             user_row={u: r for r, u in enumerate(users["user_id"].to_list())},
             user_counts=users.select(pl.col(c).cast(pl.Float64) for c in USER_COUNTS).to_numpy(),
             item_group=item_group,
@@ -157,17 +166,32 @@ class SnapshotIndex:
             out[:, self.time_cols] += shift // _ONE_US / _US_PER_HOUR
 
         u = self.user_row.get(user_id) if user_id is not None else None
+        raw = self._user_raw(u, rows, item_ids, extra_history)
+        user = (a for g in USER_GROUPS for a in g.arrays(raw, self.config))
+        for c, values in zip(self.user_cols, user, strict=True):
+            out[:, c] = values  # the user's own counts are one value: broadcast
+        return out
+
+    def _user_raw(
+        self,
+        u: int | None,
+        rows: np.ndarray,
+        item_ids: Sequence[str],
+        extra_history: Sequence[str],
+    ) -> dict[str, np.ndarray]:
+        """The user-side raw columns (see `features.groups`) of user row `u` with the candidate
+        item rows `rows`, each item of `extra_history` one more history item."""
+        n, unknown = len(rows), len(self.item_row)
         shows, clicks, history = self.user_counts[u] if u is not None else (0.0, 0.0, 0.0)
         extra = np.fromiter(
             (self.item_row.get(i, unknown) for i in extra_history), np.int64, len(extra_history)
         )
         history = history + float(len(extra_history))
-        col = self.position.__getitem__
-        out[:, col("user_shows")] = shows
-        out[:, col("user_clicks")] = clicks
-        out[:, col("user_ctr")] = smoothed_ctr(clicks, shows, self.config)
-        out[:, col("user_history")] = history
-
+        raw = {  # the user's own counts as (1,) arrays, broadcast against the candidates'
+            "users.shows": np.array([shows], dtype=np.float64),
+            "users.clicks": np.array([clicks], dtype=np.float64),
+            "users.history": np.array([history], dtype=np.float64),
+        }
         for g in GROUPS:
             dense = np.zeros((self.n_codes[g] + 1, 3))  # shows, clicks, history per code
             keys, values = self.user_groups[g].of(u)
@@ -177,19 +201,9 @@ class SnapshotIndex:
             code = self.item_group[g][rows]
             known = code >= 0
             stats = dense[np.where(known, code, 0)]
-            g_shows, g_clicks = stats[:, 0], stats[:, 1]
-            block = np.column_stack(
-                [
-                    g_shows,
-                    g_clicks,
-                    smoothed_ctr(g_clicks, g_shows, self.config),
-                    share_np(stats[:, 2], history),
-                ]
-            )
-            block[~known] = np.nan
-            first = col(f"{GROUP_TABLES[g]}_shows")
-            out[:, first : first + 4] = block
-
+            raw[f"items.{g}"] = known
+            for c, col in zip(USER_COUNTS, stats.T, strict=True):
+                raw[f"{GROUP_TABLES[g]}.{c}"] = col
         ui = np.zeros((n, 2))  # shows, history of this user with each candidate
         keys, values = self.user_items.of(u)
         if len(keys):
@@ -199,9 +213,8 @@ class SnapshotIndex:
         if len(extra_history):
             seen = Counter(extra_history)
             ui[:, 1] += np.fromiter((seen.get(i, 0) for i in item_ids), np.float64, n)
-        out[:, col("user_item_shows")] = ui[:, 0]
-        out[:, col("user_item_history")] = ui[:, 1]
-        return out
+        raw["user_item.shows"], raw["user_item.history"] = ui[:, 0], ui[:, 1]
+        return raw
 
 
 def snapshot_features_numpy(
@@ -217,4 +230,4 @@ def snapshot_features_numpy(
     The same numbers as `snapshot_features` for rows (user_id, item_id) with extra_history rows
     (user_id, h) for h in extra_history; NaN where that gives null.
     """
-    return snapshot.index().features(user_id, item_ids, extra_history, now)
+    return SnapshotIndex.of(snapshot).features(user_id, item_ids, extra_history, now)

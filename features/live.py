@@ -40,6 +40,7 @@ import polars as pl
 from features.config import ALL
 from features.derive import GROUP_TABLES, derive_numpy
 from features.events import AT, GROUPS, ITEM_COUNTS, USER_COUNTS, USER_ITEM_COUNTS
+from features.fast import SnapshotIndex
 from features.snapshot import RECENT, FeatureSnapshot
 from recsys.data.schema import TS
 from recsys.errors import DataError
@@ -186,7 +187,7 @@ class LiveFeatures:
         self.config = snapshot.config
         self.cutoff_us = epoch_us(snapshot.as_of)
         self.windows = [w for w in self.config.windows if w != ALL]
-        index = snapshot.index()
+        index = SnapshotIndex.of(snapshot)
         self._index = index
         items = snapshot.tables["items"]
         self.meta: dict[str, tuple[str | None, str | None, int | None]] = {

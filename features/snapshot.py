@@ -28,9 +28,8 @@ import json
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import polars as pl
 
@@ -53,9 +52,6 @@ from recsys.data.dataset import Dataset
 from recsys.data.schema import TS
 from recsys.errors import DataError
 from recsys.io import file_digest, write_json, write_parquet
-
-if TYPE_CHECKING:
-    from features.fast import SnapshotIndex
 
 FORMAT_VERSION = 1
 MANIFEST = "snapshot.json"
@@ -149,16 +145,6 @@ class FeatureSnapshot:
                     raise DataError(f"{path}: snapshot table missing or changed; {_HINT}")
                 tables[name] = pl.read_parquet(path)
         return cls(datetime.fromisoformat(manifest["as_of"]), config, tables)
-
-    def index(self) -> SnapshotIndex:
-        """The arrays and dicts of the numpy fast path, built once per snapshot and cached."""
-        return self._index
-
-    @cached_property
-    def _index(self) -> SnapshotIndex:
-        from features.fast import SnapshotIndex  # fast.py builds on this module
-
-        return SnapshotIndex.build(self)
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from features import snapshot_features_numpy
+from features import SnapshotIndex, snapshot_features_numpy
 from features.derive import derive_numpy
 from features.live import LiveFeatures, epoch_us, from_us
 from recsys.bundle import Bundle
@@ -187,7 +187,7 @@ class ServingModel:
         self.semantic = any(h.spec.use_semantic for h in (self.batch, self.online) if h)
         self.vectors = bundle.vectors
         snap = bundle.snapshot
-        self.index = snap.index()  # builds the numpy lookups once (cached on the snapshot)
+        self.index = SnapshotIndex.of(snap)  # builds the numpy lookups once (kept on the snapshot)
         self.as_of_us = _epoch_us(snap.as_of)
         self.histories = _Histories.build(bundle.history, bundle.vectors, snap.as_of)
         self.known_users = set(self.index.user_row) | set(self.histories.ptr)
