@@ -56,6 +56,7 @@ from recsys.errors import ConfigError, DataError, RecsysError
 from serving.events import EventStore
 from serving.metrics import CONTENT_TYPE, Metrics
 from serving.ranking import ServingModel
+from serving.rules import request_rules
 from serving.schemas import (
     MAX_EVENTS,
     ErrorResponse,
@@ -497,7 +498,7 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
             needed = set(body.candidates) | set(body.history)
             if any(i.item_id in needed and i.item_id not in model.vectors.index
                    for i in body.items):  # fmt: skip
-                new = await run_in_threadpool(model.embed, body.items, needed)
+                new = await run_in_threadpool(model.embedder.embed, body.items, needed)
         try:  # features, LightGBM and explanations off the event loop (health stays live)
             return _json(await compute(model.rank, body, new, at_us))
         except ConfigError as e:  # a rule names an unknown item or category
@@ -532,7 +533,8 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
         if all(a is None for a in asks):  # the list as the nightly made it
             return _json(await compute(model.recommendations, user_id, k))
         try:
-            rules = model.request_rules(
+            rules = request_rules(
+                model.rules, model.catalogue,
                 exclude_items=exclude_items or (), exclude_categories=exclude_categories or (),
                 max_per_category=max_per_category, diversity=diversity,
             )  # fmt: skip
