@@ -86,7 +86,7 @@ class ServingModel:
     def predict(self, x: np.ndarray, at_us: int | None = None) -> np.ndarray:
         """Ranker scores (n,) of feature rows x (n, F) from `featurizer.features(..., at_us)`:
         the batch job's `ranker.predict` (the online ranker's with `at_us`). (Threads: the
-        server caps OpenMP at one per worker, see serving/app.py.)"""
+        server caps OpenMP at one per worker, see serving/lifespan.py.)"""
         return self.featurizer.head(at_us).ranker.predict(x)
 
     def strategy(self, user_id: str | None, history: Sequence[str], live: bool = False) -> str:
@@ -105,7 +105,7 @@ class ServingModel:
     ) -> dict[str, Any]:
         """Rank `req.candidates`; returns the `RankResponse` wire format as plain dicts and
         lists (built without pydantic objects: this is the hot path; the app encodes it and the
-        tests validate it against `RankResponse`). See serving/app.py for the
+        tests validate it against `RankResponse`). See serving/routes/ranking.py for the
         contract."""
         cands = req.candidates
         k = min(req.k or len(cands), len(cands))

@@ -120,7 +120,7 @@ def test_reload_notes_between_workers(tmp_path):
 
 
 def test_workers_each_get_a_socket_on_one_port(tmp_path):
-    from serving.app import serve
+    from serving.server import serve
     from serving.workers import reuseport_socket, run_workers
 
     a = reuseport_socket("127.0.0.1", 0)
@@ -994,7 +994,8 @@ def test_model_uri_from_the_registry(bundle_dir, second_bundle, serving_model, t
     does; models:/NAME/N loads version N."""
     import mlflow
 
-    from serving.app import create_app, load_model, resolve_source
+    from serving.app import create_app
+    from serving.source import load_model, resolve_source
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)  # no global tracking URI: serving must pass it on
