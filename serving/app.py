@@ -34,7 +34,7 @@ from serving.lifespan import lifespan
 from serving.metrics import Metrics
 from serving.middleware import EdgeMiddleware
 from serving.ranking import ServingModel
-from serving.routes import ROUTERS
+from serving.routes import add_routes
 from serving.settings import Settings
 from serving.state import AppState
 
@@ -64,8 +64,7 @@ def create_app(settings: Settings | None = None, *, model: ServingModel | None =
     app.add_middleware(
         EdgeMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes, paths=paths
     )
-    for router in ROUTERS:
-        app.include_router(router)
+    add_routes(app)
     paths.update(getattr(r, "path", "") for r in app.routes)
     return app
 

@@ -7,7 +7,7 @@ import json
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 
 from serving.responses import ERROR_RESPONSES, error_response, json_body, json_response
@@ -15,19 +15,8 @@ from serving.schemas import MAX_EVENTS, ErrorResponse, EventsRequest, EventsResp
 from serving.state import ready_model, serving_state
 
 logger = logging.getLogger("serving")
-router = APIRouter(tags=["events"])
 
 
-@router.post(
-    "/v1/events",
-    response_model=EventsResponse,
-    responses={
-        **ERROR_RESPONSES,
-        409: {"model": ErrorResponse, "description": "events are off (no RECSYS_EVENT_LOG)"},
-        503: {"model": ErrorResponse, "description": "no bundle yet, or the log is unwritable"},
-    },
-    openapi_extra=json_body(EventsRequest, required=True),
-)
 async def events(request: Request) -> Any:
     """Items, impressions and clicks (at most 1,000 per request), each with an `event_id`
     (idempotent) and a `ts`. Each event is checked on its own: a bad one is listed in
@@ -60,3 +49,17 @@ async def events(request: Request) -> Any:
         logger.error("event log write failed: %s", e)
         return error_response(503, f"could not write the event log ({e}); nothing accepted, retry")
     return json_response(result)
+
+
+def add_routes(app: FastAPI) -> None:
+    app.post(
+        "/v1/events",
+        response_model=EventsResponse,
+        tags=["events"],
+        responses={
+            **ERROR_RESPONSES,
+            409: {"model": ErrorResponse, "description": "events are off (no RECSYS_EVENT_LOG)"},
+            503: {"model": ErrorResponse, "description": "no bundle yet, or the log is unwritable"},
+        },
+        openapi_extra=json_body(EventsRequest, required=True),
+    )(events)

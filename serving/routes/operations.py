@@ -8,7 +8,7 @@ import logging
 import time
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
@@ -25,17 +25,13 @@ from serving.state import serving_state
 from serving.sync import write_note
 
 logger = logging.getLogger("serving")
-router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", response_model=Health, response_model_exclude_none=True)
 async def healthz() -> Health:
     """The process is up (says nothing about the model)."""
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health, response_model_exclude_none=True,
-            responses={503: {"model": Health, "description": "not ready"}})  # fmt: skip
 async def readyz(request: Request) -> Any:
     """200 once a bundle serves; 503 while loading, with no bundle, or after a failed load."""
     state = serving_state(request)
@@ -48,23 +44,11 @@ async def readyz(request: Request) -> Any:
     )
 
 
-@router.get("/metrics", response_class=Response)
 async def prometheus(request: Request) -> Response:
     """Prometheus text: requests, latency histogram, model version, reloads, errors."""
     return Response(serving_state(request).metrics.render(), media_type=CONTENT_TYPE)
 
 
-@router.post(
-    "/v1/admin/reload",
-    response_model=ReloadResponse,
-    responses={
-        401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
-        404: {"model": ErrorResponse, "description": "admin is off (no RECSYS_ADMIN_TOKEN)"},
-        409: {"model": ErrorResponse, "description": "another reload is running"},
-        422: {"model": ErrorResponse, "description": "the new bundle failed; old one serves"},
-    },
-    openapi_extra=json_body(ReloadRequest, required=False),
-)
 async def reload(request: Request) -> Any:
     """Load a bundle (body `{bundle}` or `{model_uri}`, default: the current source) beside
     the serving one and swap them; on any failure the old bundle keeps serving."""
@@ -122,3 +106,23 @@ def _authorize(request: Request, settings: Settings) -> None:
             "missing or wrong admin token; send 'Authorization: Bearer <RECSYS_ADMIN_TOKEN>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+def add_routes(app: FastAPI) -> None:
+    app.get("/healthz", response_model=Health, response_model_exclude_none=True,
+            tags=["operations"])(healthz)  # fmt: skip
+    app.get("/readyz", response_model=Health, response_model_exclude_none=True, tags=["operations"],
+            responses={503: {"model": Health, "description": "not ready"}})(readyz)  # fmt: skip
+    app.get("/metrics", tags=["operations"], response_class=Response)(prometheus)
+    app.post(
+        "/v1/admin/reload",
+        response_model=ReloadResponse,
+        tags=["operations"],
+        responses={
+            401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
+            404: {"model": ErrorResponse, "description": "admin is off (no RECSYS_ADMIN_TOKEN)"},
+            409: {"model": ErrorResponse, "description": "another reload is running"},
+            422: {"model": ErrorResponse, "description": "the new bundle failed; old one serves"},
+        },
+        openapi_extra=json_body(ReloadRequest, required=False),
+    )(reload)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
@@ -18,11 +18,7 @@ from serving.rules import request_rules
 from serving.schemas import RankRequest, RankResponse, RecommendationsResponse
 from serving.state import ready_model, serving_state
 
-router = APIRouter(tags=["ranking"])
 
-
-@router.post("/v1/rank", response_model=RankResponse, response_model_exclude_none=True,
-             responses=ERROR_RESPONSES)  # fmt: skip
 async def rank(body: RankRequest, request: Request) -> Response:
     """Rank `candidates` (1 to 1,000 distinct ids) and return the top `k`.
 
@@ -66,8 +62,6 @@ async def rank(body: RankRequest, request: Request) -> Response:
         return error_response(422, str(e))
 
 
-@router.get("/v1/recommendations/{user_id}", response_model=RecommendationsResponse,
-            responses=ERROR_RESPONSES)  # fmt: skip
 async def recommendations(
     request: Request,
     user_id: str = PathParam(min_length=1, max_length=256),
@@ -104,3 +98,10 @@ async def recommendations(
     except ConfigError as e:
         return error_response(422, str(e))
     return json_response(await state.compute(model.recommendations, user_id, k, rules))
+
+
+def add_routes(app: FastAPI) -> None:
+    app.post("/v1/rank", response_model=RankResponse, response_model_exclude_none=True,
+             responses=ERROR_RESPONSES, tags=["ranking"])(rank)  # fmt: skip
+    app.get("/v1/recommendations/{user_id}", response_model=RecommendationsResponse,
+            responses=ERROR_RESPONSES, tags=["ranking"])(recommendations)  # fmt: skip
