@@ -68,7 +68,7 @@ class EventStore:
         records, duplicates, rejected = self.check(raw)
         items = [r for r in records if r["type"] == "item"]
         model = current()
-        vectors = model.embed_events(items)  # the slow part, outside the lock
+        vectors = model.embedder.embed_events(items)  # the slow part, outside the lock
         with self.lock:
             fresh = [r for r in records if r["event_id"] not in self.seen]  # a concurrent batch
             duplicates += len(records) - len(fresh)
@@ -76,14 +76,15 @@ class EventStore:
             self.seen.update(r["event_id"] for r in fresh)
             serving = current()
             if serving is not model:  # reloaded meanwhile: its own encoder embeds the items
-                vectors = serving.embed_events([r for r in fresh if r["type"] == "item"])
-            serving.apply_events(fresh, vectors)
+                vectors = serving.embedder.embed_events([r for r in fresh if r["type"] == "item"])
+            serving.live.apply(fresh, vectors)
         return {"accepted": len(fresh), "duplicates": duplicates, "rejected": rejected}
 
     def replay(self, model: ServingModel) -> int:
         """Apply every logged event to `model` (a model not serving yet); returns the count."""
         events = list(self.log.read())
-        model.apply_events(events, model.embed_events([e for e in events if e["type"] == "item"]))
+        items = [e for e in events if e["type"] == "item"]
+        model.live.apply(events, model.embedder.embed_events(items))
         return len(events)
 
     def attach(self, model: ServingModel, swap: Callable[[ServingModel], Any]) -> int:

@@ -111,7 +111,7 @@ def test_each_event_is_checked_alone(events_server: Any, client: httpx.Client) -
         json={"user_id": "u", "candidates": ["a"], "at": _iso(cut - timedelta(seconds=1))},
     )
     assert early.status_code == 422 and "cut-off" in early.json()["error"]
-    assert "new-1" in events_server.state.model.live_items.ids  # embedded, in the live catalogue
+    assert "new-1" in events_server.state.model.live.items.ids  # embedded, in the live catalogue
     ready = client.get(f"{events_server.url}/readyz").json()
     online = events_server.state.model.bundle.manifest["online"]["ranker"]["name"]
     assert ready["ranker"] == online and ready["freshness"].startswith("online: the live state")
@@ -190,7 +190,7 @@ def test_replay_through_the_api_equals_the_offline_online_features(
     assert full.interactions.height == data.interactions.height + len(clicks)
     assert full.impressions["clicked"].sum() == data.impressions["clicked"].sum() + len(clicks)
     vectors = model.bundle.vectors
-    live = model.live_items
+    live = model.live.items
     from recsys.vectors import ItemVectors
 
     ids = [*vectors.ids, *live.ids]
@@ -201,21 +201,21 @@ def test_replay_through_the_api_equals_the_offline_online_features(
         frozen = np.vstack([vectors.frozen.matrix, live.frozen])
         all_vectors = all_vectors.with_frozen(ItemVectors(ids, frozen, index))
     req = pl.DataFrame(requests, schema_overrides={"ts": pl.Datetime("us", "UTC")})
-    head = model.head(0)  # the ranker requests with `at` get: the bundle's online one
-    assert head is model.online and head.spec.refresh == "online"
-    moments = [model.moment(int(t)) for t in req["ts"].dt.epoch("us").to_list()]
+    head = model.featurizer.head(0)  # the ranker requests with `at` get: the bundle's online one
+    assert head is model.featurizer.online and head.spec.refresh == "online"
+    moments = [model.featurizer.moment(int(t)) for t in req["ts"].dt.epoch("us").to_list()]
     assert moments == req["ts"].dt.epoch("us").to_list()
     at = req.with_columns(pl.Series("ts", moments).cast(pl.Datetime("us", "UTC")))
     x = matrix(point_in_time_frame(head.spec, at, full, all_vectors), head.columns)
     want = head.ranker.predict(x)
     np.testing.assert_allclose(np.array(served), want, rtol=0, atol=1e-5)
-    live_state = model.live()
+    live_state = model.live.features()
     assert len(live_state.impressions) == 40 and len(live_state._clicked) == len(clicks) > 0
     assert len(set(np.round(served, 9))) > 10  # the scores are not one constant
 
     # In process, the same rows' features (behavioural 1e-9, cosines float32 rounding).
     got = np.vstack([
-        model.features(u, list(g["item_id"]), at_us=int(g["ts"].dt.epoch("us")[0]))
+        model.featurizer.features(u, list(g["item_id"]), at_us=int(g["ts"].dt.epoch("us")[0]))
         for (_, u), g in req.group_by("request_id", "user_id", maintain_order=True)
     ])  # fmt: skip
     exact = [j for j, c in enumerate(head.columns) if not c.startswith("sem_")]
@@ -257,8 +257,10 @@ def test_events_during_a_reload_reach_the_model_that_serves(
     event = {"event_id": "e1", "type": "impression", "ts": _iso(cut), "user_id": "u",
              "request_id": "r1", "items": ["x"]}  # fmt: skip
     assert store.ingest(lambda: next(reads), [event])["accepted"] == 1
-    with new.live_lock, old.live_lock:
-        assert "r1" in new.live().impressions and "r1" not in old.live().impressions
+    with new.live.lock, old.live.lock:
+        assert (
+            "r1" in new.live.features().impressions and "r1" not in old.live.features().impressions
+        )
 
 
 @pytest.mark.slow
@@ -274,7 +276,7 @@ def test_an_admin_reload_keeps_the_live_state(
         user, items = sorted(model.histories.ptr)[0], list(model.bundle.vectors.ids[:8])
         events = [
             {"event_id": "item-1", "type": "item", "ts": _iso(cut), "item_id": "live-1",
-             "title": "a red apple story", "category": model.item_category[items[0]]},
+             "title": "a red apple story", "category": model.catalogue.item_category[items[0]]},
             {"event_id": "imp-1", "type": "impression", "ts": _iso(cut), "user_id": user,
              "request_id": "r1", "items": [*items, "live-1"]},
             {"event_id": "click-1", "type": "click", "ts": _iso(cut + timedelta(seconds=5)),
@@ -288,15 +290,17 @@ def test_an_admin_reload_keeps_the_live_state(
                         headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
         assert r.status_code == 200 and r.json()["model_version"] == "second-v2", r.text
         new = srv.state.model
-        assert new is not model and "live-1" in new.live_items.ids
+        assert new is not model and "live-1" in new.live.items.ids
         after = client.post(f"{srv.url}/v1/rank", json=body).json()
         assert after["model_version"] == "second-v2" and not after["unknown_items"]
         assert after["items"] == before["items"]  # the same bundle content, the same events
         late = {"event_id": "click-2", "type": "click", "ts": _iso(cut + timedelta(minutes=1)),
                 "user_id": user, "item_id": items[1], "request_id": "r1"}  # fmt: skip
         assert client.post(f"{srv.url}/v1/events", json={"events": [late]}).json()["accepted"]
-        with new.live_lock:
-            assert "r1" in new.live().impressions and len(new.live()._clicked) == 2
+        with new.live.lock:
+            assert (
+                "r1" in new.live.features().impressions and len(new.live.features()._clicked) == 2
+            )
         assert srv.state.events.log.count == 4
 
 
@@ -318,7 +322,7 @@ def test_events_answer_503_when_the_log_cannot_be_written(
         assert r.status_code == 503, r.text
         assert "could not write the event log" in r.json()["error"]
         assert "nothing accepted" in r.json()["error"] and "Traceback" not in r.text
-        with model.live_lock:
-            assert "r1" not in model.live().impressions
+        with model.live.lock:
+            assert "r1" not in model.live.features().impressions
         r = client.post(f"{srv.url}/v1/rank", json={"candidates": event["items"], "at": _iso(cut)})
         assert r.status_code == 200, r.text

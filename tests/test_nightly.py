@@ -303,7 +303,7 @@ def test_a_second_nightly_on_the_run_folder_prunes_old_bundles_and_serves_its_ru
         model = srv.state.model
         assert model.rules.exclude_categories == (banned,)
         user = lists["user_id"][0]
-        cands = [i for i in model.popular_ids if i in model.item_category][:50]
+        cands = [i for i in model.popular_ids if i in model.catalogue.item_category][:50]
         assert set(cands) & banned_items  # the request offers banned items
         r = httpx.post(f"{srv.url}/v1/rank", json={"user_id": user, "candidates": cands})
         ranked = [i["item_id"] for i in r.json()["items"]]

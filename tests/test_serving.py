@@ -33,8 +33,10 @@ from pydantic import ValidationError
 from servers import TOKEN, bundle_copy, live_server, wait_until
 
 from recsys.errors import ConfigError, DataError
+from serving.embedding import NewItems
+from serving.featurize import ANONYMOUS
 from serving.metrics import Metrics, histogram_quantile, parse_histogram
-from serving.ranking import ANONYMOUS, NewItems, ServingModel
+from serving.ranking import ServingModel
 from serving.schemas import RankRequest, RankResponse, RecommendationsResponse
 from serving.settings import Settings
 from serving.sync import NoteWatcher, read_note, write_note
@@ -118,7 +120,7 @@ def test_reload_notes_between_workers(tmp_path):
 
 
 def test_workers_each_get_a_socket_on_one_port(tmp_path):
-    from serving.app import serve
+    from serving.server import serve
     from serving.workers import reuseport_socket, run_workers
 
     a = reuseport_socket("127.0.0.1", 0)
@@ -416,9 +418,11 @@ def test_unknown_items_with_and_without_text(server, nightly, serving_model, cli
     scores = {i["item_id"]: i["score"] for i in body["items"]}
     assert set(scores) == set(cands) and all(math.isfinite(s) for s in scores.values())
     # the embedded twin is semantically where its original is: its semantic features match
-    new = serving_model.embed([_item(text)], {"new-twin"})
+    new = serving_model.embedder.embed([_item(text)], {"new-twin"})
     assert new is not None and new.ids == ["new-twin"]
-    x = serving_model.features(user, [twin_of["item_id"], "new-twin", "new-mystery"], (), new)
+    x = serving_model.featurizer.features(
+        user, [twin_of["item_id"], "new-twin", "new-mystery"], (), new
+    )
     sem = [serving_model.columns.index(c) for c in ("sem_cos_mean", "sem_cos_max")]
     np.testing.assert_allclose(x[1, sem], x[0, sem], atol=0.05)
     assert np.isnan(x[2, sem]).all()  # no text: no vector, the unseen-item prior
@@ -444,7 +448,7 @@ def test_explanations_are_the_top_contributions(server, serving_model, client):
     items = r.json()["items"]
     assert len(items) == 4
     # the features of the top 4 within the request that ranked them (the 15 candidates)
-    full = serving_model.features(user, cands)
+    full = serving_model.featurizer.features(user, cands)
     x = full[[cands.index(i["item_id"]) for i in items]]
     contrib = serving_model.bundle.ranker.contributions(x)
     for row, item in enumerate(items):
@@ -482,7 +486,7 @@ def test_recommendations_nightly_list_and_fallback(server, nightly, serving_mode
 def test_rules_in_rank_and_recommendations(server, nightly, serving_model, client):
     """Exclusions, a category cap and diversity apply to /v1/rank and /v1/recommendations; an
     unknown item or category is a 422 that names it; a list the rules leave short stays short."""
-    cat = serving_model.item_category
+    cat = serving_model.catalogue.item_category
     recs = pl.read_parquet(nightly.result.recommendations)
     user = recs["user_id"][0]
     cands = [i for i in serving_model.popular_ids if i in cat][:60]
@@ -560,8 +564,8 @@ def test_fast_path_equals_bundle_featurize(serving_model, data):
         fz = m.vectors.frozen  # a tuned bundle: new items come with both encoders' vectors
         new = NewItems(["new-a", "new-b"], _unit(rng, 2, m.vectors.dim),
                        None if fz is None else _unit(rng, 2, fz.dim))  # fmt: skip
-    fast = m.features(user, cands, history, new)
-    ref = m.reference_features(user, cands, history, new)
+    fast = m.featurizer.features(user, cands, history, new)
+    ref = m.featurizer.reference(user, cands, history, new)
     assert fast.shape == ref.shape == (len(cands), len(m.columns))
     np.testing.assert_array_equal(np.isnan(fast), np.isnan(ref))
     np.testing.assert_allclose(np.nan_to_num(fast), np.nan_to_num(ref), rtol=0, atol=1e-9)
@@ -614,7 +618,7 @@ def frozen_model(bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def test_frozen_cosines_are_served_as_bundle_featurize_computes_them(frozen_model) -> None:
     m = frozen_model
-    assert m.batch.spec.frozen_semantic and m.vectors.frozen is not None
+    assert m.featurizer.batch.spec.frozen_semantic and m.vectors.frozen is not None
     cols = m.columns
     assert {"sem_cos_mean_frozen", "sem_cos_max_frozen_rank"} <= set(cols)
     rng = np.random.default_rng(11)
@@ -626,17 +630,17 @@ def test_frozen_cosines_are_served_as_bundle_featurize_computes_them(frozen_mode
         user = users[n] if n % 3 else None
         cands = [ids[int(i)] for i in rng.choice(len(ids), 25, replace=False)] + ["new-a"]
         history = ["new-b", ids[n]] if n % 2 else []
-        got = m.features(user, cands, history, new if n % 4 else None)
-        ref = m.reference_features(user, cands, history, new if n % 4 else None)
+        got = m.featurizer.features(user, cands, history, new if n % 4 else None)
+        ref = m.featurizer.reference(user, cands, history, new if n % 4 else None)
         np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
         np.testing.assert_allclose(np.nan_to_num(got), np.nan_to_num(ref), rtol=0, atol=1e-9)
     # the two views differ: the frozen columns are not a copy of the tuned ones
-    x = m.features(users[1], ids[:40])
+    x = m.featurizer.features(users[1], ids[:40])
     tuned, frozen = cols.index("sem_cos_max"), cols.index("sem_cos_max_frozen")
     assert np.isfinite(x[:, frozen]).all() and not np.allclose(x[:, tuned], x[:, frozen])
     # live items (events) need both views; without the frozen one it is refused
     with pytest.raises(DataError, match="frozen"):
-        m._add_live_vectors(NewItems(["ev-1"], _unit(rng, 1, m.vectors.dim)))
+        m.live.add_vectors(NewItems(["ev-1"], _unit(rng, 1, m.vectors.dim)))
 
 
 def test_a_bundle_whose_ranker_reads_frozen_cosines_needs_their_vectors(
@@ -714,7 +718,7 @@ def test_fuzzed_rank_requests_never_5xx(server, serving_model, body, known):
     assert {i.item_id for i in out.items} <= set(cands)
     with_text = {i["item_id"] for i in body.get("items", [])}
     assert set(out.unknown_items) == {
-        c for c in cands if c not in serving_model.known_items and c not in with_text
+        c for c in cands if c not in serving_model.catalogue.known_items and c not in with_text
     }
 
 
@@ -990,7 +994,8 @@ def test_model_uri_from_the_registry(bundle_dir, second_bundle, serving_model, t
     does; models:/NAME/N loads version N."""
     import mlflow
 
-    from serving.app import create_app, load_model, resolve_source
+    from serving.app import create_app
+    from serving.source import load_model, resolve_source
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)  # no global tracking URI: serving must pass it on
@@ -1049,7 +1054,7 @@ def test_training_rows_equal_what_serving_computes_at_the_same_moment(nightly, s
     )
     online = dataclasses.replace(m.spec, refresh="online")
     train = matrix(point_in_time_frame(online, req, data, m.bundle.vectors), m.columns)
-    serve = np.vstack([m.features(u, cands) for u in users])
+    serve = np.vstack([m.featurizer.features(u, cands) for u in users])
     np.testing.assert_array_equal(np.isnan(train), np.isnan(serve))
     # Behavioural columns to 1e-9; the cosines are float32, and the batch path multiplies many
     # users' windows in one product, so they (and their z-scores) agree to float32 rounding.

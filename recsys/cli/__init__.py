@@ -167,7 +167,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from serving.app import serve
+    from serving.server import serve
 
     serve(
         bundle=args.bundle,

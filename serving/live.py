@@ -1,0 +1,121 @@
+"""The live state of a served bundle: events after its cut-off, counted as they come.
+
+    live = LiveState(bundle.snapshot, bundle.vectors, catalogue)
+    live.apply(events, vectors)        count normalised events (serving/events.py feeds them)
+    with live.lock:
+        live.features()                the live feature state (features/live.py)
+        live.with_items(new)           the items that came as events, then a request's own
+
+`lock` serialises event writers against feature readers of the live features and the live
+catalogue (ids, vectors and categories of items that came as events).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from features.live import LiveFeatures, epoch_us
+from features.snapshot import FeatureSnapshot
+from recsys.errors import DataError
+from recsys.vectors import ItemVectors
+from serving.embedding import NewItems
+from serving.lookups import Catalogue
+
+
+class LiveState:
+    """Events since the cut-off: the live features (built on first use), the vectors of items
+    that came as events (`items`), and what they add to the model's `catalogue`."""
+
+    def __init__(
+        self, snapshot: FeatureSnapshot, vectors: ItemVectors, catalogue: Catalogue
+    ) -> None:
+        self.snapshot = snapshot
+        self.vectors = vectors
+        self.catalogue = catalogue
+        self.lock = threading.Lock()
+        self._features: LiveFeatures | None = None
+        fz = vectors.frozen
+        self.items = NewItems(
+            [], np.zeros((0, vectors.dim), dtype=np.float32),
+            np.zeros((0, fz.dim), dtype=np.float32) if fz is not None else None,
+        )  # fmt: skip
+
+    def features(self) -> LiveFeatures:
+        """The live feature state (the snapshot plus events since), built on first use; call
+        with `lock` held."""
+        if self._features is None:
+            self._features = LiveFeatures(self.snapshot)
+        return self._features
+
+    def with_items(self, new: NewItems | None) -> NewItems | None:
+        """The items that came as events, then `new` (a request's own texts), as one block."""
+        live = self.items
+        if not live.ids:
+            return new
+        if new is None or not new.ids:
+            return live
+        frozen = None
+        if live.frozen is not None and new.frozen is not None:
+            frozen = np.vstack([live.frozen, new.frozen])
+        return NewItems([*live.ids, *new.ids], np.vstack([live.matrix, new.matrix]), frozen)
+
+    def apply(self, events: Sequence[dict[str, Any]], vectors: NewItems | None) -> None:
+        """Count normalised events (serving/events.py) into the live state; `vectors` holds the
+        item events' embeddings (None without semantic features). Holds `lock`."""
+        with self.lock:
+            live = self.features()
+            if vectors is not None and vectors.ids:
+                self.add_vectors(vectors)
+            known = self.catalogue
+            for e in events:
+                kind, ts = e["type"], epoch_us(datetime.fromisoformat(e["ts"]))
+                if kind == "item":
+                    pub = e.get("published_at")
+                    live.add_item(
+                        e["item_id"], e.get("category"), e.get("subcategory"),
+                        epoch_us(datetime.fromisoformat(pub)) if pub else None,
+                    )  # fmt: skip
+                    known.known_items.add(e["item_id"])  # read by membership only
+                    cat = e.get("category")
+                    if cat and known.item_category.get(e["item_id"]) != cat:
+                        # copied, not changed in place: requests iterate these (rules)
+                        known.item_category = {**known.item_category, e["item_id"]: cat}
+                        if cat not in known.categories:
+                            known.categories = known.categories | {cat}
+                elif kind == "impression":
+                    live.add_impression(e["request_id"], e["user_id"], ts, e["items"])
+                    known.known_users.add(e["user_id"])
+                else:
+                    live.add_click(e["user_id"], e["item_id"], ts, e.get("request_id"))
+                    known.known_users.add(e["user_id"])
+
+    def add_vectors(self, vectors: NewItems) -> None:
+        """Put `vectors` into the live catalogue: a changed item's new vector replaces its old
+        one, an item the bundle has a vector for keeps that one. DataError when the bundle's
+        ranker reads frozen-encoder cosines and `vectors` lacks them."""
+        live = self.items
+        index = live.index
+        matrix_ = live.matrix.copy()
+        frozen = live.frozen.copy() if live.frozen is not None else None
+        if frozen is not None and vectors.frozen is None:
+            raise DataError("live items need the frozen encoder's vectors too")
+        ids = list(live.ids)
+        fresh = []
+        for n, item in enumerate(vectors.ids):
+            if item in index:  # a changed item: its new text's vector replaces the old one
+                matrix_[index[item]] = vectors.matrix[n]
+                if frozen is not None:
+                    frozen[index[item]] = vectors.frozen[n]  # type: ignore[index]
+            elif item not in self.vectors.index:
+                fresh.append(n)
+                ids.append(item)
+        if fresh:
+            matrix_ = np.vstack([matrix_, vectors.matrix[fresh]])
+            if frozen is not None:
+                frozen = np.vstack([frozen, vectors.frozen[fresh]])  # type: ignore[index]
+        self.items = NewItems(ids, matrix_, frozen)
