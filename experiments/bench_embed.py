@@ -83,7 +83,7 @@ def _run_variant(
             return np.asarray(st.encode(xs, batch_size=batch, convert_to_numpy=True))
     else:
         from recsys.encoder import TextEncoder
-        from recsys.encoder.model import quantize_int8_dynamic
+        from recsys.encoder.quantize import quantize_int8_dynamic
 
         device = "cuda" if name.startswith("ours cuda") else "cpu"
         quantize = {"fp32": "none"}.get(name.split()[-1], name.split()[-1])
@@ -157,7 +157,8 @@ def state_dict_sizes() -> dict[str, int]:
     """Bytes of the fp32, fp16 and int8 state dicts written as safetensors."""
     from safetensors.torch import save_file
 
-    from recsys.encoder.model import default_model_path, load_base, quantize_int8
+    from recsys.encoder.model import default_model_path, load_base
+    from recsys.encoder.quantize import quantize_int8
 
     sizes = {}
     with tempfile.TemporaryDirectory() as tmp:

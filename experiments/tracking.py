@@ -143,6 +143,54 @@ class MlflowTracker:
             yield MlflowTracker(r)
 
 
+class MlflowRunTracker:
+    """An MLflow run named by id, from any process: a Ray worker, where no run is active, logs
+    to the stage run its driver opened. Everything goes through an `MlflowClient`; `stage`
+    opens a child run of this one."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        from mlflow import MlflowClient
+
+        self._client = MlflowClient(tracking_uri)
+        self._uri = tracking_uri
+        self.run_id: str | None = run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        for k, v in params.items():
+            self._client.log_param(self._id, k, str(v)[:6000])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        for k, v in metrics.items():
+            self._client.log_metric(self._id, _metric_key(k), float(v), step=step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        p = Path(path)
+        if p.is_dir():
+            self._client.log_artifacts(self._id, str(p), artifact_path=artifact_path)
+        elif p.is_file():
+            self._client.log_artifact(self._id, str(p), artifact_path=artifact_path)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for k, v in tags.items():
+            self._client.set_tag(self._id, k, v)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[MlflowRunTracker]:
+        experiment = self._client.get_run(self._id).info.experiment_id
+        child = self._client.create_run(
+            experiment, run_name=name, tags={"mlflow.parentRunId": self._id}
+        )
+        try:
+            yield MlflowRunTracker(self._uri, child.info.run_id)
+        finally:
+            self._client.set_terminated(child.info.run_id)
+
+    @property
+    def _id(self) -> str:
+        assert self.run_id is not None
+        return self.run_id
+
+
 def _metric_key(key: str) -> str:
     """MLflow metric names allow [A-Za-z0-9_-. :/]: '@' (as in ndcg@10) becomes '_at_', any
     other character '_'."""

@@ -1,13 +1,14 @@
-"""The `finetune` job: `recsys.encoder.finetune.fit` inside Ray Train workers.
+"""The `finetune` job: `recsys.encoder.loop.fit` inside Ray Train workers.
 
     report = run_finetune(dataset, "out/encoder", FinetuneConfig())
 
 The driver builds the examples (pure polars) and puts them in the object store; each worker
 loads the base model, wraps it for its method (LoRA/full), shards the examples by rank and runs
-the same `fit` the tests run in process (DistributedDataParallel when num_workers > 1, CUDA
-when Ray sees GPUs). Before training and after each epoch, rank 0 scores the held-out latest
-time slice (validation AUC of the semantic score); `fit` restores the best epoch's weights, and
-rank 0 reports them as the one checkpoint, copied to `out_dir`. When no epoch beats the frozen
+the same `fit` the tests run in process (DistributedDataParallel when num_workers > 1, with a
+torch.distributed reducer for what `fit` shares itself; CUDA when Ray sees GPUs). Before
+training and after each epoch, rank 0 scores the held-out latest time slice (validation AUC of
+the semantic score); `fit` restores the best epoch's weights, and rank 0 reports them as the
+one checkpoint, copied to `out_dir`. When no epoch beats the frozen
 weights, `out_dir` gets the frozen encoder and the report says it fell back.
 
 method "none" trains nothing and starts no Ray: it writes an encoder directory that refers to
@@ -25,7 +26,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,18 @@ from typing import Any
 import ray
 import ray.train
 
+from experiments.tracking import MlflowRunTracker
 from pipelines.ray_utils import cluster_cpus, cluster_gpus, init_ray, node_cpus
 from recsys.data import Dataset
-from recsys.encoder import FinetuneConfig, default_model_path, save_encoder
-from recsys.encoder.finetune import prepare_examples
-from recsys.encoder.model import check_model_dir
-from recsys.encoder.store import install_dir
+from recsys.encoder.callbacks import Callback, EpochEnd, ProgressLines, TrackSteps
+from recsys.encoder.config import FinetuneConfig
+from recsys.encoder.loop import NO_EXAMPLES, fit
+from recsys.encoder.model import check_model_dir, default_model_path
+from recsys.encoder.store import install_dir, save_encoder
+from recsys.encoder.tokens import TokenCache
+from recsys.encoder.trainable import build_model, count_params, layer_cache
+from recsys.encoder.trainer import prepare_examples
+from recsys.encoder.validation import evaluate, validation_score
 from recsys.errors import DataError
 
 
@@ -48,7 +55,7 @@ class FinetuneReport:
 
     losses: mean training loss per epoch; step_losses: every step's loss; val_metrics: the last
     epoch's validation metrics (val_auc, val_mrr, val_examples; empty for method "none");
-    epochs: every epoch's reported metrics; device: where training ran ("cpu x1", "cuda x2").
+    epochs: every epoch's payload (`EpochEnd`); device: where training ran ("cpu x1", "cuda x2").
     val_scores: validation AUC before training (index 0) and after each epoch; best_epoch: the
     epoch shipped (0 = none beat the frozen encoder: fell_back, the frozen encoder is written).
     """
@@ -61,7 +68,7 @@ class FinetuneReport:
     seconds: float
     device: str
     step_losses: list[float] = field(default_factory=list)
-    epochs: list[dict[str, Any]] = field(default_factory=list)
+    epochs: list[EpochEnd] = field(default_factory=list)
     examples: dict[str, int] = field(default_factory=dict)
     val_scores: list[float] = field(default_factory=list)
     best_epoch: int = 0
@@ -70,25 +77,52 @@ class FinetuneReport:
     worker_cpu_seconds: float = 0.0  # CPU time of the training worker processes, summed
 
 
+class _Workers:
+    """The `Reducer` `fit` gets in a Ray Train worker: torch.distributed across the workers
+    (nothing to do with one worker or no process group)."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+
+    def _on(self) -> bool:
+        import torch.distributed as dist
+
+        return self.world > 1 and dist.is_available() and dist.is_initialized()
+
+    def average(self, tensors: Sequence[Any]) -> None:
+        import torch.distributed as dist
+
+        if self._on():
+            for t in tensors:
+                dist.all_reduce(t)
+                t /= self.world
+
+    def broadcast(self, tensor: Any) -> None:
+        import torch.distributed as dist
+
+        if self._on():
+            dist.broadcast(tensor, src=0)
+
+
+def _callbacks(cfg: dict[str, Any]) -> list[Callback]:
+    """Rank 0's: progress lines for the driver (a Ray queue it prints from) and step metrics
+    to the MLflow run the driver named, every 10 steps."""
+    out: list[Callback] = []
+    if cfg.get("progress") is not None:
+        out.append(ProgressLines(cfg["progress"].put_nowait, every=10))
+    if cfg.get("mlflow"):
+        uri, run_id = cfg["mlflow"]
+        out.append(TrackSteps(MlflowRunTracker(uri, run_id), every=10))
+    return out
+
+
 def _train_loop(cfg: dict[str, Any]) -> None:
     """Ray Train worker body: build the model, `fit` (best epoch by validation restored), then
     one final report whose checkpoint (rank 0) holds the chosen weights and every epoch's
-    metrics (epochs.json)."""
-    import json
-
+    payload (epochs.json)."""
     import torch
     from ray import train
     from ray.train import torch as ray_torch
-
-    from recsys.encoder.finetune import (
-        TokenCache,
-        build_model,
-        count_params,
-        evaluate,
-        fit,
-        layer_cache,
-        validation_score,
-    )
 
     config: FinetuneConfig = cfg["config"]
     train_ex, val_ex = ray.get(cfg["examples"])
@@ -102,7 +136,8 @@ def _train_loop(cfg: dict[str, Any]) -> None:
     plain = model.to(device)
     tokens = TokenCache(tokenizer, train_ex.texts, config.max_length)
     cache = layer_cache(plain, tokens, config, device)
-    # The cached path calls the layers directly (fit averages gradients itself); DDP otherwise.
+    # The cached path calls the layers directly (fit averages gradients through the reducer);
+    # DDP otherwise.
     wrapped = (
         ray_torch.prepare_model(plain, move_to_device=False)
         if world > 1 and cache is None
@@ -110,42 +145,11 @@ def _train_loop(cfg: dict[str, Any]) -> None:
     )
     trainable, total = count_params(plain)
     validate = validation_score(plain, tokens, val_ex, config, device, cache) if rank == 0 else None
-    progress = _Progress(cfg.get("mlflow"), cfg.get("progress"), every=10) if rank == 0 else None
-    epochs: list[dict[str, Any]] = []
-
-    def on_epoch(m: dict[str, Any]) -> None:
-        epochs.append(
-            {
-                "epoch": m["epoch"],
-                "phase": m.get("phase", "adapter"),
-                "loss": m["loss"],
-                "steps": m["steps"],
-                "train_seconds": m["seconds"],
-                "step_losses": m["step_losses"],
-                **({"val_auc": m["val_score"]} if "val_score" in m else {}),
-            }
-        )
-        if progress is not None and progress.lines is not None:
-            val = f"  val_auc {m['val_score']:.4f}" if "val_score" in m else ""
-            progress.lines.put_nowait(
-                f"[finetune] epoch {m['epoch']} ({m.get('phase', 'adapter')})  "
-                f"loss {m['loss']:.4f}{val}  {m['seconds']:.0f} s"
-            )
-
     result = fit(
-        wrapped,
-        tokens,
-        train_ex,
-        config,
-        device=device,
-        rank=rank,
-        world=world,
-        plain_model=plain,
-        cache=cache,
-        validate=validate,
-        on_step=progress,
-        on_epoch=on_epoch,
-    )
+        wrapped, tokens, train_ex, config, device=device, rank=rank, world=world,
+        plain_model=plain, cache=cache, validate=validate, reducer=_Workers(world),
+        callbacks=_callbacks(cfg) if rank == 0 else (),
+    )  # fmt: skip
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu = torch.tensor([usage.ru_utime + usage.ru_stime], dtype=torch.float64)
     if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -162,6 +166,7 @@ def _train_loop(cfg: dict[str, Any]) -> None:
         if rank == 0:
             final = evaluate(plain, tokens, val_ex, device=device, seed=config.seed, cache=cache)
             metrics.update(final)
+            epochs = [dataclasses.asdict(e) for e in result.epochs]
             summary = {"epochs": epochs, "val_scores": result.scores, **metrics}
             (Path(tmp) / "epochs.json").write_text(json.dumps(summary))
             save_encoder(plain, Path(tmp) / "encoder", base_model=cfg["base_model"], config=config)
@@ -190,36 +195,6 @@ def _printing(lines: Any, log: Callable[[str], None]) -> Iterator[None]:
         thread.join(timeout=5)
 
 
-class _Progress:
-    """Step progress of rank 0, every `every` steps while training runs: a line for the driver
-    (a Ray queue it prints from) and step metrics in MLflow."""
-
-    def __init__(self, mlflow_target: tuple[str, str] | None, lines: Any, every: int) -> None:
-        self.every = max(1, every)
-        self.lines = lines
-        self.client: Any = None
-        self.run_id = ""
-        if mlflow_target:
-            from mlflow import MlflowClient
-
-            self.client = MlflowClient(mlflow_target[0])
-            self.run_id = mlflow_target[1]
-
-    def __call__(self, m: dict[str, Any]) -> None:
-        step, steps = int(m["step"]), int(m["steps"])
-        if step % self.every and step != steps:
-            return
-        line = (
-            f"[finetune] step {step}/{steps}  epoch {m['epoch']}  loss {m['loss']:.4f}  "
-            f"{m['examples_per_s']:.1f} examples/s"
-        )
-        if self.lines is not None:
-            self.lines.put_nowait(line)
-        if self.client is not None:
-            for key in ("loss", "examples_per_s", "lr"):
-                self.client.log_metric(self.run_id, f"step.{key}", float(m[key]), step=step)
-
-
 def run_finetune(
     data: Dataset,
     out_dir: str | os.PathLike[str],
@@ -235,12 +210,12 @@ def run_finetune(
     """Fine-tune the encoder on `data`'s clicks under Ray Train; write the encoder to `out_dir`.
 
     base_model: base model folder (None = packaged MiniLM). ray_address: a Ray cluster (None =
-    a local Ray). on_epoch: called on the driver with each epoch's metrics (epoch, loss,
-    val_auc, val_mrr, ...) once training has finished (the workers run in other processes).
-    mlflow_run: (tracking URI, run id) that gets step metrics (step.loss, step.examples_per_s)
-        while training runs; None = none. log: gets a progress line every 10 steps.
-    storage_path: where Ray Train keeps checkpoints (None = a temporary folder, deleted after;
-    on a multi-node cluster give a path every node can reach).
+    a local Ray). on_epoch: called on the driver with each epoch's metrics (`EpochEnd.metrics`:
+    epoch, phase, loss, steps, train_seconds, val_auc) once training has finished (the workers
+    run in other processes). mlflow_run: (tracking URI, run id) that gets step metrics
+    (step.loss, step.examples_per_s, step.lr) while training runs; None = none. log: gets a
+    progress line every 10 steps. storage_path: where Ray Train keeps checkpoints (None = a
+    temporary folder, deleted after; on a multi-node cluster give a path every node can reach).
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -251,69 +226,30 @@ def run_finetune(
         return FinetuneReport(out, [], {}, 0, 0, time.perf_counter() - t0, "none (frozen)")
     train_ex, val_ex = prepare_examples(config, data)
     if len(train_ex) == 0:
-        raise DataError(
-            "no training examples: no click or interaction has an earlier interaction of the same "
-            "user to serve as history; the dataset needs users with at least two interactions"
-        )
+        raise DataError(NO_EXAMPLES)
     # Ray Train's controller polls workers every 2 s by default, which adds seconds to a short
     # run; it reads this variable when the trainer is built.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     init_ray(ray_address)
     gpus = cluster_gpus()
     workers = config.num_workers
-    threads = max(1, min(node_cpus(), cluster_cpus() // workers)) if not gpus else 1
-    scaling = ray.train.ScalingConfig(
-        num_workers=workers,
-        use_gpu=gpus > 0,
-        resources_per_worker={"CPU": threads, **({"GPU": 1} if gpus else {})},
-    )
     own_storage = storage_path is None
     storage = Path(storage_path or tempfile.mkdtemp(prefix="recsys-ray-train-"))
     try:
-        from ray.train.torch import TorchTrainer
-        from ray.util.queue import Queue
-
-        # rank 0's progress lines, printed here while training runs (the queue holds no CPU)
-        lines: Queue = Queue(actor_options={"num_cpus": 0})
-        trainer = TorchTrainer(
-            _train_loop,
-            train_loop_config={
-                "config": config,
-                "examples": ray.put((train_ex, val_ex)),
-                "base_model": str(base),
-                "threads": threads,
-                "mlflow": mlflow_run,
-                "progress": lines,
-            },
-            scaling_config=scaling,
-            run_config=ray.train.RunConfig(name="finetune", storage_path=str(storage)),
-        )
-        with _printing(lines, log):
-            result = trainer.fit()
-        if result.checkpoint is None:
-            raise RuntimeError("fine-tuning finished without a checkpoint")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staged = out.parent / f".{out.name}.staged-{os.getpid()}"
-        shutil.rmtree(staged, ignore_errors=True)
-        with result.checkpoint.as_directory() as ckpt:
-            summary = json.loads((Path(ckpt) / "epochs.json").read_text())
-            fell_back = summary["best_epoch"] == 0 and bool(summary["val_scores"])
-            if fell_back:  # no epoch beat the frozen weights: ship the frozen encoder
-                frozen = dataclasses.replace(config, method="none")
-                save_encoder(None, staged, base_model=base, config=frozen)
-            else:
-                shutil.copytree(Path(ckpt) / "encoder", staged)
-        install_dir(staged, out)
+        loop_config = {"config": config, "examples": ray.put((train_ex, val_ex)),
+                       "base_model": str(base), "mlflow": mlflow_run}  # fmt: skip
+        checkpoint = _train(loop_config, workers, gpus, storage, log)
+        summary, fell_back = _install(checkpoint, out, base, config)
     finally:
         if own_storage:
             shutil.rmtree(storage, ignore_errors=True)
-    epochs = summary["epochs"]
+    epochs = [EpochEnd(**{**m, "step_losses": tuple(m["step_losses"])}) for m in summary["epochs"]]
     if on_epoch is not None:
-        for m in epochs:
-            on_epoch({k: v for k, v in m.items() if k != "step_losses"})
+        for e in epochs:
+            on_epoch(e.metrics())
     return FinetuneReport(
         encoder_dir=out,
-        losses=[float(m["loss"]) for m in epochs],
+        losses=[e.loss for e in epochs],
         val_metrics={
             k: float(summary[k]) for k in ("val_auc", "val_mrr", "val_examples") if k in summary
         },
@@ -321,7 +257,7 @@ def run_finetune(
         total_params=int(summary["total_params"]),
         seconds=time.perf_counter() - t0,
         device=f"cuda x{workers}" if gpus else f"cpu x{workers}",
-        step_losses=[float(x) for m in epochs for x in m.get("step_losses", [])],
+        step_losses=[x for e in epochs for x in e.step_losses],
         epochs=epochs,
         examples={
             "train": len(train_ex),
@@ -334,3 +270,52 @@ def run_finetune(
         peak_rss_mb=float(summary["peak_rss_mb"]),
         worker_cpu_seconds=float(summary.get("worker_cpu_seconds", 0.0)),
     )
+
+
+def _train(
+    loop_config: dict[str, Any], workers: int, gpus: int, storage: Path, log: Callable[[str], None]
+) -> Any:
+    """Run `_train_loop` on `workers` Ray Train workers (one GPU each when the cluster has
+    GPUs, else an equal share of the CPUs); rank 0's checkpoint."""
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    threads = max(1, min(node_cpus(), cluster_cpus() // workers)) if not gpus else 1
+    scaling = ray.train.ScalingConfig(
+        num_workers=workers,
+        use_gpu=gpus > 0,
+        resources_per_worker={"CPU": threads, **({"GPU": 1} if gpus else {})},
+    )
+    # rank 0's progress lines, printed here while training runs (the queue holds no CPU)
+    lines: Queue = Queue(actor_options={"num_cpus": 0})
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={**loop_config, "threads": threads, "progress": lines},
+        scaling_config=scaling,
+        run_config=ray.train.RunConfig(name="finetune", storage_path=str(storage)),
+    )
+    with _printing(lines, log):
+        result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("fine-tuning finished without a checkpoint")
+    return result.checkpoint
+
+
+def _install(
+    checkpoint: Any, out: Path, base: Path, config: FinetuneConfig
+) -> tuple[dict[str, Any], bool]:
+    """Put the checkpoint's encoder at `out` (the frozen encoder when no epoch beat it:
+    fell back); (the checkpoint's epochs.json, fell back)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged = out.parent / f".{out.name}.staged-{os.getpid()}"
+    shutil.rmtree(staged, ignore_errors=True)
+    with checkpoint.as_directory() as ckpt:
+        summary = json.loads((Path(ckpt) / "epochs.json").read_text())
+        fell_back = summary["best_epoch"] == 0 and bool(summary["val_scores"])
+        if fell_back:  # no epoch beat the frozen weights: ship the frozen encoder
+            frozen = dataclasses.replace(config, method="none")
+            save_encoder(None, staged, base_model=base, config=frozen)
+        else:
+            shutil.copytree(Path(ckpt) / "encoder", staged)
+    install_dir(staged, out)
+    return summary, fell_back

@@ -89,9 +89,9 @@ def test_incremental_embedding_skips_unchanged_items(tiny_model_dir: Path) -> No
 def head_encoder(tiny_model_dir: Path, out: Path, *, trained_adapter: bool = False) -> Path:
     """An encoder dir as fine-tuning writes when a head epoch ships: the LoRA adapter untouched
     (every lora_B zero) plus a trained projection head; trained_adapter: one lora_B moved."""
-    from recsys.encoder.finetune import build_model
     from recsys.encoder.model import projection_head
     from recsys.encoder.store import save_encoder
+    from recsys.encoder.trainable import build_model
 
     cfg = FinetuneConfig(lora_layers=1, lora_r=4, target_modules=("query", "value"))
     model, _ = build_model(cfg, tiny_model_dir)

@@ -23,16 +23,8 @@ from recsys.encoder import (
     text_hash,
     vectors_frame,
 )
-from recsys.encoder.model import (
-    Int8FusedLinear,
-    Int8Linear,
-    Int8Part,
-    keep_freed_memory,
-    load_base,
-    quantize_int8,
-    resolve_precision,
-    tokenize,
-)
+from recsys.encoder.model import keep_freed_memory, load_base, resolve_precision, tokenize
+from recsys.encoder.quantize import Int8FusedLinear, Int8Linear, Int8Part, quantize_int8
 from recsys.errors import ConfigError, DataError
 
 TEXTS = [

@@ -22,21 +22,15 @@ from recsys.encoder import (
     split_by_time,
     train_encoder,
 )
-from recsys.encoder.finetune import (
-    Examples,
-    StepBatch,
-    TokenCache,
-    _chunks,
-    batch_loss,
-    build_model,
-    contrastive_loss,
-    count_params,
-    fit,
-    prepare_examples,
-    user_vectors,
-)
+from recsys.encoder.examples import Examples
+from recsys.encoder.loop import fit
+from recsys.encoder.loss import StepBatch, batch_loss, contrastive_loss, user_vectors
+from recsys.encoder.loss import grad_chunks as _chunks
 from recsys.encoder.model import embed_tokens
 from recsys.encoder.partial import LayerCache, first_tuned_layer
+from recsys.encoder.tokens import TokenCache
+from recsys.encoder.trainable import build_model, count_params
+from recsys.encoder.trainer import prepare_examples
 from recsys.errors import ConfigError, DataError
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -308,7 +302,7 @@ def test_deterministic_ops_make_gather_gradients_reproducible() -> None:
     """The head phase's step (gathers of a projected table, whose backward accumulates rows)
     gives the same weights bit for bit under `deterministic_ops`, and the global torch setting
     is restored after the block."""
-    from recsys.encoder.finetune import deterministic_ops
+    from recsys.encoder.loop import deterministic_ops
 
     def train() -> torch.Tensor:
         g = torch.Generator().manual_seed(0)
@@ -548,7 +542,7 @@ def _examples(positives: list[int]) -> Examples:
 
 
 def test_validation_keeps_new_items_in_a_fast_catalogue_only() -> None:
-    from recsys.encoder.finetune import _new_items_only
+    from recsys.encoder.trainer import _new_items_only
 
     train = _examples(list(range(50)))
     fast = _examples([*range(100, 140), *range(10)])  # 40 of 50 clicks on items never clicked

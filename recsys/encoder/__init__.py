@@ -8,30 +8,24 @@
     result = train_encoder(FinetuneConfig(), dataset)   # plain loop, no Ray
     save_encoder(result, "out/encoder")                 # encoder.json + adapter safetensors
 
-Modules: `text` (item text template, hashes), `model` (encoder, pooling, quantisation),
-`finetune` (examples, loss, training loop), `store` (encoder directories), `vectors` (item
-vectors table, incremental embedding). Pure torch/transformers: no Ray, MLflow or web imports.
+Modules: `text` (item text template, hashes), `model` (transformer, pooling, head, precision),
+`quantize` (int8 kernels), `textencoder` (`TextEncoder`), `store` (encoder directories),
+`vectors` (item vectors table, incremental embedding). Fine-tuning: `config`
+(`FinetuneConfig`), `examples`, `tokens`, `loss`, `head` (the head phase), `loop` (`fit`),
+`callbacks` (step and epoch payloads, early stopping, progress, tracking), `validation`,
+`trainable` (the model trained), `trainer` (`train_encoder`, in process). Pure
+torch/transformers: no Ray, MLflow or web imports.
 """
 
-from recsys.encoder.finetune import (
-    Examples,
-    FinetuneConfig,
-    TrainResult,
-    build_examples,
-    evaluate,
-    fit,
-    split_by_time,
-    train_encoder,
-)
-from recsys.encoder.model import (
-    EncoderConfig,
-    TextEncoder,
-    default_model_path,
-    embed_tokens,
-    mean_pool,
-)
+from recsys.encoder.config import FinetuneConfig
+from recsys.encoder.examples import Examples, build_examples, split_by_time
+from recsys.encoder.loop import fit
+from recsys.encoder.model import EncoderConfig, default_model_path, embed_tokens, mean_pool
 from recsys.encoder.store import encoder_id_for, is_encoder_dir, read_manifest, save_encoder
 from recsys.encoder.text import DEFAULT_TEMPLATE, TEXT_FIELDS, item_texts, text_hash
+from recsys.encoder.textencoder import TextEncoder
+from recsys.encoder.trainer import TrainResult, train_encoder
+from recsys.encoder.validation import evaluate
 from recsys.encoder.vectors import (
     embed_catalogue,
     load_item_vectors,

@@ -94,28 +94,8 @@ def build_examples(
     clicks = data.impressions.filter(pl.col("clicked"))
     if clicks.height:
         source = "impressions"
-        imp = data.impressions.join(idmap, on="item_id")
-        shown = (
-            imp.filter(~pl.col("clicked"))
-            .group_by("impression_id")
-            .agg(pl.col("idx").head(max_shown).alias("shown"))
-        )
-        ex = (
-            imp.filter(pl.col("clicked"))
-            .select("impression_id", "user_id", "ts", pl.col("idx").alias("positive"))
-            .join(shown, on="impression_id", how="left")
-            .sort("ts")
-            .join_asof(
-                inter.select("user_id", "ts", "pos").sort("ts"),
-                on="ts",
-                by="user_id",
-                strategy="backward",
-                allow_exact_matches=False,
-                check_sortedness=False,  # both sides are sorted by ts just above
-            )
-        )
         # pos = index of the user's latest interaction strictly before the impression.
-        offset, length = (pl.col("pos") + 1 - h).clip(0), pl.min_horizontal(pl.col("pos") + 1, h)
+        ex = _click_examples(data.impressions, idmap, inter, max_shown)
     else:
         source = "interactions"
         ex = inter.filter(pl.col("ts") > _NO_TIME).select(
@@ -126,7 +106,7 @@ def build_examples(
             pl.lit(None, pl.List(pl.Int32)).alias("shown"),
         )
         ex = ex.with_columns(pl.col("pos") - 1)  # the history ends just before this interaction
-        offset, length = (pl.col("pos") + 1 - h).clip(0), pl.min_horizontal(pl.col("pos") + 1, h)
+    offset, length = (pl.col("pos") + 1 - h).clip(0), pl.min_horizontal(pl.col("pos") + 1, h)
     total = ex.height
     ex = (
         ex.filter(pl.col("pos") >= 0)
@@ -152,6 +132,34 @@ def build_examples(
         source=source,
         fallback_texts=n_fallback,
         without_history=total - ex.height,
+    )
+
+
+def _click_examples(
+    impressions: pl.DataFrame, idmap: pl.DataFrame, inter: pl.DataFrame, max_shown: int
+) -> pl.DataFrame:
+    """One row per click: impression_id, user_id, ts, positive (catalogue row), shown (the
+    impression's other rows, at most max_shown), pos (index of the user's latest interaction
+    strictly before the impression, null for none)."""
+    imp = impressions.join(idmap, on="item_id")
+    shown = (
+        imp.filter(~pl.col("clicked"))
+        .group_by("impression_id")
+        .agg(pl.col("idx").head(max_shown).alias("shown"))
+    )
+    return (
+        imp.filter(pl.col("clicked"))
+        .select("impression_id", "user_id", "ts", pl.col("idx").alias("positive"))
+        .join(shown, on="impression_id", how="left")
+        .sort("ts")
+        .join_asof(
+            inter.select("user_id", "ts", "pos").sort("ts"),
+            on="ts",
+            by="user_id",
+            strategy="backward",
+            allow_exact_matches=False,
+            check_sortedness=False,  # both sides are sorted by ts just above
+        )
     )
 
 

@@ -58,7 +58,7 @@ def first_tuned_layer(model: nn.Module, method: str, lora_layers: int | None) ->
 class LayerCache:
     """Hidden states entering layer `start` for catalogue rows, computed once each.
 
-    tokens: a `recsys.encoder.finetune.TokenCache` (token ids per row). States are kept per row
+    tokens: a `recsys.encoder.tokens.TokenCache` (token ids per row). States are kept per row
     without padding, (T_row, D) float16 views on `device` into one block per filled batch.
     """
 

@@ -20,13 +20,12 @@ import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from recsys.encoder.finetune import TrainResult
 from recsys.encoder.model import (
     MODEL_HINT,
     default_model_path,
@@ -44,6 +43,15 @@ MANIFEST = "encoder.json"
 HEAD_FILE = "head.safetensors"  # in the delta folder, so the delta digest covers it
 FORMAT = "recsys-encoder/1"
 METHODS: tuple[str, ...] = ("lora", "full", "none")
+
+
+class Trained(Protocol):
+    """A training result `save_encoder` saves (`recsys.encoder.trainer.TrainResult` is one):
+    the trained model, its base model folder and the fine-tuning config."""
+
+    model: nn.Module
+    base_model: Path
+    config: Any
 
 
 @dataclass
@@ -222,7 +230,7 @@ def _method_of(model: nn.Module | None) -> str:
 
 
 def save_encoder(
-    source: Any,
+    source: nn.Module | Trained | None,
     out_dir: str | os.PathLike[str],
     *,
     base_model: str | os.PathLike[str] | None = None,
@@ -232,9 +240,9 @@ def save_encoder(
 ) -> Path:
     """Write an encoder directory for `source`; return its path.
 
-    source: a `TrainResult` (its model, base model and config are used), a peft LoRA model
-        (adapter saved), a plain transformer (all weights saved, "full"), or None (the base
-        model alone, "none").
+    source: a training result (`Trained`, e.g. a `TrainResult`: its model, base model and
+        config are used), a peft LoRA model (adapter saved), a plain transformer (all weights
+        saved, "full"), or None (the base model alone, "none").
     base_model: the base model folder (None = packaged MiniLM); taken from a TrainResult.
     config: the fine-tuning config (a dataclass or dict), recorded in the manifest.
     max_length, template: the inference settings recorded in the manifest's `encoder_id`
@@ -244,7 +252,7 @@ def save_encoder(
     delta_digest, max_length, template, encoder_id, config, created_at.
     """
     model = source
-    if isinstance(source, TrainResult):
+    if source is not None and not isinstance(source, nn.Module):  # a training result
         model, base_model, config = source.model, source.base_model, source.config
     if model is not None:
         model = _unwrap(model)
@@ -266,27 +274,11 @@ def save_encoder(
     packaged = base.resolve() == default_model_path().resolve()
 
     out = Path(out_dir)
-    head = projection_head(model) if model is not None else None
     with atomic_dir(out) as tmp:
         delta_digest = None
         if method in ("lora", "full"):
             assert model is not None
-            delta = _delta_dir(tmp, method)
-            assert delta is not None
-            with without_head(model):  # saved apart: the transformer's own files stay standard
-                model.save_pretrained(str(delta), safe_serialization=True)
-            if method == "full":
-                from transformers import AutoTokenizer
-
-                AutoTokenizer.from_pretrained(str(base), local_files_only=True).save_pretrained(
-                    str(delta)
-                )
-            if head is not None:
-                from safetensors.torch import save_file
-
-                save_file({"weight": head.weight.detach().float().cpu().contiguous()},
-                          str(delta / HEAD_FILE))  # fmt: skip
-            delta_digest = weights_digest(delta)
+            delta_digest = _write_delta(model, method, base, tmp)
         name = json.loads((base / "config.json").read_text()).get("_name_or_path") or base.name
         manifest = {
             "format": FORMAT,
@@ -306,6 +298,26 @@ def save_encoder(
         }
         write_json(manifest, tmp / MANIFEST)
     return out
+
+
+def _write_delta(model: nn.Module, method: str, base: Path, enc_dir: Path) -> str:
+    """Write what fine-tuning changed (the adapter, or all weights and the tokenizer, plus the
+    projection head apart) into `enc_dir`'s delta folder; its weights digest."""
+    head = projection_head(model)
+    delta = _delta_dir(enc_dir, method)
+    assert delta is not None
+    with without_head(model):  # saved apart: the transformer's own files stay standard
+        model.save_pretrained(str(delta), safe_serialization=True)
+    if method == "full":
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(base), local_files_only=True).save_pretrained(str(delta))
+    if head is not None:
+        from safetensors.torch import save_file
+
+        weight = head.weight.detach().float().cpu().contiguous()
+        save_file({"weight": weight}, str(delta / HEAD_FILE))
+    return weights_digest(delta)
 
 
 def install_dir(tmp: Path, out: Path) -> None:
