@@ -29,6 +29,7 @@ __all__ = [
     "recency_weights",
     "semantic_features",
     "user_profile_vectors",
+    "window_cosines",
 ]
 
 SEMANTIC_FEATURES = [
@@ -178,6 +179,41 @@ def _chunks(k_sorted: np.ndarray, width_floor: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def window_cosines(
+    sims: np.ndarray,
+    hv: np.ndarray,
+    hmask: np.ndarray,
+    hts: np.ndarray,
+    lengths: np.ndarray,
+    half_life_days: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The four cosines of SEMANTIC_FEATURES for B contexts of K candidates each: (mean, max,
+    top3, recency), each (B, K). The one computation behind the batch features
+    (`semantic_features`, chunks of contexts) and the API (`serving.featurize`, one context).
+
+    sims: (B, K, M) float32 cosines of each candidate to each history slot; hv: (B, M, d)
+    float32 unit history vectors, 0 on padding; hmask: (B, M) bool, real history slots; hts:
+    (B, M) their epoch microseconds (see `recency_weights`); lengths: (B,) int, real slots per
+    context (>= 1).
+    """
+    cos = {}
+    for slot, w in (
+        (0, hmask.astype(np.float64)),
+        (3, recency_weights(hmask, hts, half_life_days)),
+    ):
+        w32 = w.astype(np.float32)  # (B, M), 0 on padding
+        centre = np.einsum("bm,bmd->bd", w32, hv)  # (B, d)
+        norm = np.linalg.norm(centre, axis=1)  # 0 only if history vectors cancel out
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cos[slot] = np.einsum("bkm,bm->bk", sims, w32) / norm[:, None]  # (B, K)
+    masked = np.where(hmask[:, None, :], sims, -np.inf)
+    top = -np.sort(-masked, axis=2)[:, :, :3]  # (B, K, <=3) largest first
+    n_top = np.minimum(lengths, 3)[:, None]  # (B, 1)
+    top_valid = np.arange(top.shape[2])[None, None, :] < n_top[:, :, None]
+    top3 = np.where(top_valid, top, 0.0).sum(axis=2) / n_top
+    return cos[0], top[:, :, 0], top3, cos[3]
+
+
 def semantic_features(
     requests: pl.DataFrame,
     history: pl.DataFrame,
@@ -245,24 +281,9 @@ def semantic_features(
         cv = np.take(vectors.matrix, np.where(cmask, cand_rows[req], 0), axis=0)  # (B, K, d)
         sims = np.matmul(cv, hv.transpose(0, 2, 1))  # (B, K, M) cosines
 
-        for slot, w in (
-            (0, hmask.astype(np.float64)),
-            (3, recency_weights(hmask, hts, half_life_days)),
-        ):
-            w32 = w.astype(np.float32)  # (B, M), 0 on padding
-            centre = np.einsum("bm,bmd->bd", w32, hv)  # (B, d)
-            norm = np.linalg.norm(centre, axis=1)  # 0 only if history vectors cancel out
-            with np.errstate(invalid="ignore", divide="ignore"):
-                cos = np.einsum("bkm,bm->bk", sims, w32) / norm[:, None]  # (B, K)
-            out[slot, req[cmask]] = cos[cmask]
-
-        masked = np.where(hmask[:, None, :], sims, -np.inf)
-        top = -np.sort(-masked, axis=2)[:, :, :3]  # (B, K, <=3) largest first
-        n_top = np.minimum(win.length[cidx], 3)[:, None]  # (B, 1)
-        top_valid = np.arange(top.shape[2])[None, None, :] < n_top[:, :, None]
-        top3 = np.where(top_valid, top, 0.0).sum(axis=2) / n_top
-        out[1, req[cmask]] = top[:, :, 0][cmask]
-        out[2, req[cmask]] = top3[cmask]
+        stats = window_cosines(sims, hv, hmask, hts, win.length[cidx], half_life_days)
+        for slot, values in enumerate(stats):
+            out[slot, req[cmask]] = values[cmask]
 
     hist_len = win.length[req_ctx] if n else np.zeros(0, np.int64)
     return requests.with_columns(

@@ -28,7 +28,7 @@ from recsys.bundle import Bundle
 from recsys.featurize import ONLINE, FeatureSpec, matrix
 from recsys.ranker import Ranker
 from recsys.relative import relative_columns, within_request
-from recsys.semantic import recency_weights
+from recsys.semantic import window_cosines
 from serving.embedding import NewItems
 from serving.live import LiveState
 from serving.lookups import Histories
@@ -204,7 +204,8 @@ class Featurizer:
         cand: np.ndarray,
     ) -> np.ndarray:
         """(4, K) float32: mean, max, top3 and recency cosines of candidates `cand` to history
-        `rows` (rows of the virtual [base; new] matrix, -1 = no vector)."""
+        `rows` (rows of the virtual [base; new] matrix, -1 = no vector), by the batch path's
+        `window_cosines` over this one context."""
         nb, dim = base.shape
         m, k = rows.size, cand.size
 
@@ -223,24 +224,11 @@ class Featurizer:
             cv = take(np.where(cmask[0], cand, 0)).reshape(1, k, dim)  # (1, K, d)
             hv = take(rows).reshape(1, m, dim)  # (1, M, d)
             hmask = np.ones((1, m), dtype=bool)
-            hts = ts.reshape(1, m)
             sims = np.matmul(cv, hv.transpose(0, 2, 1))  # (1, K, M) cosines
-            for slot, w in (
-                (0, hmask.astype(np.float64)),
-                (3, recency_weights(hmask, hts, self.spec.half_life_days)),
-            ):
-                centre = np.einsum("bm,bmd->bd", w.astype(np.float32), hv)
-                norm = np.linalg.norm(centre, axis=1)
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    cos = np.einsum("bkm,bm->bk", sims, w.astype(np.float32)) / norm[:, None]
-                out[slot, cmask[0]] = cos[cmask]
-            masked = np.where(hmask[:, None, :], sims, -np.inf)
-            top = -np.sort(-masked, axis=2)[:, :, :3]  # (1, K, <=3) largest first
-            n_top = np.minimum(np.array([m]), 3)[:, None]  # (1, 1)
-            top_valid = np.arange(top.shape[2])[None, None, :] < n_top[:, :, None]
-            top3 = np.where(top_valid, top, 0.0).sum(axis=2) / n_top
-            out[1, cmask[0]] = top[:, :, 0][cmask]
-            out[2, cmask[0]] = top3[cmask]
+            half_life = self.spec.half_life_days
+            stats = window_cosines(sims, hv, hmask, ts.reshape(1, m), np.array([m]), half_life)
+            for slot, values in enumerate(stats):
+                out[slot, cmask[0]] = values[cmask]
         return out
 
     def reference(
