@@ -151,8 +151,11 @@ def test_feature_names_stable_order() -> None:
         "item_shows_1h", "item_clicks_1h", "item_ctr_1h", "item_interactions_1h",
         "item_shows_all", "item_clicks_all", "item_ctr_all", "item_interactions_all",
     ]  # fmt: skip
-    assert names[8:] == ["item_age_hours", "item_hours_since_click", *user_feature_names()]
-    assert len(NAMES) == len(set(NAMES)) == 32
+    assert names[8:] == [
+        "item_age_hours", "item_hours_since_click", "item_click_share_1h", *user_feature_names()
+    ]  # fmt: skip
+    assert len(NAMES) == len(set(NAMES)) == 33
+    assert "item_click_share_1h" not in feature_names(FeatureConfig(windows=("1h",)))
 
 
 # --- known answers ----------------------------------------------------------------------------
@@ -174,6 +177,7 @@ def test_known_answers_on_tiny_log() -> None:
     assert [a[f"item_interactions_{w}"] for w in ("1h", "24h", "7d", "all")] == [0, 1, 2, 2]
     assert a["item_age_hours"] == pytest.approx(31.0)
     assert a["item_hours_since_click"] == pytest.approx(30.0)
+    assert a["item_click_share_1h"] == 0.0  # its one click (at 1h) is not in [30h, 31h)
     # u1 before 31h: shown A, B at 1h and A at 30h, clicked once; history B (no ts), A, C.
     assert (a["user_shows"], a["user_clicks"], a["user_history"]) == (3, 1, 3)
     assert a["user_ctr"] == pytest.approx((1 + K) / 23)
@@ -192,6 +196,9 @@ def test_known_answers_on_tiny_log() -> None:
 
     c = row(out, 2)
     assert c["item_age_hours"] == pytest.approx(26.0)  # first seen: interaction at 5h
+    assert c["item_click_share_1h"] == 0.0  # never clicked: 0 of 0
+    early = row(point_in_time_features(requests([("u1", "A", h(2))]), tiny(), CFG), 0)
+    assert early["item_click_share_1h"] == 1.0  # A's one click (at 1h) is in [1h, 2h)
     assert c["item_ctr_all"] == pytest.approx(CFG.ctr_prior)
     assert c["user_category_share"] is None and c["user_category_ctr"] is None
 
