@@ -23,6 +23,8 @@ def resolve_source(source: str, tracking_uri: str | None = None) -> Path:
     (`models:/NAME@ALIAS`, `models:/NAME/VERSION`) or other MLflow artifact URI, downloaded.
     The registry is looked up at `tracking_uri` (None: MLflow's default). Download errors
     become a `DataError`."""
+    if "\x00" in source:  # no file system accepts it (os calls raise ValueError)
+        raise DataError(f"bundle source {source!r} holds a NUL character; give a folder path")
     if "://" not in source and not source.startswith(("models:/", "runs:/")):
         # Resolved once: through RUN_DIR/bundles/current, a load reads one published version
         # even if the nightly flips the pointer meanwhile.
