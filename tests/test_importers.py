@@ -77,20 +77,28 @@ def test_mind_counts_and_tables(tmp_path: Path) -> None:
     assert v.items["published_at"].null_count() == 3
 
     # History: 11 ids on rows that were not rejected whole; 6 distinct (user, item) pairs, of
-    # which (U4, N7) names an unknown item.
+    # which (U4, N7) names an unknown item. Then the clicks: (U1, N3) at row 1 (its second
+    # click, row 2, is the same pair), U2's click on N2 is already in U2's history (earlier),
+    # and (U4, N1) at row 8, where N1 is shown twice and clicked once.
     assert v.interactions.select("user_id", "item_id").rows() == [
         ("U1", "N1"),
         ("U1", "N2"),
+        ("U1", "N3"),
         ("U2", "N2"),
         ("U2", "N3"),
         ("U2", "N1"),
+        ("U4", "N1"),
     ]
-    # Each history item is dated just before the earliest readable row whose history lists it.
+    # Each history item is dated just before the earliest readable row whose history lists it,
+    # a click at its row's time.
     just_before = timedelta(microseconds=1)
     u1 = datetime(2019, 11, 15, 8, 55, 22, tzinfo=UTC) - just_before
     u2 = datetime(2019, 11, 16, 1, 2, 3, tzinfo=UTC) - just_before  # row 3's time is unreadable
-    assert v.interactions["ts"].to_list() == [u1, u1, u2, u2, u2]
-    assert v.interactions["weight"].to_list() == [1.0] * 5
+    click1 = datetime(2019, 11, 15, 8, 55, 22, tzinfo=UTC)
+    click8 = datetime(2019, 11, 17, 10, 0, 0, tzinfo=UTC)
+    assert v.interactions["ts"].to_list() == [u1, u1, click1, u2, u2, u2, click8]
+    assert v.interactions["weight"].to_list() == [1.0] * 7
+    assert r.stats["click_interactions"] == 2
     assert r.stats["history_ids"] == 11
     assert r.stats["history_rows_deduplicated"] == 5
     assert r.stats["behavior_rows"] == 8
@@ -114,7 +122,9 @@ def test_mind_counts_and_tables(tmp_path: Path) -> None:
 
 def test_mind_growing_history_never_reaches_back_in_time(tmp_path: Path) -> None:
     """EB-NeRD's week-2 rows list week-1 clicks in their history: those clicks must not count
-    before the week-1 impression that recorded them (a label leak for ranker and fine-tune)."""
+    before the week-1 impression that recorded them (a label leak for ranker and fine-tune).
+    The click itself is an interaction at its row's time (features count strictly before a
+    row's time, so row 1 never sees it), not a week later where week 2 lists it."""
     d = tmp_path / "mind"
     _write(d / "news.tsv", NEWS[:3])
     _write(
@@ -128,8 +138,9 @@ def test_mind_growing_history_never_reaches_back_in_time(tmp_path: Path) -> None
     ts = dict(zip(inter["item_id"].to_list(), inter["ts"].to_list(), strict=True))
     first = datetime(2019, 11, 15, 8, 0, tzinfo=UTC)
     assert ts["N1"] < first
-    assert ts["N2"] > first  # the week-1 click N2 is dated just before row 2, not before row 1
-    assert ts["N2"] == datetime(2019, 11, 22, 8, 0, tzinfo=UTC) - timedelta(microseconds=1)
+    assert ts["N2"] == first  # the week-1 click N2 counts from its click, never before row 1
+    assert ts["N3"] == datetime(2019, 11, 22, 8, 0, tzinfo=UTC)  # row 2's click
+    assert inter.height == 3
 
 
 def test_mind_static_histories_predate_the_whole_log(tmp_path: Path) -> None:
@@ -152,8 +163,15 @@ def test_mind_static_histories_predate_the_whole_log(tmp_path: Path) -> None:
     r = import_source("mind", d)
     inter = r.validated.interactions
     start = datetime(2019, 11, 15, 8, 0, tzinfo=UTC) - timedelta(microseconds=1)
-    assert inter.select("user_id", "item_id").rows() == [("U1", "N1"), ("U2", "N2"), ("U2", "N3")]
-    assert inter["ts"].to_list() == [start] * 3
+    day = datetime(2019, 11, 15, 8, 0, tzinfo=UTC)
+    assert sorted(inter.select("user_id", "item_id", "ts").rows()) == [
+        ("U1", "N1", start),
+        ("U1", "N2", day),  # the clicks, at their rows' times
+        ("U1", "N3", day + timedelta(days=1)),
+        ("U2", "N1", datetime(2019, 11, 20, 9, 30, tzinfo=UTC)),
+        ("U2", "N2", start),
+        ("U2", "N3", start),
+    ]
     assert r.stats["history_dating"] == "before the log"
     grown = import_source("mind", _mind(tmp_path))  # U2's history grows between its rows
     assert grown.stats["history_dating"] == "before the earliest row listing it"

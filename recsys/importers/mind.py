@@ -20,6 +20,10 @@ Mapping to the canonical tables:
                  known to predate only the earliest row whose history lists it.
                MIND repeats a user's history on each of their rows; the repeats are counted in
                stats["history_rows_deduplicated"], not rejected.
+               Every click of the impressions is an interaction too, at its row's time (a
+               click extends the history, as the API counts a click event): the earliest of a
+               (user, item)'s history date and clicks is kept (stats["click_interactions"]
+               counts the pairs the clicks added).
   impressions  one row per shown news item: impression_id, user_id, ts (the row's time, UTC),
                item_id, clicked (the -1/-0 suffix), position (0-based place in the list).
 
@@ -93,8 +97,9 @@ def import_mind(src: str | os.PathLike[str]) -> ImportResult:
 
     items, items_rej = _items(news)
     rows, rows_rej = _behavior_rows(behaviors)
-    interactions, n_history, n_dedup, dating = _history(rows)
+    history, n_history, n_dedup, dating = _history(rows)
     impressions, imp_rej = _impressions(rows)
+    interactions, n_clicks = _with_clicks(history, impressions)
 
     prior = concat_rejects([items_rej, *rows_rej, *imp_rej])
     validated = validate(items, interactions, impressions, prior_rejects=prior)
@@ -104,6 +109,7 @@ def import_mind(src: str | os.PathLike[str]) -> ImportResult:
         "history_ids": n_history,
         "history_rows_deduplicated": n_dedup,
         "history_dating": dating,
+        "click_interactions": n_clicks,
     }
     return ImportResult(validated, stats)
 
@@ -184,6 +190,33 @@ def _history(b: pl.DataFrame) -> tuple[pl.DataFrame, int, int, str]:
         h = h.with_columns(pl.lit(start, dtype=h.schema["ts"]).alias("ts") - _JUST_BEFORE)
         dating = "before the log"
     return h, n_ids, n_ids - h.height, dating
+
+
+def _with_clicks(history: pl.DataFrame, impressions: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    """The history plus every clicked impression row as an interaction at its row's time: a
+    click extends the user's history, as the API counts a click event and as the events
+    importer and the generator write it, so the ranker trains on the histories it is served.
+    One row per (user, item), the earliest kept (a week-1 click that week 2's history lists
+    counts from its click, not from the row that listed it). Features count events strictly
+    before a row's time, so a row never sees its own click.
+
+    Returns (interactions with `__row`, clicks that added a (user, item) the history lacked)."""
+    clicks = impressions.filter(pl.col("clicked")).select(
+        ROW,
+        "user_id",
+        "item_id",
+        pl.col("ts").cast(history.schema["ts"]),
+        pl.lit(1.0).alias("weight"),
+    )
+    both = (
+        pl.concat([history.select(clicks.columns), clicks])
+        .with_row_index("__order")
+        .sort(["user_id", "item_id", "ts", "__order"], nulls_last=False)
+        .unique(["user_id", "item_id"], keep="first", maintain_order=True)
+        .sort("__order")
+        .drop("__order")
+    )
+    return both, both.height - history.height
 
 
 def _row_time() -> pl.Expr:
