@@ -224,6 +224,9 @@ class RankerInfo:
     refit_rows: int | None
     importance: list[dict[str, Any]]
     history: dict[str, Any]
+    model: str = ""  # Ranker.describe(): tree size and trees, or the input column alone
+    # small logs: each candidate's validation AUC (Ranker.info["chosen_on_valid_auc"])
+    chosen_on_valid_auc: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -321,6 +324,14 @@ def rank(
                 both = pl.concat([rows, valid])
                 shipped = refit_ranker(both, r, config, group_col="request_id")
             shipped.save(ctx.work / key)
+            choice = r.info.get("chosen_on_valid_auc")
+            if choice:
+                ctx.env.log(
+                    f"[rank] {key}: a small log ({r.info['train_groups']} training impressions): "
+                    f"{r.describe()}, chosen on validation AUC ("
+                    + ", ".join(f"{k} {v:.4f}" for k, v in choice.items())
+                    + ")"
+                )
             infos[key] = RankerInfo(
                 best_iteration=int(r.best_iteration),
                 train_rows=rows.height,
@@ -328,5 +339,7 @@ def rank(
                 refit_rows=shipped.info.get("refit_rows"),
                 importance=shipped.feature_importance().to_dicts(),
                 history=r.history,
+                model=r.describe(),
+                chosen_on_valid_auc=choice,
             )
     return Ranked(refresh, infos)

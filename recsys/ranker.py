@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,15 @@ import polars as pl
 from recsys.errors import ConfigError, DataError
 from recsys.io import write_json, write_text
 
-__all__ = ["Ranker", "RankerConfig", "eval_logger", "refit_ranker", "train_ranker"]
+__all__ = ["ColumnRanker", "Ranker", "RankerConfig", "eval_logger", "refit_ranker", "train_ranker"]
 
 MODEL_FILE = "model.txt"
 META_FILE = "ranker.json"
 FORMAT_VERSION = 1
 EVAL_AT = 10
 MAX_GROUP_ROWS = 10_000  # LightGBM's lambdarank limit on rows per query
+# (num_leaves, min_data_in_leaf) tried beside the configured size on small logs
+SMALL_LOG_TREES = ((7, 50), (3, 100))
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,10 @@ class RankerConfig:
     """LightGBM lambdarank settings (logged whole as run parameters).
 
     early_stopping_rounds = 0 turns early stopping off (all n_estimators trees are kept).
+    small_log_groups: with fewer training impressions (groups) than this, the tree size is
+    chosen on the validation impressions among (num_leaves, min_data_in_leaf) and the smaller
+    SMALL_LOG_TREES: a ranker fit on a thousand impressions with 31-leaf trees learns noise and
+    ranks below its own best input. 0 never chooses (the given size always).
     """
 
     num_leaves: int = 31
@@ -47,6 +53,7 @@ class RankerConfig:
     lambdarank_truncation_level: int = 20
     seed: int = 0
     num_threads: int = 2
+    small_log_groups: int = 5_000
 
     def __post_init__(self) -> None:
         ints = {
@@ -57,6 +64,7 @@ class RankerConfig:
             "lambdarank_truncation_level": (1, None),
             "seed": (0, None),
             "num_threads": (1, None),
+            "small_log_groups": (0, None),
         }
         for key, (lo, hi) in ints.items():
             value = getattr(self, key)
@@ -245,6 +253,14 @@ class Ranker:
             self.booster.predict(x, num_iteration=self.best_iteration, pred_contrib=True)
         )
 
+    def describe(self) -> str:
+        """The model in a few words (the run log, the small-log choice)."""
+        config = self.info.get("config", {})
+        return (
+            f"{config.get('num_leaves', '?')} leaves, min {config.get('min_data_in_leaf', '?')}"
+            f" rows, {self.best_iteration} trees"
+        )
+
     def feature_importance(self, kind: str = "gain") -> pl.DataFrame:
         """feature, importance (total gain or split count over the used trees), largest first."""
         if kind not in ("gain", "split"):
@@ -275,12 +291,14 @@ class Ranker:
         """Read a folder written by `save`."""
         folder = Path(path)
         model, meta_path = folder / MODEL_FILE, folder / META_FILE
-        if not model.is_file() or not meta_path.is_file():
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        if meta.get("kind") == ColumnRanker.KIND:
+            return ColumnRanker.from_meta(meta)
+        if not model.is_file() or not meta:
             raise DataError(
                 f"ranker: {folder} must hold {MODEL_FILE} and {META_FILE} (written by "
                 "Ranker.save); retrain or point at the model bundle's ranker folder"
             )
-        meta = json.loads(meta_path.read_text())
         if meta.get("format_version") != FORMAT_VERSION:
             raise DataError(
                 f"ranker: {meta_path} has format_version {meta.get('format_version')!r}, this "
@@ -292,6 +310,90 @@ class Ranker:
         return cls(
             booster, meta["feature_names"], meta["best_iteration"], meta["history"], meta["info"]
         )
+
+
+class ColumnRanker(Ranker):
+    """One input column as the ranker: sign x value, a missing value below every value seen in
+    training. A small log falls back to it when no tree model validates above its best input
+    (the ranker then ranks as that input does, never below it). Saved as ranker.json alone
+    (kind "column"); predicts, explains and reloads like a tree ranker."""
+
+    KIND = "column"
+
+    def __init__(
+        self,
+        feature_names: Sequence[str],
+        feature: str,
+        sign: float,
+        fill: float,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.feature_names = list(feature_names)
+        self.feature = feature
+        self.column = self.feature_names.index(feature)
+        self.sign = float(sign)
+        self.fill = float(fill)
+        self.best_iteration = 0
+        self.history = {}
+        self.info = info or {}
+
+    @classmethod
+    def best_of(cls, tr: _Groups, feats: list[str], info: dict[str, Any]) -> ColumnRanker:
+        """The column (and direction) with the best training AUC."""
+        best: tuple[float, int, float] | None = None
+        for j in range(len(feats)):
+            for sign in (1.0, -1.0):
+                auc = _valid_auc(np.nan_to_num(sign * tr.x[:, j], nan=-np.inf), tr)
+                if best is None or auc > best[0]:
+                    best = (auc, j, sign)
+        assert best is not None
+        _, j, sign = best
+        seen = sign * tr.x[:, j]
+        finite = seen[np.isfinite(seen)]
+        fill = float(finite.min()) - 1.0 if finite.size else 0.0
+        return cls(feats, feats[j], sign, fill, {**info, "config": {}})
+
+    def describe(self) -> str:
+        return f"the column {'-' if self.sign < 0 else ''}{self.feature} alone"
+
+    def predict(self, X: np.ndarray | pl.DataFrame) -> np.ndarray:
+        x = self._x(X)
+        score = self.sign * x[:, self.column]
+        return np.where(np.isnan(score), self.fill, score)
+
+    def contributions(self, X: np.ndarray | pl.DataFrame) -> np.ndarray:
+        """Exact for one column: its score is its contribution, the bias 0."""
+        score = self.predict(X)
+        out = np.zeros((score.size, len(self.feature_names) + 1))
+        out[:, self.column] = score
+        return out
+
+    def feature_importance(self, kind: str = "gain") -> pl.DataFrame:
+        if kind not in ("gain", "split"):
+            raise ConfigError(f"feature_importance: kind must be 'gain' or 'split', got {kind!r}")
+        imp = np.zeros(len(self.feature_names))
+        imp[self.column] = 1.0
+        return pl.DataFrame({"feature": self.feature_names, "importance": imp}).sort(
+            "importance", "feature", descending=[True, False]
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        folder = Path(path)
+        (folder / MODEL_FILE).unlink(missing_ok=True)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "kind": self.KIND,
+            "feature_names": self.feature_names,
+            "feature": self.feature,
+            "sign": self.sign,
+            "fill": self.fill,
+            "info": self.info,
+        }
+        write_json(meta, folder / META_FILE)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> ColumnRanker:
+        return cls(meta["feature_names"], meta["feature"], meta["sign"], meta["fill"], meta["info"])
 
 
 def train_ranker(
@@ -326,6 +428,47 @@ def train_ranker(
                 f"train_ranker: no group in {what} has a positive {label_col!r}; "
                 f"give it impressions with clicks"
             )
+    ranker, _, _ = _fit(tr, va, feats, config, callbacks)
+    if tr.sizes.size >= config.small_log_groups:
+        return ranker
+    # A small log: the configured size, smaller trees, and the best single input column, each
+    # judged by its validation AUC; the first of equals wins (the configured size first).
+    candidates = [ranker]
+    for leaves, min_data in SMALL_LOG_TREES:
+        if (leaves, min_data) != (config.num_leaves, config.min_data_in_leaf):
+            smaller = replace(config, num_leaves=leaves, min_data_in_leaf=min_data)
+            candidates.append(_fit(tr, va, feats, smaller, None)[0])  # tracked: the first only
+    candidates.append(ColumnRanker.best_of(tr, feats, ranker.info))
+    scores = [_valid_auc(c.predict(va.x), va) for c in candidates]
+    chosen = candidates[max(range(len(scores)), key=lambda k: (scores[k], -k))]
+    chosen.info["chosen_on_valid_auc"] = {
+        c.describe(): score for c, score in zip(candidates, scores, strict=True)
+    }
+    return chosen
+
+
+def _valid_auc(scores: np.ndarray, va: _Groups) -> float:
+    """Mean per-impression AUC of `scores` on the grouped validation rows (ties count 1/2)."""
+    from recsys.metrics import impression_metrics
+
+    frame = pl.DataFrame(
+        {
+            "impression_id": np.repeat(np.arange(va.sizes.size), va.sizes),
+            "clicked": va.y > 0,
+            "score": scores,
+        }
+    )
+    return float(impression_metrics(frame, "score")["auc"])
+
+
+def _fit(
+    tr: _Groups,
+    va: _Groups,
+    feats: list[str],
+    config: RankerConfig,
+    callbacks: list[Callable[..., Any]] | None,
+) -> tuple[Ranker, int, float]:
+    """One early-stopped fit: (ranker, best iteration, validation nDCG there)."""
     params = config.lgb_params()
     dtrain = lgb.Dataset(tr.x, tr.y, group=tr.sizes, feature_name=feats, params=params)
     dvalid = lgb.Dataset(va.x, va.y, group=va.sizes, reference=dtrain, params=params)
@@ -348,6 +491,7 @@ def train_ranker(
     history = {
         data: {m: [float(v) for v in vals] for m, vals in d.items()} for data, d in evals.items()
     }
+    curve = history["valid"][f"ndcg@{EVAL_AT}"]
     info = {
         "train_rows": int(tr.y.size),
         "train_groups": int(tr.sizes.size),
@@ -355,10 +499,10 @@ def train_ranker(
         "valid_rows": int(va.y.size),
         "valid_groups": int(va.sizes.size),
         "valid_groups_dropped": va.dropped,
-        "iterations_run": len(history["valid"][f"ndcg@{EVAL_AT}"]),
+        "iterations_run": len(curve),
         "config": asdict(config),
     }
-    return Ranker(booster, feats, best, history, info)
+    return Ranker(booster, feats, best, history, info), best, curve[best - 1]
 
 
 def refit_ranker(
@@ -371,8 +515,17 @@ def refit_ranker(
 ) -> Ranker:
     """Retrain `selected`'s model on `rows` (e.g. train + validation: everything up to the
     cut-off) with the number of trees early stopping chose, so the shipped model has seen the
-    newest data. No early stopping (nothing is held out); the selection's history is kept.
+    newest data, with the tree size chosen there (`selected.info["config"]`). No early stopping
+    (nothing is held out); the selection's history is kept.
     """
+    if isinstance(selected, ColumnRanker):
+        return selected  # nothing to fit: the column ranks the same on any rows
+    chosen = selected.info.get("config", {})
+    config = replace(
+        config,
+        num_leaves=chosen.get("num_leaves", config.num_leaves),
+        min_data_in_leaf=chosen.get("min_data_in_leaf", config.min_data_in_leaf),
+    )
     feats = list(selected.feature_names)
     data = _grouped(rows, feats, group_col, label_col, "refit", config.seed)
     if data.sizes.size == 0:
