@@ -19,6 +19,10 @@ latency while events stream in.
    --format events LOG --base WEEK1`: a click there also extends the history, as in the API),
    with paired differences and standard errors over impressions, and two baselines (smoothed CTR,
    clicks in the last 24 hours as of each impression).
+   2b. The same impressions against `recsys serve --bundle B --no-events`, with and without
+   `at` (no events: the candidates' texts where the bundle lacks them), beside the bundle's
+   batch ranker on features as of its cut-off: a server that cannot keep features fresh must
+   serve the batch ranker, whatever the request says.
 3. Ingestion: batches of 100 events (impressions of 10 items and clicks on them) by POST
    /v1/events from one client process, then four, and by `EventStore.ingest` in this process
    (no HTTP): events per second and the server time per batch.
@@ -67,9 +71,10 @@ def week_before(data: Dataset, cut: datetime) -> Dataset:
 
 
 class Server:
-    """`recsys serve` in a subprocess on a free port, with an event log."""
+    """`recsys serve` in a subprocess on a free port, with an event log (`log_dir`) or with
+    events off (None: `--no-events`)."""
 
-    def __init__(self, bundle: Path, log_dir: Path) -> None:
+    def __init__(self, bundle: Path, log_dir: Path | None) -> None:
         sock = socket.socket()
         sock.bind((HOST, 0))
         self.port = sock.getsockname()[1]
@@ -77,7 +82,8 @@ class Server:
         env = {**os.environ, "RECSYS_ACCESS_LOG": "false", "RECSYS_LOG_LEVEL": "warning"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "recsys.cli", "serve", "--bundle", str(bundle),
-             "--event-log", str(log_dir), "--port", str(self.port)],
+             *(["--event-log", str(log_dir)] if log_dir else ["--no-events"]),
+             "--port", str(self.port)],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         self.url = f"http://{HOST}:{self.port}"
@@ -114,10 +120,7 @@ def replay(
     server: Server, data: Dataset, cut: datetime, known_items: set[str], limit: int | None
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Step 2; returns (impression_id, item_id, clicked, api score) and timing."""
-    after = data.impressions.filter(pl.col("ts") >= cut).sort("ts", "impression_id", "position")
-    if limit:
-        keep = after["impression_id"].unique(maintain_order=True).head(limit).implode()
-        after = after.filter(pl.col("impression_id").is_in(keep))
+    after = _after(data, cut, limit)
     items = data.items.select("item_id", "title", "description", "category", "subcategory")
     text = {r["item_id"]: r for r in items.to_dicts()}
     # History first listed after the cut-off (EB-NeRD: clicks from before the log, dated just
@@ -179,6 +182,72 @@ def replay(
               "seconds": seconds, "rank_p50_ms": float(np.nanpercentile(ms, 50)),
               "rank_p99_ms": float(np.nanpercentile(ms, 99))}  # fmt: skip
     return out, timing
+
+
+def replay_without_events(
+    server: Server, data: Dataset, cut: datetime, known_items: set[str], limit: int | None,
+    with_at: bool,
+) -> pl.DataFrame:  # fmt: skip
+    """Step 2b: the same impressions against a server with events off, as a storefront without
+    an event feed asks: its user, its shown list as candidates, the text of every candidate the
+    bundle does not know, and `at` = its time or nothing. Returns the API's scores in the
+    order of `replay`'s rows."""
+    after = _after(data, cut, limit)
+    items = data.items.select("item_id", "title", "description", "category", "subcategory")
+    text = {r["item_id"]: {k: v for k, v in r.items() if v is not None} for r in items.to_dicts()}
+    scores: list[float] = []
+    with httpx.Client(timeout=120) as c:
+        for _, rows in after.group_by("impression_id", maintain_order=True):
+            shown = rows["item_id"].to_list()
+            new = [text[i] for i in shown if i not in known_items]
+            body: dict[str, Any] = {
+                "user_id": rows["user_id"][0],
+                "candidates": shown,
+                "items": new,
+            }
+            if with_at:
+                body["at"] = _iso(rows["ts"][0])
+            r = c.post(f"{server.url}/v1/rank", json=body)
+            r.raise_for_status()
+            got = {i["item_id"]: i["score"] for i in r.json()["items"]}
+            scores += [got[i] for i in shown]
+    return after.select("impression_id", "user_id", "item_id", "clicked", "ts").with_columns(
+        pl.Series("api", scores)
+    )
+
+
+def offline_batch_scores(
+    bundle_dir: Path, data: Dataset, rows: pl.DataFrame, known_items: set[str]
+) -> np.ndarray:
+    """The bundle's batch ranker on features as of its cut-off (`Bundle.featurize`, the
+    nightly's batch path), items it does not know embedded by its encoder as the API embeds a
+    request's item texts (serving.embedding.Embedder)."""
+    from recsys.bundle import Bundle
+    from recsys.featurize import matrix
+    from serving.embedding import Embedder
+    from serving.schemas import ItemText
+
+    bundle = Bundle.load(bundle_dir)
+    vectors = None
+    new_ids = sorted(set(rows["item_id"].to_list()) - known_items)
+    if bundle.spec.use_semantic and new_ids:
+        texts = data.items.filter(pl.col("item_id").is_in(new_ids)).sort("item_id")
+        todo = [ItemText(**{k: v for k, v in r.items() if v is not None})
+                for r in texts.select("item_id", "title", "description", "category",
+                                      "subcategory").to_dicts()]  # fmt: skip
+        new = Embedder(bundle, semantic=True).embed_texts(todo)
+        vectors = bundle.vectors.extended(new.ids, new.matrix, new.frozen)
+    frame = bundle.featurize(rows.select("user_id", "item_id"), vectors=vectors)
+    return np.asarray(bundle.ranker.predict(matrix(frame, bundle.spec.columns)))
+
+
+def _after(data: Dataset, cut: datetime, limit: int | None) -> pl.DataFrame:
+    """The impressions after `cut` in replay order (the first `limit` impressions)."""
+    after = data.impressions.filter(pl.col("ts") >= cut).sort("ts", "impression_id", "position")
+    if limit:
+        keep = after["impression_id"].unique(maintain_order=True).head(limit).implode()
+        after = after.filter(pl.col("impression_id").is_in(keep))
+    return after
 
 
 def offline_scores(bundle_dir: Path, data: Dataset, rows: pl.DataFrame) -> pl.DataFrame:
@@ -394,6 +463,27 @@ def main(argv: list[str] | None = None) -> int:
             d, se = paired_difference(scores, "api", ref)
             gap = float((scores["api"] - scores[ref]).abs().max())  # type: ignore[arg-type]
             print(f"api - {ref}: AUC {d:+.4f} (paired se {se:.4f}); max |score diff| {gap:.2e}")
+
+        print("\n## Replay through the API with events off (`recsys serve --no-events`)")
+        off = Server(bundle, None)
+        try:
+            with_at = replay_without_events(off, data, cut, known, args.impressions, True)
+            without_at = replay_without_events(off, data, cut, known, args.impressions, False)
+        finally:
+            off.stop()
+        batch = scores.select("impression_id", "user_id", "item_id", "clicked").with_columns(
+            with_at["api"].alias("api_off_at"), without_at["api"].alias("api_off"),
+            pl.Series("offline_batch", offline_batch_scores(bundle, data, rows, known)),
+            scores["api"].alias("api_events"), scores["smoothed_ctr"],
+        )  # fmt: skip
+        batch.write_parquet(out / "replay_scores_no_events.parquet")
+        models = ["api_off_at", "api_off", "offline_batch", "api_events", "smoothed_ctr"]
+        table = evaluation_table(batch, models, versus=["offline_batch"]).to_dicts()
+        print(_table(table, ["model", "auc", "auc_diff", "auc_diff_se", "mrr", "ndcg@10",
+                             "n_impressions"]))  # fmt: skip
+        for col in ("api_off_at", "api_off"):
+            gap = float((batch[col] - batch["offline_batch"]).abs().max())  # type: ignore[arg-type]
+            print(f"{col} - offline_batch: max |score diff| {gap:.2e}")
 
         print("\n## Ingestion (batches of 100 events)")
         rates = ingest_rates(server, week1, cut + timedelta(days=30))
