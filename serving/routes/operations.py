@@ -37,8 +37,12 @@ async def readyz(request: Request) -> Any:
     state = serving_state(request)
     if state.model is not None:
         ranker, freshness = state.model.served(live=state.events is not None)
+        shared = state.events.live_status() if state.events is not None else None
+        # stale shared state still serves (every worker shares the outage: a 503 here would
+        # take them all out of the balancer), and says so
         return Health(status="ready", model_version=state.model.model_version,
-                      ranker=ranker, freshness=freshness)  # fmt: skip
+                      ranker=ranker, freshness=freshness,
+                      live=shared[1] if shared is not None else None)  # fmt: skip
     return JSONResponse(
         Health(status=state.status, detail=state.detail).model_dump(exclude_none=True), 503
     )
