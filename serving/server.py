@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from recsys.errors import ConfigError
 from serving.app import create_app
 from serving.errors import details
+from serving.metrics import MULTIPROC_ENV
 from serving.settings import Settings
 from serving.source import load_model
 from serving.workers import run_workers
@@ -108,7 +109,7 @@ def _event_log(
     if not events:
         why_off = "--no-events"
     elif not event_log and workers > 1 and not redis:
-        why_off = f"{workers} workers keep no shared live state (give --redis URL)"
+        why_off = f"{workers} workers keep no shared live state"
     elif not event_log and bundle is None:
         why_off = "a model URI has no run folder for the log; give --event-log DIR"
     elif not event_log:
@@ -156,10 +157,10 @@ def _run_workers(
     assert source is not None
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(settings.native_threads))  # read as workers start
-    run_dir = None
+    run_dir = Path(tempfile.mkdtemp(prefix="recsys-serve-"))
     if settings.reload_file is None:  # admin reloads reach one worker; the others follow
-        run_dir = Path(tempfile.mkdtemp(prefix="recsys-serve-"))
         os.environ["RECSYS_RELOAD_FILE"] = str(run_dir / "reload.json")
+    os.environ[MULTIPROC_ENV] = str(_metrics_dir(run_dir))
     os.environ["RECSYS_BUNDLE" if from_bundle else "RECSYS_MODEL_URI"] = source
     os.environ.pop("RECSYS_MODEL_URI" if from_bundle else "RECSYS_BUNDLE", None)
     if settings.tracking_uri:
@@ -175,5 +176,15 @@ def _run_workers(
     except OSError as e:
         raise ConfigError(f"cannot listen on {host}:{port} ({e}); pick another --port") from e
     finally:
-        if run_dir is not None:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _metrics_dir(run_dir: Path) -> Path:
+    """The workers' prometheus_client folder (serving/metrics.py): PROMETHEUS_MULTIPROC_DIR if
+    given, emptied of an earlier run's files (they would be summed in), else one in `run_dir`."""
+    given = os.environ.get(MULTIPROC_ENV)
+    folder = Path(given) if given else run_dir / "metrics"
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.db"):
+        old.unlink()
+    return folder

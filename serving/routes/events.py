@@ -55,6 +55,8 @@ async def events(request: Request) -> Any:
             f"{e}: these events are logged but not counted yet; retry them with the same "
             "event ids (a repeated id counts once). /v1/rank keeps ranking from the last state",
         )
+    state.metrics.events(result["accepted"], result["duplicates"], len(result["rejected"]))
+    state.metrics.live_items(len(ready_model(state).live.items.ids))
     return json_response(result)
 
 

@@ -49,8 +49,12 @@ async def readyz(request: Request) -> Any:
 
 
 async def prometheus(request: Request) -> Response:
-    """Prometheus text: requests, latency histogram, model version, reloads, errors."""
-    return Response(serving_state(request).metrics.render(), media_type=CONTENT_TYPE)
+    """Prometheus text: requests, latency histogram, model version, reloads, errors, events;
+    with several workers, all of them (serving/metrics.py)."""
+    state = serving_state(request)
+    if state.model is not None and state.events is not None:
+        state.metrics.live_items(len(state.model.live.items.ids))
+    return Response(await run_in_threadpool(state.metrics.render), media_type=CONTENT_TYPE)
 
 
 async def reload(request: Request) -> Any:
