@@ -10,14 +10,24 @@ inside a write leaves at most a partial last line in the newest segment; opening
 it off (that batch was never acknowledged). Segments are `events-<first event number>.jsonl`,
 a new one once the current passes `segment_bytes`; closed segments never change. Each event is
 a JSON object (the API's normalised event: event_id, type, ts in ISO 8601, its fields).
+
+    log = EventLog(directory, shared=True)   # several writer processes (API workers) at once
+
+Shared: every append, and the recovery at open, holds an exclusive `flock` on `.writer.lock` in
+the folder, and finds the newest segment afresh (another process may have started one); a
+partial last line left by a writer that crashed is cut before the next batch is written after
+it. The same event may then be logged by two workers (each checks ids against the shared state
+only after its batch is durable); readers count an `event_id` once (the importer, the replay).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +42,8 @@ class EventLog:
     """One writer process per folder (the API worker that owns it); readers may be anywhere.
 
     writer=False opens an existing log to read it (the importer): nothing is created or cut,
-    so a reader never touches a batch a running server is writing."""
+    so a reader never touches a batch a running server is writing. shared=True: several writer
+    processes (see the module's docstring); `count` is then this process's view, not exact."""
 
     def __init__(
         self,
@@ -40,25 +51,41 @@ class EventLog:
         segment_bytes: int = SEGMENT_BYTES,
         *,
         writer: bool = True,
+        shared: bool = False,
     ) -> None:
         self.directory = Path(directory)
         self.writer = writer
+        self.shared = shared and writer
         if writer:
             self.directory.mkdir(parents=True, exist_ok=True)
         elif not self.directory.is_dir():
             raise DataError(f"{self.directory}: no such event log folder")
         self.segment_bytes = segment_bytes
         self._lock = threading.Lock()
-        segments = self.segments()
         self.count = 0
         self.recovered_bytes = 0
-        if segments:
-            if writer:
-                self.recovered_bytes = _cut_torn_tail(segments[-1])
-            self.count = _first_number(segments[-1]) + _count_lines(segments[-1])
+        with self._writers():
+            segments = self.segments()
+            if segments:
+                if writer:
+                    self.recovered_bytes = _cut_torn_tail(segments[-1])
+                self.count = _first_number(segments[-1]) + _count_lines(segments[-1])
         self._current = segments[-1] if segments else None
         self._fd: int | None = None
         self._size = 0
+
+    @contextmanager
+    def _writers(self) -> Iterator[None]:
+        """Shared: hold the folder's writer lock (other processes wait); else nothing."""
+        if not self.shared:
+            yield
+            return
+        fd = os.open(self.directory / ".writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     def segments(self) -> list[Path]:
         """The segment files, oldest first."""
@@ -72,7 +99,9 @@ class EventLog:
         if not events:
             return
         data = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in events).encode()
-        with self._lock:
+        with self._lock, self._writers():
+            if self.shared:
+                self._follow_others()
             if self._fd is None or self._size >= self.segment_bytes:
                 self._open_segment()
             assert self._fd is not None
@@ -84,6 +113,29 @@ class EventLog:
             self._size += len(data)
             self.count += len(events)
 
+    def _follow_others(self) -> None:
+        """Shared, under the writer lock: write to the newest segment (another process may have
+        started it), and cut a torn line a crashed writer left at its end."""
+        segments = self.segments()
+        newest = segments[-1] if segments else None
+        if newest != self._current:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            self._current = newest
+            if newest is not None:
+                self.count = _first_number(newest) + _count_lines(newest)
+        if newest is not None:
+            size = newest.stat().st_size
+            if size:
+                with newest.open("rb") as f:
+                    f.seek(size - 1)
+                    torn = f.read(1) != b"\n"
+                if torn:
+                    self.recovered_bytes += _cut_torn_tail(newest)
+            if self._fd is not None:
+                self._size = os.fstat(self._fd).st_size
+
     def _open_segment(self) -> None:
         """Open the newest segment for appending, or start a new one once it is full. The file
         stays open between batches: each batch is one write and one fsync (fewer system calls,
@@ -93,6 +145,8 @@ class EventLog:
             self._fd = None
         current = self._current
         if current is None or current.stat().st_size >= self.segment_bytes:
+            if self.shared and current is not None:  # others appended: number from the file
+                self.count = _first_number(current) + _count_lines(current)
             current = self.directory / f"{PREFIX}{self.count:012d}{SUFFIX}"
             self._fd = os.open(current, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             fsync_dir(self.directory)

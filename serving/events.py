@@ -4,6 +4,9 @@
     store.ingest(current_model, raw_events) -> {"accepted", "duplicates", "rejected"}
     store.attach(model, swap)                  # replay the log into a new model, then swap
 
+Several workers share one live state through Redis with `serving.shared_events.SharedEventStore`
+(the same interface).
+
 An accepted event is in the event log (`recsys.eventlog`, fsynced) before the answer leaves, and
 only then in the model's live state; a repeated `event_id` (in the log or earlier in the same
 batch) is counted as a duplicate and changes nothing. A loaded model (start, restart, reload)
@@ -93,3 +96,10 @@ class EventStore:
             n = self.replay(model)
             swap(model)
         return n
+
+    def live_status(self) -> tuple[bool, str] | None:
+        """(in step, a line for /readyz) of a shared live state; None: this process's own."""
+        return None
+
+    def close(self) -> None:
+        """Stop what the store runs beside the requests (nothing, in process)."""

@@ -40,6 +40,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         if follower is not None:
             follower.cancel()
+        if state.events is not None:
+            await run_in_threadpool(state.events.close)
         restore()
 
 

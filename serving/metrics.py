@@ -1,129 +1,137 @@
-"""Prometheus metrics of one server process, rendered as the text exposition format (0.0.4).
+"""Prometheus metrics of the API (prometheus_client), aggregated over every worker process.
 
     recsys_http_requests_total{route, method, status}      counter
     recsys_http_request_duration_seconds{route}            histogram (time inside the app)
-    recsys_model_info{model_version}                       gauge, 1 for the version serving
-    recsys_model_loaded                                    gauge, 1 once a bundle serves
+    recsys_model_info{model_version}                       gauge, 1 for a version serving
+    recsys_model_loaded                                    gauge, 1 once a bundle serves (every
+                                                           worker: the minimum over them)
     recsys_model_reloads_total{result="ok"|"error"}        counter
-    recsys_unhandled_errors_total                          counter (bugs answered with a 500)
+    recsys_unhandled_errors_total                          counter (bugs answered with a 503)
+    recsys_events_total{result="accepted"|"duplicate"|"rejected"}   counter (POST /v1/events)
+    recsys_live_items                                      gauge, items that came as events
 
-Each worker process keeps its own numbers (with --workers N, a scrape sees one of them).
+With several workers (`recsys serve --workers N`) the server points PROMETHEUS_MULTIPROC_DIR at
+an empty folder of its own before the workers start: each worker's prometheus_client writes its
+values to memory-mapped files there, and a scrape of any worker sums the counters and histograms
+of all of them (gauges: see each one's mode). Without it (one process) the values live in memory.
+
+A request costs one counter and one histogram update on children cached per label set (no label
+lookup on the hot path).
 """
 
 from __future__ import annotations
 
-import bisect
+import os
 import threading
-from collections import defaultdict
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+disable_created_metrics()  # no `_created` series: what a scrape shows is what this module lists
 
 BUCKETS = (
     0.00025, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-_HIST = "recsys_http_request_duration_seconds"
-
-
-class _Histogram:
-    def __init__(self, buckets: tuple[float, ...]) -> None:
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)  # last: above the largest bucket
-        self.total = 0.0
-        self.n = 0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
-        self.total += seconds
-        self.n += 1
+def multiprocess() -> bool:
+    """Whether this process writes its metrics to the shared folder (set before start)."""
+    return bool(os.environ.get(MULTIPROC_ENV))
 
 
 class Metrics:
-    """Counters and histograms of one process; safe to update from several threads."""
+    """The API's metrics; safe to update from several threads. Each instance has its own
+    registry (tests run several apps in one process); render() reads the shared folder
+    instead when the process runs as one of several workers."""
 
     def __init__(self, buckets: tuple[float, ...] = BUCKETS) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._requests = Counter("recsys_http_requests",
+                                 "HTTP requests by route, method and status.",
+                                 ["route", "method", "status"], registry=r)  # fmt: skip
+        self._latency = Histogram("recsys_http_request_duration_seconds",
+                                  "Time inside the app per request.", ["route"],
+                                  buckets=buckets, registry=r)  # fmt: skip
+        self._info = Gauge("recsys_model_info", "The model version being served (value 1).",
+                           ["model_version"], registry=r, multiprocess_mode="livemax")  # fmt: skip
+        self._loaded = Gauge("recsys_model_loaded", "1 once a model bundle is serving, else 0.",
+                             registry=r, multiprocess_mode="livemin")  # fmt: skip
+        self._reloads = Counter("recsys_model_reloads", "Admin reloads by result.", ["result"],
+                                registry=r)  # fmt: skip
+        self._unhandled = Counter("recsys_unhandled_errors",
+                                  "Requests failed by an unexpected error.",
+                                  registry=r)  # fmt: skip
+        self._events = Counter("recsys_events", "Events by result (POST /v1/events).",
+                               ["result"], registry=r)  # fmt: skip
+        self._live_items = Gauge("recsys_live_items", "Items that came as events (live catalogue).",
+                                 registry=r, multiprocess_mode="livemax")  # fmt: skip
+        for result in ("ok", "error"):
+            self._reloads.labels(result)
+        for result in ("accepted", "duplicate", "rejected"):
+            self._events.labels(result)
+        self._loaded.set(0)
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._lock = threading.Lock()
-        self._buckets = buckets
-        self._requests: dict[tuple[str, str, str], int] = defaultdict(int)
-        self._latency: dict[str, _Histogram] = {}
-        self._reloads: dict[str, int] = {"ok": 0, "error": 0}
-        self._unhandled = 0
         self._version: str | None = None
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         """One finished request: its route template, method, status code and time in the app."""
-        with self._lock:
-            self._requests[(route, method, str(status))] += 1
-            hist = self._latency.get(route)
-            if hist is None:
-                hist = self._latency[route] = _Histogram(self._buckets)
-            hist.observe(seconds)
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self._requests.labels(route, method, str(status)),
+                self._latency.labels(route),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def model_loaded(self, version: str) -> None:
         with self._lock:
+            if self._version is not None and self._version != version:
+                self._info.labels(self._version).set(0)  # 0, not removed: workers share files
             self._version = version
+            self._info.labels(version).set(1)
+            self._loaded.set(1)
 
     def reload(self, ok: bool) -> None:
-        with self._lock:
-            self._reloads["ok" if ok else "error"] += 1
+        self._reloads.labels("ok" if ok else "error").inc()
 
     def unhandled_error(self) -> None:
-        with self._lock:
-            self._unhandled += 1
+        self._unhandled.inc()
+
+    def events(self, accepted: int, duplicates: int, rejected: int) -> None:
+        """One POST /v1/events batch's outcome."""
+        for result, n in (("accepted", accepted), ("duplicate", duplicates),
+                          ("rejected", rejected)):  # fmt: skip
+            if n:
+                self._events.labels(result).inc(n)
+
+    def live_items(self, n: int) -> None:
+        self._live_items.set(n)
 
     def render(self) -> str:
-        """The exposition text (ends with a newline)."""
-        with self._lock:
-            lines = [
-                "# HELP recsys_http_requests_total HTTP requests by route, method and status.",
-                "# TYPE recsys_http_requests_total counter",
-            ]
-            for (route, method, status), n in sorted(self._requests.items()):
-                lines.append(
-                    f'recsys_http_requests_total{{route="{_label(route)}",method="{method}",'
-                    f'status="{status}"}} {n}'
-                )
-            lines += [
-                "# HELP recsys_http_request_duration_seconds Time inside the app per request.",
-                "# TYPE recsys_http_request_duration_seconds histogram",
-            ]
-            for route, h in sorted(self._latency.items()):
-                r = _label(route)
-                cum = 0
-                for le, c in zip(self._buckets, h.counts, strict=False):
-                    cum += c
-                    lines.append(f'{_HIST}_bucket{{route="{r}",le="{le}"}} {cum}')
-                lines.append(
-                    f'recsys_http_request_duration_seconds_bucket{{route="{r}",le="+Inf"}} {h.n}'
-                )
-                lines.append(f'recsys_http_request_duration_seconds_sum{{route="{r}"}} {h.total!r}')
-                lines.append(f'recsys_http_request_duration_seconds_count{{route="{r}"}} {h.n}')
-            lines += [
-                "# HELP recsys_model_info The model version being served (value 1).",
-                "# TYPE recsys_model_info gauge",
-            ]
-            if self._version is not None:
-                lines.append(f'recsys_model_info{{model_version="{_label(self._version)}"}} 1')
-            lines += [
-                "# HELP recsys_model_loaded 1 once a model bundle is serving, else 0.",
-                "# TYPE recsys_model_loaded gauge",
-                f"recsys_model_loaded {int(self._version is not None)}",
-                "# HELP recsys_model_reloads_total Admin reloads by result.",
-                "# TYPE recsys_model_reloads_total counter",
-            ]
-            for result, n in self._reloads.items():
-                lines.append(f'recsys_model_reloads_total{{result="{result}"}} {n}')
-            lines += [
-                "# HELP recsys_unhandled_errors_total Requests failed by an unexpected error.",
-                "# TYPE recsys_unhandled_errors_total counter",
-                f"recsys_unhandled_errors_total {self._unhandled}",
-            ]
-        return "\n".join(lines) + "\n"
+        """The exposition text (0.0.4; ends with a newline): every worker's, summed, when
+        several share the multiprocess folder, else this process's."""
+        if multiprocess():
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry).decode()
+        return generate_latest(self.registry).decode()
 
 
 def parse_histogram(text: str, name: str, labels: dict[str, str]) -> list[tuple[float, int]]:
@@ -139,7 +147,12 @@ def parse_histogram(text: str, name: str, labels: dict[str, str]) -> list[tuple[
             continue
         le = inside.split('le="', 1)[1].split('"', 1)[0]
         out.append((float("inf") if le == "+Inf" else float(le), int(float(value))))
+    out.sort(key=lambda b: b[0])
     return out
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 def histogram_quantile(buckets: list[tuple[float, int]], q: float) -> float:

@@ -328,4 +328,8 @@ class Health(BaseModel):
     freshness: str | None = Field(
         default=None, description="the features it reads: the live state (events) or batch"
     )
+    live: str | None = Field(
+        default=None,
+        description="the shared live state (Redis): in step, or stale and why (absent in process)",
+    )
     detail: str | None = None

@@ -1,6 +1,6 @@
 """`recsys serve`: check the bundle, then run the API in one process or several workers.
 
-serve(bundle, model_uri, host, port, workers, tracking_uri, event_log, access_log, events)
+serve(bundle, model_uri, host, port, workers, tracking_uri, event_log, access_log, events, redis)
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from recsys.errors import ConfigError
 from serving.app import create_app
 from serving.errors import details
+from serving.metrics import MULTIPROC_ENV
 from serving.settings import Settings
 from serving.source import load_model
 from serving.workers import run_workers
@@ -37,13 +38,16 @@ def serve(
     event_log: str | os.PathLike[str] | None = None,
     access_log: bool | None = None,
     events: bool = True,
+    redis: str | None = None,
 ) -> None:
     """Load the bundle (a folder, or a registered MLflow model) and serve it until stopped.
 
     Events (the live engine) are on by default with one worker: the event log is `event_log`,
     else RECSYS_EVENT_LOG, else `default_event_log(bundle)` beside the run's bundles (a
-    model URI has no such place: give one). events=False (`--no-events`), several workers or
-    a model URI without a log serve the batch ranker on features as of the cut-off.
+    model URI has no such place: give one). events=False (`--no-events`), several workers
+    without Redis or a model URI without a log serve the batch ranker on features as of the
+    cut-off. `redis` (else RECSYS_REDIS_URL): the live state shared through Redis
+    (serving/shared_events.py), so several workers (and replicas) take events and rank alike.
     access_log: a line per request on the terminal (None: RECSYS_ACCESS_LOG, default off).
 
     The bundle is loaded and checked before the server starts, so a bad one is a one-line
@@ -53,8 +57,9 @@ def serve(
     """
     import uvicorn
 
-    event_log, why_off = _event_log(bundle, model_uri, port, workers, event_log, events)
-    settings = _settings(bundle, model_uri, tracking_uri, event_log)
+    redis = redis or os.environ.get("RECSYS_REDIS_URL") or None
+    event_log, why_off = _event_log(bundle, model_uri, port, workers, event_log, events, redis)
+    settings = _settings(bundle, model_uri, tracking_uri, event_log, redis if event_log else None)
     source = settings.source
     assert source is not None
     model = load_model(source, settings)
@@ -62,6 +67,11 @@ def serve(
     ranker, freshness = model.served(live=event_log is not None)
     if event_log is not None:
         print(f"events on, log {event_log} (--no-events to turn off): ranker {ranker}, {freshness}")
+        if settings.redis_url:
+            from serving.shared_events import redacted
+
+            print(f"live state shared in Redis at {redacted(settings.redis_url)} "
+                  f"(prefix {settings.redis_prefix!r}), {workers} worker(s)")  # fmt: skip
     else:
         print(f"events off ({why_off}): ranker {ranker}, {freshness}")
     log_level = os.environ.get("RECSYS_LOG_LEVEL", "info").lower()
@@ -82,6 +92,7 @@ def _event_log(
     workers: int,
     event_log: str | os.PathLike[str] | None,
     events: bool,
+    redis: str | None = None,
 ) -> tuple[str | os.PathLike[str] | None, str | None]:
     """(the event log to use or None, why events are off) for `serve`'s arguments; a
     ConfigError for arguments that contradict each other."""
@@ -97,17 +108,17 @@ def _event_log(
     why_off = None
     if not events:
         why_off = "--no-events"
-    elif not event_log and workers > 1:
+    elif not event_log and workers > 1 and not redis:
         why_off = f"{workers} workers keep no shared live state"
     elif not event_log and bundle is None:
         why_off = "a model URI has no run folder for the log; give --event-log DIR"
     elif not event_log:
         event_log = default_event_log(Path(bundle))  # type: ignore[arg-type]
-    if workers > 1 and event_log:
+    if workers > 1 and event_log and not redis:
         raise ConfigError(
             "--event-log keeps the live state in one process; with several workers each would "
-            "count only its own events and the log would have several writers. Run one worker "
-            "with --event-log (shared state in Redis is not built yet), or several without it"
+            "count only its own events. Give --redis URL (RECSYS_REDIS_URL) to share it, run "
+            "one worker, or several with --no-events"
         )
     return event_log, why_off
 
@@ -117,6 +128,7 @@ def _settings(
     model_uri: str | None,
     tracking_uri: str | None,
     event_log: str | os.PathLike[str] | None,
+    redis: str | None = None,
 ) -> Settings:
     try:
         return Settings(
@@ -124,6 +136,7 @@ def _settings(
             model_uri=model_uri,
             tracking_uri=tracking_uri or os.environ.get("RECSYS_TRACKING_URI"),
             event_log=Path(event_log) if event_log else None,
+            redis_url=redis,
         )
     except ValidationError as e:
         raise ConfigError(f"server settings: {details(list(e.errors()))}") from e  # type: ignore[arg-type]
@@ -144,18 +157,34 @@ def _run_workers(
     assert source is not None
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(settings.native_threads))  # read as workers start
-    run_dir = None
+    run_dir = Path(tempfile.mkdtemp(prefix="recsys-serve-"))
     if settings.reload_file is None:  # admin reloads reach one worker; the others follow
-        run_dir = Path(tempfile.mkdtemp(prefix="recsys-serve-"))
         os.environ["RECSYS_RELOAD_FILE"] = str(run_dir / "reload.json")
+    os.environ[MULTIPROC_ENV] = str(_metrics_dir(run_dir))
     os.environ["RECSYS_BUNDLE" if from_bundle else "RECSYS_MODEL_URI"] = source
     os.environ.pop("RECSYS_MODEL_URI" if from_bundle else "RECSYS_BUNDLE", None)
     if settings.tracking_uri:
         os.environ["RECSYS_TRACKING_URI"] = settings.tracking_uri
+    for var, value in (("RECSYS_EVENT_LOG", settings.event_log),
+                       ("RECSYS_REDIS_URL", settings.redis_url)):  # fmt: skip
+        if value is not None:
+            os.environ[var] = str(value)
+        else:
+            os.environ.pop(var, None)
     try:
         run_workers(workers, host, port, log_level=log_level, access_log=access_log)
     except OSError as e:
         raise ConfigError(f"cannot listen on {host}:{port} ({e}); pick another --port") from e
     finally:
-        if run_dir is not None:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _metrics_dir(run_dir: Path) -> Path:
+    """The workers' prometheus_client folder (serving/metrics.py): PROMETHEUS_MULTIPROC_DIR if
+    given, emptied of an earlier run's files (they would be summed in), else one in `run_dir`."""
+    given = os.environ.get(MULTIPROC_ENV)
+    folder = Path(given) if given else run_dir / "metrics"
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.db"):
+        old.unlink()
+    return folder

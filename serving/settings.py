@@ -9,6 +9,10 @@ RECSYS_PRELOAD_ENCODER=true             load the encoder at start (new-item embe
 RECSYS_PREDICT_THREADS=1                LightGBM threads per prediction (1: workers scale)
 RECSYS_EVENT_LOG=/path/to/events        event log folder: turns on POST /v1/events and features
                                         as of now (unset: events off, features as of the cut-off)
+RECSYS_REDIS_URL=redis://host:6379/0    the live state shared by every worker and replica
+                                        (serving/shared_events.py; needs RECSYS_EVENT_LOG;
+                                        unset: each process keeps its own)
+RECSYS_REDIS_PREFIX=recsys              the Redis keys' prefix (one live state per prefix)
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ class Settings(BaseSettings):
     rank_threads: int = Field(default=1, ge=1, le=256)
     reload_file: Path | None = None
     event_log: Path | None = None
+    redis_url: str | None = None
+    redis_prefix: str = Field(default="recsys", min_length=1, max_length=64, pattern=r"^[\w.:-]+$")
     reload_poll_seconds: float = Field(default=1.0, gt=0, le=3600)
 
     @model_validator(mode="after")
@@ -42,6 +48,11 @@ class Settings(BaseSettings):
         if self.bundle is not None and self.model_uri is not None:
             raise ValueError(
                 "set RECSYS_BUNDLE or RECSYS_MODEL_URI, not both (the bundle to serve)"
+            )
+        if self.redis_url is not None and self.event_log is None:
+            raise ValueError(
+                "RECSYS_REDIS_URL shares the live state of events: set RECSYS_EVENT_LOG too "
+                "(the durable log Redis is seeded from)"
             )
         if self.admin_token is not None and len(self.admin_token.get_secret_value()) < 8:
             raise ValueError("RECSYS_ADMIN_TOKEN must be at least 8 characters (or unset)")

@@ -39,7 +39,15 @@ class AppState:
         )
         self.reload_lock = asyncio.Lock()
         self.applied_note: str | None = None  # the last cross-worker reload note applied
-        self.events = EventStore(settings.event_log) if settings.event_log is not None else None
+        self.events: EventStore | None = None
+        if settings.event_log is not None and settings.redis_url is not None:
+            from serving.shared_events import SharedEventStore
+
+            self.events = SharedEventStore(
+                settings.event_log, settings.redis_url, settings.redis_prefix
+            )
+        elif settings.event_log is not None:
+            self.events = EventStore(settings.event_log)
         self.computing = anyio.CapacityLimiter(settings.rank_threads)
 
     async def compute(self, fn: Callable[..., T], *args: Any) -> T:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import signal
 import socket
 import time
@@ -50,6 +51,15 @@ def _worker(host: str, port: int, log_level: str, access_log: bool) -> None:
     uvicorn.Server(config).run(sockets=[sock])
 
 
+def _forget_metrics(pid: int | None) -> None:
+    """A dead worker's live gauges leave the shared metrics (its counters stay summed)."""
+    if pid is None or not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)
+
+
 def run_workers(
     n: int, host: str, port: int, *, log_level: str = "info", access_log: bool = True
 ) -> None:
@@ -78,6 +88,7 @@ def run_workers(
             for i, p in enumerate(procs):
                 if not p.is_alive() and not stopping:
                     logger.warning("worker %s exited with %s; starting another", p.pid, p.exitcode)
+                    _forget_metrics(p.pid)
                     procs[i] = start()
     finally:
         for p in procs:

@@ -321,3 +321,15 @@ def client() -> Iterator[Any]:
 
     with httpx.Client(timeout=60) as c:
         yield c
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Any]:
+    """A redis-server of this test's own on 127.0.0.1 (tests/servers.py: RedisServer)."""
+    from servers import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()

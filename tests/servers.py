@@ -81,3 +81,59 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) 
     while not condition():
         assert time.monotonic() < deadline, f"no {what} within {timeout:g} s"
         time.sleep(0.01)
+
+
+class RedisServer:
+    """A real `redis-server` on 127.0.0.1:<free port>, no persistence (`--save ""
+    --appendonly no`), never the system's service. stop() and start() again on the same port
+    stand for an outage and a restart that lost the data."""
+
+    def __init__(self, workdir: Path) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        sock.close()
+        self.workdir = workdir
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._proc: Any = None
+
+    def start(self, timeout: float = 30.0) -> RedisServer:
+        import subprocess
+
+        import redis
+
+        exe = shutil.which("redis-server")
+        assert exe, "redis-server is not installed: `make setup` installs it (apt-get)"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._proc = subprocess.Popen(
+            [exe, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir), "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    if client.ping():
+                        return self
+                except redis.ConnectionError:
+                    pass
+                if self._proc.poll() is not None:
+                    err = self._proc.stderr.read().decode(errors="replace")
+                    raise RuntimeError(f"redis-server exited with {self._proc.returncode}: {err}")
+                assert time.monotonic() < deadline, f"redis-server not up within {timeout:g} s"
+                time.sleep(0.01)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            self._proc.wait(timeout=30)
+        self._proc = None
+
+    def client(self) -> Any:
+        import redis
+
+        return redis.Redis.from_url(self.url)

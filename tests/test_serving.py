@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import shutil
 import subprocess
@@ -70,9 +71,10 @@ def test_metrics_text_and_quantiles():
     m.reload(ok=False)
     m.unhandled_error()
     text = m.render()
-    assert 'recsys_http_requests_total{route="/v1/rank",method="POST",status="200"} 4' in text
-    assert 'recsys_http_requests_total{route="/v1/rank",method="POST",status="422"} 1' in text
-    assert 'recsys_model_info{model_version="v\\"1"} 1' in text
+    # prometheus_client's text: labels in name order, values as floats
+    assert 'recsys_http_requests_total{method="POST",route="/v1/rank",status="200"} 4.0' in text
+    assert 'recsys_http_requests_total{method="POST",route="/v1/rank",status="422"} 1.0' in text
+    assert 'recsys_model_info{model_version="v\\"1"} 1.0' in text
     assert 'recsys_model_reloads_total{result="ok"} 1' in text
     assert 'recsys_model_reloads_total{result="error"} 1' in text
     assert "recsys_unhandled_errors_total 1" in text
@@ -83,6 +85,38 @@ def test_metrics_text_and_quantiles():
     assert histogram_quantile(buckets, 0.5) == pytest.approx(0.001 * 2.5 / 3)
     assert histogram_quantile(buckets, 0.9) == pytest.approx(0.01 + 0.09 * 0.5)
     assert math.isnan(histogram_quantile([], 0.5))
+
+
+_WORKER = """
+import sys
+from serving.metrics import Metrics
+m = Metrics()
+n = int(sys.argv[1])
+for _ in range(n):
+    m.observe("/v1/rank", "POST", 200, 0.002)
+m.model_loaded("v1")
+m.events(accepted=n, duplicates=1, rejected=0)
+m.live_items(n)
+if sys.argv[2] == "render":
+    print(m.render())
+"""
+
+
+def test_metrics_of_several_worker_processes_are_summed(tmp_path):
+    """Two worker processes with PROMETHEUS_MULTIPROC_DIR (as `recsys serve --workers N` sets
+    it): a scrape of either shows the requests and events of both."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    run = [sys.executable, "-c", _WORKER]
+    subprocess.run([*run, "3", "-"], env=env, check=True, timeout=120)
+    out = subprocess.run([*run, "4", "render"], env=env, check=True, timeout=120,
+                         capture_output=True, text=True).stdout  # fmt: skip
+    assert 'recsys_http_requests_total{method="POST",route="/v1/rank",status="200"} 7.0' in out
+    buckets = parse_histogram(out, "recsys_http_request_duration_seconds", {"route": "/v1/rank"})
+    assert buckets[-1] == (math.inf, 7) and dict(buckets)[0.002] == 7
+    assert 'recsys_events_total{result="accepted"} 7.0' in out
+    assert 'recsys_events_total{result="duplicate"} 2.0' in out
+    assert 'recsys_model_info{model_version="v1"} 1.0' in out
+    assert "recsys_model_loaded 1.0" in out and "recsys_live_items 4.0" in out
 
 
 def test_settings_from_environment(monkeypatch, tmp_path):
@@ -230,9 +264,9 @@ def test_metrics_count_requests_by_route(empty_server, client):
     client.post(f"{empty_server.url}/v1/rank", json={"candidates": []})
     client.get(f"{empty_server.url}/v1/recommendations/someone")
     text = client.get(f"{empty_server.url}/metrics").text
-    assert 'route="/healthz",method="GET",status="200"' in text
-    assert 'route="/v1/rank",method="POST",status="422"' in text
-    assert 'route="/v1/recommendations/{user_id}",method="GET",status="503"' in text
+    assert 'method="GET",route="/healthz",status="200"' in text
+    assert 'method="POST",route="/v1/rank",status="422"' in text
+    assert 'method="GET",route="/v1/recommendations/{user_id}",status="503"' in text
     assert 'recsys_http_request_duration_seconds_count{route="/healthz"}' in text
     assert "recsys_model_loaded 0" in text
 
@@ -961,6 +995,65 @@ def test_recsys_serve_command(bundle_dir, second_bundle, tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "not a model bundle" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_recsys_serve_with_redis_runs_several_workers_with_events(
+    bundle_dir, serving_model, tmp_path, redis_server
+):
+    """`recsys serve --workers 2 --redis URL`: events reach whichever worker a connection
+    lands on, and every worker then counts them and ranks alike; a repeat sent again is a
+    duplicate wherever it lands; /metrics of any worker sums the events of both."""
+    from datetime import timedelta
+
+    cut = serving_model.bundle.snapshot.as_of
+    user, items = sorted(serving_model.histories.ptr)[0], list(serving_model.bundle.vectors.ids[:6])
+    iso = lambda t: t.isoformat().replace("+00:00", "Z")  # noqa: E731
+    events = [
+        {
+            "event_id": f"imp-{n}",
+            "type": "impression",
+            "ts": iso(cut),
+            "user_id": user,
+            "request_id": f"r{n}",
+            "items": items,
+        }
+        for n in range(3)
+    ]
+    events += [
+        {
+            "event_id": f"click-{n}",
+            "type": "click",
+            "ts": iso(cut),
+            "user_id": user,
+            "request_id": f"r{n}",
+            "item_id": items[n],
+        }
+        for n in range(3)
+    ]
+    body = {"user_id": user, "candidates": items, "at": iso(cut + timedelta(minutes=30))}
+    log = tmp_path / "serve.log"
+    args = ["--bundle", str(bundle_dir), "--workers", "2", "--event-log", str(tmp_path / "ev"),
+            "--redis", redis_server.url]  # fmt: skip
+    with serve_command(args, log) as url:
+        r = httpx.post(f"{url}/v1/events", json={"events": events})
+        assert r.json() == {"accepted": 6, "duplicates": 0, "rejected": []}, r.text
+
+        def every_worker_counted() -> bool:  # a new connection each: both workers answer
+            lines = {httpx.get(f"{url}/readyz").json()["live"] for _ in range(20)}
+            return all(", 6 events applied" in line for line in lines)
+
+        wait_until(every_worker_counted, "the events on every worker")
+        ranked = {json.dumps(httpx.post(f"{url}/v1/rank", json=body).json()["items"])
+                  for _ in range(20)}  # fmt: skip
+        assert len(ranked) == 1
+        again = httpx.post(f"{url}/v1/events", json={"events": events}).json()
+        assert again == {"accepted": 0, "duplicates": 6, "rejected": []}
+        for _ in range(5):
+            text = httpx.get(f"{url}/metrics").text
+            assert 'recsys_events_total{result="accepted"} 6.0' in text
+            assert 'recsys_events_total{result="duplicate"} 6.0' in text
+    assert "live state shared in Redis at redis://127.0.0.1" in log.read_text()
 
 
 @pytest.mark.slow

@@ -179,6 +179,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         event_log=args.event_log,
         access_log=args.access_log or None,
         events=not args.no_events,
+        redis=args.redis,
     )
     return 0
 
@@ -364,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no events: the batch ranker on features as of the cut-off (the default with "
         "several workers)",
+    )
+    p.add_argument(
+        "--redis",
+        default=None,
+        metavar="URL",
+        help="share the live state (counts, histories, live items, event ids) in Redis, e.g. "
+        "redis://127.0.0.1:6379/0, so several workers take events (also RECSYS_REDIS_URL)",
     )
     p.add_argument(
         "--access-log",

@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from serving.responses import ERROR_RESPONSES, error_response, json_body, json_response
 from serving.schemas import MAX_EVENTS, ErrorResponse, EventsRequest, EventsResponse
+from serving.shared_events import LiveStateUnavailable
 from serving.state import ready_model, serving_state
 
 logger = logging.getLogger("serving")
@@ -48,6 +49,14 @@ async def events(request: Request) -> Any:
     except OSError as e:
         logger.error("event log write failed: %s", e)
         return error_response(503, f"could not write the event log ({e}); nothing accepted, retry")
+    except LiveStateUnavailable as e:
+        return error_response(
+            503,
+            f"{e}: these events are logged but not counted yet; retry them with the same "
+            "event ids (a repeated id counts once). /v1/rank keeps ranking from the last state",
+        )
+    state.metrics.events(result["accepted"], result["duplicates"], len(result["rejected"]))
+    state.metrics.live_items(len(ready_model(state).live.items.ids))
     return json_response(result)
 
 
@@ -59,7 +68,10 @@ def add_routes(app: FastAPI) -> None:
         responses={
             **ERROR_RESPONSES,
             409: {"model": ErrorResponse, "description": "events are off (no RECSYS_EVENT_LOG)"},
-            503: {"model": ErrorResponse, "description": "no bundle yet, or the log is unwritable"},
+            503: {
+                "model": ErrorResponse,
+                "description": "no bundle yet, the log is unwritable, or Redis is unreachable",
+            },
         },
         openapi_extra=json_body(EventsRequest, required=True),
     )(events)

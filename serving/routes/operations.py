@@ -37,16 +37,24 @@ async def readyz(request: Request) -> Any:
     state = serving_state(request)
     if state.model is not None:
         ranker, freshness = state.model.served(live=state.events is not None)
+        shared = state.events.live_status() if state.events is not None else None
+        # stale shared state still serves (every worker shares the outage: a 503 here would
+        # take them all out of the balancer), and says so
         return Health(status="ready", model_version=state.model.model_version,
-                      ranker=ranker, freshness=freshness)  # fmt: skip
+                      ranker=ranker, freshness=freshness,
+                      live=shared[1] if shared is not None else None)  # fmt: skip
     return JSONResponse(
         Health(status=state.status, detail=state.detail).model_dump(exclude_none=True), 503
     )
 
 
 async def prometheus(request: Request) -> Response:
-    """Prometheus text: requests, latency histogram, model version, reloads, errors."""
-    return Response(serving_state(request).metrics.render(), media_type=CONTENT_TYPE)
+    """Prometheus text: requests, latency histogram, model version, reloads, errors, events;
+    with several workers, all of them (serving/metrics.py)."""
+    state = serving_state(request)
+    if state.model is not None and state.events is not None:
+        state.metrics.live_items(len(state.model.live.items.ids))
+    return Response(await run_in_threadpool(state.metrics.render), media_type=CONTENT_TYPE)
 
 
 async def reload(request: Request) -> Any:
