@@ -63,6 +63,12 @@ def default_tracking_uri(base_dir: str | Path) -> str:
 
 
 def _quiet_mlflow() -> None:
+    """MLflow's INFO lines off; its artifact progress bars only when verbose (RECSYS_LOG_LEVEL
+    DEBUG: recsys.logs)."""
+    from recsys import logs
+
+    if not logs.verbose():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow", "alembic", "mlflow.store.db.utils"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -202,6 +202,10 @@ def _embed_on_ray(
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=num_cpus,
         num_gpus=num_gpus,
+        # Ray Data restarts a dead actor by default, but its constructor arguments live in the
+        # object store, from where a restart cannot rebuild it (ray-project/ray#53727; Ray
+        # says so on the terminal). A dead actor fails the stage instead; the nightly resumes.
+        max_restarts=0,
     )
     row_of: dict[str, int] = {}
     vectors: list[np.ndarray] = []
