@@ -41,12 +41,15 @@ def champion(nightly: Any) -> Iterator[Any]:
 def _requests(model: Any) -> list[dict[str, Any]]:
     """Known users, a history alone, a user with a history, an unknown candidate."""
     bundle = model.bundle
-    users = sorted(model.histories.ptr)[:3]
+    users = sorted(model.histories.ptr)[:4]
     items = bundle.vectors.ids
     return [
-        *({"user_id": u, "candidates": items[10 * j : 10 * j + 25]} for j, u in enumerate(users)),
+        *(
+            {"user_id": u, "candidates": items[10 * j : 10 * j + 25]}
+            for j, u in enumerate(users[:3])
+        ),
         {"history": items[40:43], "candidates": items[:20]},
-        {"user_id": users[0], "history": items[50:52], "candidates": items[60:80]},
+        {"user_id": users[3], "history": items[50:52], "candidates": items[60:80]},
         {"user_id": "someone-new", "candidates": [*items[:5], "not-in-the-bundle"]},
     ]
 
