@@ -145,7 +145,10 @@ class MlflowTracker:
     def stage(self, name: str) -> Iterator[MlflowTracker]:
         import mlflow
 
-        with mlflow.start_run(run_name=name, nested=True) as r:
+        # in the parent's experiment (by default MLflow would put it in the active one, and the
+        # UI would not show it under its parent)
+        exp = self._run.info.experiment_id
+        with mlflow.start_run(run_name=name, nested=True, experiment_id=exp) as r:
             yield MlflowTracker(r)
 
 

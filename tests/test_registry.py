@@ -94,7 +94,7 @@ def test_registry_gate_fails_closed(tmp_path: Path, bundle_dir: Path) -> None:
         assert str(mv.version) == win["version"] == "4"
         assert float(mv.tags["gate.diff"]) == pytest.approx(win["gate"]["diff"])
         assert "becomes champion" in mv.tags["decision"]
-        assert mv.source.startswith("models:/") and mv.model_id  # the logged pyfunc model
+        assert mv.source.startswith("models:/m-")  # the logged pyfunc model
         run = client.get_run(mv.run_id)
         assert run.data.tags["gate.promoted"] == "true"
         assert "gate.json" in {a.path for a in client.list_artifacts(mv.run_id)}
