@@ -22,6 +22,8 @@ import polars as pl
 
 from experiments.tracking import _metric_key, _quiet_mlflow
 from recsys.metrics import paired_difference
+from serving.pyfunc import log_bundle_model
+from serving.source import resolve_source
 
 logger = logging.getLogger(__name__)
 ALIAS = "champion"
@@ -59,7 +61,9 @@ def register_bundle(
     gate_scores: GateScores,
     margin_se: float = 2.0,
 ) -> dict[str, Any]:
-    """Log `bundle_dir` to the active run, register it and decide whether it becomes champion.
+    """Log `bundle_dir` to the active run as a pyfunc model (serving/pyfunc.py: what
+    `mlflow.pyfunc.load_model("models:/NAME@champion")` and `recsys serve --model-uri` load),
+    register it and decide whether it becomes champion.
 
     gate_scores(bundle_path): the bundle's scores on the gate slice (see the module docstring),
     called for this bundle and for the champion's downloaded copy. validation and
@@ -70,8 +74,7 @@ def register_bundle(
 
     _quiet_mlflow()
     client = mlflow.MlflowClient(tracking_uri)
-    mlflow.log_artifacts(str(bundle_dir), artifact_path="bundle")
-    run = client.get_run(run_id)
+    info = log_bundle_model(bundle_dir)
     try:
         client.get_registered_model(model_name)
     except MlflowException:
@@ -79,7 +82,7 @@ def register_bundle(
     tags = {_metric_key(f"valid.{k}"): str(v) for k, v in validation.items()}
     tags["validation_key"] = validation_key
     mv = client.create_model_version(
-        model_name, source=f"{run.info.artifact_uri}/bundle", run_id=run_id, tags=tags
+        model_name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id
     )
     try:
         champ = client.get_model_version_by_alias(model_name, ALIAS)
@@ -93,10 +96,8 @@ def register_bundle(
         ours = theirs = None
         try:
             ours = gate_scores(str(bundle_dir))
-            path = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{model_name}/{champ.version}", tracking_uri=tracking_uri
-            )
-            theirs = gate_scores(path)
+            path = resolve_source(f"models:/{model_name}/{champ.version}", tracking_uri)
+            theirs = gate_scores(str(path))
         except Exception as e:  # fail closed: the champion keeps the alias
             who = "this version" if ours is None else f"{ALIAS} version {champ.version}"
             logger.warning("could not score %s on the gate slice: %s", who, e)

@@ -63,6 +63,12 @@ def default_tracking_uri(base_dir: str | Path) -> str:
 
 
 def _quiet_mlflow() -> None:
+    """MLflow's INFO lines off; its artifact progress bars only when verbose (RECSYS_LOG_LEVEL
+    DEBUG: recsys.logs)."""
+    from recsys import logs
+
+    if not logs.verbose():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow", "alembic", "mlflow.store.db.utils"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -139,7 +145,10 @@ class MlflowTracker:
     def stage(self, name: str) -> Iterator[MlflowTracker]:
         import mlflow
 
-        with mlflow.start_run(run_name=name, nested=True) as r:
+        # in the parent's experiment (by default MLflow would put it in the active one, and the
+        # UI would not show it under its parent)
+        exp = self._run.info.experiment_id
+        with mlflow.start_run(run_name=name, nested=True, experiment_id=exp) as r:
             yield MlflowTracker(r)
 
 

@@ -22,6 +22,7 @@ import math
 import os
 import resource
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,24 +186,32 @@ def _embed_on_ray(
     # catalogue while the second is still importing torch.
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.wait_for_min_actors_s = max(data_ctx.wait_for_min_actors_s, ACTORS_READY_S)
-    out = ds.map_batches(
-        EmbedActor,
-        fn_constructor_kwargs={
-            "encoder_path": encoder_path,
-            "quantize": config.quantize,
-            "max_length": config.max_length,
-            "template": config.template,
-            "batch_size": config.batch_size,
-            "threads": threads,
-            "expected_id": encoder_id,
-        },
-        batch_size=min(RAY_BATCH, size),  # a block per call: bundling blocks up to a larger
-        # batch would hand a small catalogue to one actor
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-    )
+    # Ray Data restarts a dead actor by default, but its constructor arguments live in the
+    # object store, from where a restart cannot rebuild it (ray-project/ray#53727; Ray says so
+    # on the terminal). A dead actor fails the stage instead; the nightly resumes. Ray 2.60
+    # has no named parameter for it: its own docs (ActorPoolMapOperator) say to pass
+    # max_restarts=0 as an extra remote argument, which it also marks deprecated (for 2.64).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
+        out = ds.map_batches(
+            EmbedActor,
+            fn_constructor_kwargs={
+                "encoder_path": encoder_path,
+                "quantize": config.quantize,
+                "max_length": config.max_length,
+                "template": config.template,
+                "batch_size": config.batch_size,
+                "threads": threads,
+                "expected_id": encoder_id,
+            },
+            batch_size=min(RAY_BATCH, size),  # a block per call: bundling blocks up to a larger
+            # batch would hand a small catalogue to one actor
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            max_restarts=0,
+        )
     row_of: dict[str, int] = {}
     vectors: list[np.ndarray] = []
     per_actor: dict[str, int] = {}

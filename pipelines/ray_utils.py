@@ -12,6 +12,7 @@ from typing import Any
 
 import ray
 
+from recsys import logs
 from recsys.errors import ConfigError
 
 # Worker processes inherit these: never download, no tokenizer thread pools fighting torch.
@@ -29,27 +30,43 @@ def init_ray(
 
     address: a Ray cluster ("ray://host:10001", "host:6379" or "auto"); None starts a local
         Ray with `num_cpus` CPUs (default: $RECSYS_RAY_CPUS, else every core) and a small
-        object store, without dashboard and without worker logs on the driver.
+        object store, without dashboard.
+
+    Ray's own logs (its driver-side INFO lines, the workers' output) stay in its log folder
+    (/tmp/ray/session_latest/logs) unless the process is verbose (recsys/logs.py).
     """
     if ray.is_initialized():
         return False
-    runtime_env: dict[str, Any] = {"env_vars": dict(WORKER_ENV)}
+    verbose = logs.verbose()
+    quiet: dict[str, Any] = {
+        "log_to_driver": verbose,
+        "logging_level": logging.DEBUG if verbose else logging.WARNING,
+    }
+    runtime_env: dict[str, Any] = {
+        "env_vars": {**WORKER_ENV, logs.ENV: logging.getLevelName(logs.current())}
+    }
     if address:
         try:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+            ray.init(address=address, runtime_env=runtime_env, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConfigError(
                 f"cannot connect to the Ray cluster at {address!r} ({e}); check --ray-address "
                 "or leave it unset to run on a local Ray"
             ) from e
         return True
+    # A local Ray turns token authentication on by default (kept) and says so on the terminal
+    # each start ("Token authentication is enabled ..."): that notice only when verbose.
+    # (RAY_AUTH_MODE=token would say it without the notice, but only if set before Ray is
+    # imported: Ray reads its config once, and a driver that read "disabled" is refused.)
+    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    auth.setLevel(logging.NOTSET if verbose else logging.ERROR)
     ray.init(
         num_cpus=num_cpus or _local_cpus(),
         object_store_memory=object_store_memory,
         include_dashboard=False,
-        log_to_driver=False,
         ignore_reinit_error=True,
         runtime_env=runtime_env,
+        **quiet,
     )
     return True
 
@@ -81,10 +98,15 @@ def node_cpus() -> int:
 
 
 def quiet_ray_data() -> None:
-    """No progress bars or per-run INFO logs from Ray Data (jobs print their own summary)."""
+    """No progress bars or per-run INFO logs from Ray Data (jobs print their own progress),
+    unless verbose. Ray Data warns once that its bars are off, from its progress module: that
+    notice only when verbose."""
     import ray.data
 
+    verbose = logs.verbose()
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+    logging.getLogger("ray.data").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    notice = logging.getLogger("ray.data._internal.progress")
+    notice.setLevel(logging.NOTSET if verbose else logging.ERROR)

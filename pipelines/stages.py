@@ -146,16 +146,33 @@ class StageRunner:
     def run(self, name: str, fn: Callable[..., S], **inputs: Any) -> StageResult[S]:
         """`fn(ctx, **inputs)` unless stage `name` is done with the same inputs; its result is
         typed by `fn`'s return annotation, rebuilt from JSON both when it ran and when it was
-        reused (so a resumed run sees exactly what a fresh one sees)."""
+        reused (so a resumed run sees exactly what a fresh one sees). With a tracker, the
+        stage is a run of its own nested under the tracker's (`ctx.env.tracker` is that run),
+        with its seconds and whether it was reused."""
+        tracker = self.env.tracker
+        if tracker is None:
+            return self._run(name, fn, self.env, inputs)
+        with tracker.stage(name) as t:
+            res = self._run(name, fn, dataclasses.replace(self.env, tracker=t), inputs)
+            t.set_tags(
+                {"stage.reused": str(res.skipped).lower(), "stage.fingerprint": res.fingerprint}
+            )
+            if not res.skipped:
+                t.log_metrics({"seconds": res.seconds, "cpu_seconds": res.cpu_seconds})
+        return res
+
+    def _run(
+        self, name: str, fn: Callable[..., S], env: StageEnv, inputs: dict[str, Any]
+    ) -> StageResult[S]:
         fingerprint = json_digest({"stage": name, **fingerprint_of(inputs)})
         kind = typing.get_type_hints(fn).get("return", Any)
         final = self.run_dir / name
         info = self.done(name, fingerprint)
         if info is not None:
-            self.env.log(f"[{name}] unchanged inputs, reusing {final}")
+            env.log(f"[{name}] unchanged inputs, reusing {final}")
             summary = from_json(kind, info.get("summary"))
             return self._record(StageResult(name, final, fingerprint, summary, True, 0.0, 0.0))
-        self.env.log(f"[{name}] running ...")
+        env.log(f"[{name}] running ...")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.run_dir.glob(f".{name}.*.tmp"):  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
@@ -163,9 +180,7 @@ class StageRunner:
         previous = final if final.is_dir() else None
         t0, c0 = time.perf_counter(), time.process_time()
         try:
-            out = json.loads(
-                json.dumps(to_json(fn(StageContext(work, previous, self.env), **inputs)))
-            )
+            out = json.loads(json.dumps(to_json(fn(StageContext(work, previous, env), **inputs))))
             seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
             write_json(
                 {"fingerprint": fingerprint, "summary": out, "seconds": seconds}, work / MARKER
@@ -174,7 +189,7 @@ class StageRunner:
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
-        self.env.log(f"[{name}] done in {seconds:.1f}s")
+        env.log(f"[{name}] done in {seconds:.1f}s")
         res = StageResult(name, final, fingerprint, from_json(kind, out), False, seconds, cpu)
         return self._record(res)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import polars as pl
 
+from experiments.tracking import NullTracker
 from recsys.encoder import EncoderConfig, FinetuneConfig
 from recsys.evaluation import BATCH, MODES, batch_moments, requests, valid_auc
 from recsys.featurize import ONLINE, FeatureSpec, point_in_time_frame, semantic_only
@@ -53,19 +54,19 @@ def finetune(
     from pipelines.finetune import run_finetune
 
     data = read_tables(validated.path).before(split.summary.encoder_at)
-    with ctx.env.tracker.stage("finetune") as t:
+    t = ctx.env.tracker or NullTracker()  # the stage's own run (nested under the nightly's)
 
-        def on_epoch(m: dict[str, Any]) -> None:
-            metrics = {k: v for k, v in m.items() if isinstance(v, int | float)}
-            t.log_metrics(metrics, step=int(m.get("epoch", 0)))
+    def on_epoch(m: dict[str, Any]) -> None:
+        metrics = {k: v for k, v in m.items() if isinstance(v, int | float)}
+        t.log_metrics(metrics, step=int(m.get("epoch", 0)))
 
-        uri = ctx.env.tracking_uri
-        rep = run_finetune(
-            data, ctx.work / "encoder", config, ray_address=ctx.env.ray_address,
-            on_epoch=on_epoch, mlflow_run=(uri, t.run_id) if t.run_id else None, log=ctx.env.log,
-        )  # fmt: skip
-        if rep.fell_back:
-            t.set_tags({"finetune.fell_back": "true"})
+    uri = ctx.env.tracking_uri
+    rep = run_finetune(
+        data, ctx.work / "encoder", config, ray_address=ctx.env.ray_address,
+        on_epoch=on_epoch, mlflow_run=(uri, t.run_id) if t.run_id else None, log=ctx.env.log,
+    )  # fmt: skip
+    if rep.fell_back:
+        t.set_tags({"finetune.fell_back": "true"})
     return Finetuned(
         losses=[float(x) for x in rep.losses],
         val_metrics={k: float(v) for k, v in rep.val_metrics.items()},

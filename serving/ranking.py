@@ -12,12 +12,14 @@ the semantic features and one LightGBM call on the whole candidate batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import polars as pl
 
 from features import SnapshotIndex
+from features.live import epoch_us
 from recsys.bundle import Bundle
 from recsys.errors import DataError
 from recsys.rules import ListRules
@@ -89,6 +91,21 @@ class ServingModel:
         the batch job's `ranker.predict` (the online ranker's with `at_us`). (Threads: the
         server caps OpenMP at one per worker, see serving/lifespan.py.)"""
         return self.featurizer.head(at_us).ranker.predict(x)
+
+    def moment(self, at: datetime | None, events: bool) -> int | None:
+        """The `at_us` that `rank` takes for a request's `at` (None: not given), on a server
+        with events (`events`: features from the live state as of `at`, default now) or
+        without (None: the batch ranker, features as of the cut-off, whatever `at` says).
+        A `ValueError` naming the cut-off when `at` is before it."""
+        if at is not None:
+            asked = epoch_us(at)
+            if asked < self.as_of_us:
+                raise ValueError(
+                    f"at {at.isoformat()} is before the bundle's cut-off "
+                    f"{self.bundle.snapshot.as_of.isoformat()}; give a later moment"
+                )
+            return asked if events else None
+        return max(epoch_us(datetime.now(UTC)), self.as_of_us) if events else None
 
     def strategy(self, user_id: str | None, history: Sequence[str], live: bool = False) -> str:
         """profile / profile+history / history / popularity. With live features (`live`) any

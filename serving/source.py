@@ -12,15 +12,20 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from recsys import logs
 from recsys.bundle import Bundle
 from recsys.errors import DataError, RecsysError
 from serving.ranking import ServingModel
 from serving.settings import Settings
 
+BUNDLE = "bundle"  # the bundle's artifact key in the pyfunc model (serving/pyfunc.py)
+
 
 def resolve_source(source: str, tracking_uri: str | None = None) -> Path:
     """A local bundle folder for `source`: a path as is, or a registered model
-    (`models:/NAME@ALIAS`, `models:/NAME/VERSION`) or other MLflow artifact URI, downloaded.
+    (`models:/NAME@ALIAS`, `models:/NAME/VERSION`) or other MLflow artifact URI, downloaded:
+    the bundle artifact of the pyfunc model (serving/pyfunc.py) a version holds, or the bare
+    bundle folder of a version registered before it.
     The registry is looked up at `tracking_uri` (None: MLflow's default). Download errors
     become a `DataError`."""
     if "\x00" in source:  # no file system accepts it (os calls raise ValueError)
@@ -30,7 +35,7 @@ def resolve_source(source: str, tracking_uri: str | None = None) -> Path:
         # even if the nightly flips the pointer meanwhile.
         return Path(source).resolve()
     try:
-        return Path(_download(source, tracking_uri))
+        return bundle_of(_download(source, tracking_uri))
     except Exception as e:
         raise DataError(
             f"{source}: could not download the bundle from MLflow ({type(e).__name__}: "
@@ -45,6 +50,8 @@ def _download(uri: str, tracking_uri: str | None) -> str:
     reloads of the same version download nothing."""
     import mlflow
 
+    if not logs.verbose():  # MLflow's progress bars only when verbose
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if not uri.startswith("models:/"):
         return str(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
     # Resolve the version here: download_artifacts alone would ask the default registry.
@@ -61,7 +68,7 @@ def _download(uri: str, tracking_uri: str | None) -> str:
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in mv.name)
     key = hashlib.sha256(f"{tracking_uri}|{source}".encode()).hexdigest()[:12]
     dest = Path(tempfile.gettempdir()) / "recsys-bundles" / f"{safe}-v{mv.version}-{key}"
-    if (dest / "manifest.json").is_file():
+    if (dest / "manifest.json").is_file() or (dest / "MLmodel").is_file():
         return str(dest)  # Bundle.load still checks every part
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
@@ -74,6 +81,20 @@ def _download(uri: str, tracking_uri: str | None) -> str:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return str(dest)
+
+
+def bundle_of(model_dir: str | Path) -> Path:
+    """The bundle folder in a downloaded model version: the `bundle` artifact of a pyfunc
+    model, or the folder itself for a version that holds a bare bundle (those registered
+    before the pyfunc model)."""
+    path = Path(model_dir)
+    if (path / "manifest.json").is_file() or not (path / "MLmodel").is_file():
+        return path
+    from mlflow.models import Model
+
+    flavor = Model.load(str(path)).flavors.get("python_function", {})
+    art = flavor.get("artifacts", {}).get(BUNDLE, {})
+    return path / art["path"] if "path" in art else path
 
 
 def load_model(source: str, settings: Settings) -> ServingModel:

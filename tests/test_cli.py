@@ -1,5 +1,6 @@
 """The CLI: help everywhere, one-line errors with exit code 2."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -28,7 +29,40 @@ def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
     assert e.value.code == 0
-    assert "usage: recsys " + command in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage: recsys " + command in out
+    assert "--verbose" in out and "--quiet" in out
+
+
+def test_log_level_from_the_flags_or_the_environment(monkeypatch, tmp_path, capsys):
+    import logging
+
+    from recsys import logs
+
+    root = logging.getLogger()  # main() configures the process: undone after the test
+    for name, value in (("level", root.level), ("handlers", list(root.handlers))):
+        monkeypatch.setattr(root, name, value)
+    monkeypatch.setattr(logs, "_configured", False)
+    monkeypatch.setenv(logs.ENV, "warning")
+    assert logs.level_from() == logging.WARNING
+    assert logs.level_from(verbose=True) == logging.DEBUG  # the flag wins
+    monkeypatch.delenv(logs.ENV)
+    assert logs.level_from() == logging.INFO
+    assert logs.level_from(quiet=True) == logging.WARNING
+    # a level no one can mean: one line, exit 2, before any work
+    monkeypatch.setenv(logs.ENV, "LOUD")
+    assert main(["generate", "--out", str(tmp_path / "d"), "--items", "5"]) == 2
+    assert "RECSYS_LOG_LEVEL='LOUD': give one of DEBUG, INFO, WARNING, ERROR" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "d").exists()
+    with pytest.raises(SystemExit):  # argparse: not both
+        build_parser().parse_args(["generate", "--out", "x", "-v", "-q"])
+    # the level reaches processes started later (Ray workers follow RECSYS_LOG_LEVEL)
+    monkeypatch.setenv(logs.ENV, "INFO")
+    assert main(["generate", "--out", str(tmp_path / "q"), "--items", "20", "--users", "5",
+                 "--shown", "50", "--quiet"]) == 0  # fmt: skip
+    assert os.environ[logs.ENV] == "WARNING" and not logs.progress()
 
 
 def test_generate_writes_a_dataset_of_the_sizes_asked_for(tmp_path, capsys):
@@ -119,9 +153,16 @@ def test_evaluate_command_reproduces_the_nightly_figures(nightly, capsys):
 def test_compare_command_shows_the_tracked_runs(nightly, capsys):
     assert main(["compare", "--tracking-uri", nightly.tracking_uri]) == 0
     text = capsys.readouterr().out
-    rows = [line.split() for line in text.splitlines() if line.startswith("nightly ")]
-    assert len(rows) == 1, text  # the latest run of the session's config
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.strip()}
+    # one column per config (other tests of the session may have added theirs): the latest
+    # run of the session's config
+    col = rows["figure"].index("nightly")
+    fig = {k: v[col] for k, v in rows.items() if len(v) > col}
     test = {r["model"]: r for r in nightly.result.evaluation}["lgbm_full"]
-    assert rows[0][2] == f"{test['ndcg@10']:.4f}", text  # lgbm_full's test nDCG@10
+    assert fig["test.ndcg_at_10"] == f"{test['ndcg@10']:.4f}", text  # lgbm_full's
+    online = {r["model"]: r for r in nightly.result.online["test"]}["lgbm_full"]
+    assert fig["test_online.ndcg_at_10"] == f"{online['ndcg@10']:.4f}", text
+    assert fig["shipped"] == fig["shipped_online"] == "lgbm_full", text
+    assert float(fig["wall_s"]) >= float(fig["finetune_s"]) >= 0, text  # a rerun reuses all
     code = main(["compare", "--tracking-uri", nightly.tracking_uri, "--experiment", "nope"])
     assert code == 2 and "no MLflow experiment 'nope'" in capsys.readouterr().err

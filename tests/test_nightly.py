@@ -193,10 +193,24 @@ def test_mlflow_run_and_champion(nightly, tmp_path):
     assert "test.lgbm_full.ndcg_at_10" in run.data.metrics
     arts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
     assert {"feature_importance.png", "training_curves.png", "cost_report.json",
-            "evaluation.json", "bundle", "lists"} <= arts, arts  # fmt: skip
+            "evaluation.json", "lists"} <= arts, arts  # fmt: skip
+    # every stage is a run nested under the nightly's (same experiment); fine-tuning's holds
+    # its epoch metrics
+    children = client.search_runs(
+        [run.info.experiment_id],
+        f"tags.mlflow.parentRunId = '{result.mlflow_run_id}'",
+    )
+    stages = {c.info.run_name: c for c in children}
+    assert set(stages) == {s.name for s in result.stages}, sorted(stages)
+    assert stages["finetune"].data.tags["stage.reused"] == "false"
+    # (step metrics come every 10 steps: this run's 8 adapter steps log none)
+    assert {"loss", "val_auc", "seconds"} <= set(stages["finetune"].data.metrics)
     assert result.registry["promoted"] is True
     champ = client.get_model_version_by_alias("recsys", "champion")
     assert str(champ.version) == result.registry["version"]
+    # the version is the pyfunc model of the bundle (tests/test_pyfunc.py loads and ranks it)
+    logged = client.get_logged_model(champ.source.removeprefix("models:/"))
+    assert logged.source_run_id == run.info.run_id
     # A worse model (the behavioural ranker shipped) on the same gate slice does not take the
     # alias; the reason is recorded. A copy of the run folder: only evaluate, bundle and lists
     # run again.

@@ -62,13 +62,12 @@ def _register(uri: str, bundle: Path, gate) -> dict:
         )  # fmt: skip
 
 
-def test_registry_gate_fails_closed(tmp_path: Path) -> None:
+def test_registry_gate_fails_closed(tmp_path: Path, bundle_dir: Path) -> None:
+    """A real bundle (each version is a pyfunc model of it); the gate's scores are made up."""
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    (bundle / "manifest.json").write_text("{}")
+    bundle = bundle_dir
     good, better = _scores(300, 0.4, seed=2), _scores(300, 0.9, seed=2)
     try:
         first = _register(uri, bundle, lambda path: good)
@@ -95,6 +94,7 @@ def test_registry_gate_fails_closed(tmp_path: Path) -> None:
         assert str(mv.version) == win["version"] == "4"
         assert float(mv.tags["gate.diff"]) == pytest.approx(win["gate"]["diff"])
         assert "becomes champion" in mv.tags["decision"]
+        assert mv.source.startswith("models:/m-")  # the logged pyfunc model
         run = client.get_run(mv.run_id)
         assert run.data.tags["gate.promoted"] == "true"
         assert "gate.json" in {a.path for a in client.list_artifacts(mv.run_id)}

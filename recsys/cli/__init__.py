@@ -12,10 +12,17 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from recsys import logs
 from recsys.cli.report import print_summary, print_table
 from recsys.errors import RecsysError
 
 EXIT_USAGE = 2
+
+
+def _progress(line: str) -> None:
+    """A job's progress line ("[stage] running ..."): shown unless --quiet."""
+    if logs.progress():
+        print(line, flush=True)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -59,8 +66,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     data = read_dataset(args.data)
     report = run_finetune(
-        data, args.out, cfg.finetune, base_model=args.base_model, ray_address=args.ray_address
-    )
+        data, args.out, cfg.finetune, base_model=args.base_model, ray_address=args.ray_address,
+        log=_progress,
+    )  # fmt: skip
     rows = [{"epoch": i + 1, "loss": float(loss)} for i, loss in enumerate(report.losses)]
     print_table(rows, f"Fine-tuned encoder written to {report.encoder_dir}")
     print_table(
@@ -120,6 +128,7 @@ def _cmd_nightly(args: argparse.Namespace) -> int:
         split_at=args.split_at,
         ray_address=args.ray_address,
         tracking_uri=args.tracking_uri,
+        log=_progress,
     )
     print_summary(result, show_users=args.show_users)
     return 0
@@ -138,6 +147,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         config_path=args.config,
         ray_address=args.ray_address,
         tracking_uri=args.tracking_uri,
+        log=_progress,
     )
     print_summary(result, show_users=args.show_users)
     return 0
@@ -185,10 +195,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from experiments.compare import compare_runs
+    from experiments.compare import compare_runs, side_by_side
 
     rows = compare_runs(tracking_uri=args.tracking_uri, experiment=args.experiment)
-    print_table(rows, "Latest nightly run per experiment config (MLflow)")
+    print_table(
+        side_by_side(rows),
+        "Latest nightly run per experiment config (MLflow), side by side: test.* is the full "
+        "ranker's (batch features), test_online.* with live features; shipped: each mode's "
+        "ranker; wall_s/cpu_s: the run's stages",
+    )
     return 0
 
 
@@ -389,13 +404,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="recsys-nightly", help="MLflow experiment name")
     _add_tracking(p)
     p.set_defaults(func=_cmd_compare)
+    for command in sub.choices.values():
+        _add_verbosity(command)
     return parser
+
+
+def _add_verbosity(p: argparse.ArgumentParser) -> None:
+    """--verbose/--quiet (default: $RECSYS_LOG_LEVEL, else INFO): how much reaches the
+    terminal, configured once for the process and the jobs it starts (recsys/logs.py)."""
+    group = p.add_argument_group("output").add_mutually_exclusive_group()
+    group.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="debug logs, and Ray's and MLflow's own logs and progress bars on the terminal",
+    )  # fmt: skip
+    group.add_argument(
+        "-q", "--quiet", action="store_true",
+        help="warnings, errors and the results only (no progress lines)",
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        logs.configure(logs.level_from(verbose=args.verbose, quiet=args.quiet))
+    except ValueError as e:
+        print(f"recsys {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return func(args)
     except RecsysError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -16,23 +17,35 @@ if TYPE_CHECKING:
 
 
 def print_table(rows: Sequence[Mapping[str, Any]], title: str | None = None) -> None:
-    """Print dict rows as an aligned text table (floats with 4 decimals)."""
+    """Print dict rows as a table (rich; floats with 4 decimals, numbers right-aligned), the
+    title above it as plain lines. Off a terminal (a pipe, a log file) the table is as wide
+    as its content, never cut to a console width, without colour: one row per line, cells
+    apart by spaces, so `grep` and `split()` read it."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
     if title:
         print(f"\n{title}")
     if not rows:
         print("(no rows)")
         return
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(c for r in rows for c in r))
 
     def fmt(v: object) -> str:
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
-    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
-    print("  ".join("-" * w for w in widths))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
+    for c in cols:
+        numeric = all(isinstance(r.get(c), int | float) for r in rows if r.get(c) is not None)
+        table.add_column(c, justify="right" if numeric else "left", no_wrap=True)
+    for r in rows:
+        table.add_row(*(Text(fmt(r.get(c, ""))) for c in cols))  # Text: no markup in values
+    console = Console(file=sys.stdout, soft_wrap=True)
+    if not console.is_terminal:
+        console = Console(file=sys.stdout, width=100_000, color_system=None, soft_wrap=True)
+    console.print(table)
 
 
 def print_summary(result: NightlyResult, *, show_users: int = 3) -> None:

@@ -3,7 +3,6 @@ thread pool (at most RECSYS_RANK_THREADS at once), off the event loop."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import FastAPI, Query, Request
@@ -11,7 +10,6 @@ from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from features.live import epoch_us
 from recsys.errors import ConfigError
 from serving.responses import ERROR_RESPONSES, error_response, json_response
 from serving.rules import request_rules
@@ -33,19 +31,10 @@ async def rank(body: RankRequest, request: Request) -> Response:
     """
     state = serving_state(request)
     model = ready_model(state)  # read the reference once: a reload cannot change it under us
-    at_us = None  # events keep the state fresh: as of `at`, default now
-    if body.at is not None:
-        asked = epoch_us(body.at)
-        if asked < model.as_of_us:
-            return error_response(
-                422,
-                f"at {body.at.isoformat()} is before the bundle's cut-off "
-                f"{model.bundle.snapshot.as_of.isoformat()}; give a later moment",
-            )
-        if state.events is not None:
-            at_us = asked
-    elif state.events is not None:
-        at_us = max(epoch_us(datetime.now(UTC)), model.as_of_us)
+    try:  # events keep the state fresh: as of `at`, default now
+        at_us = model.moment(body.at, events=state.events is not None)
+    except ValueError as e:
+        return error_response(422, str(e))
     # Without events nothing after the cut-off is counted: the batch ranker on features as
     # of the cut-off, whatever `at` says (the online ranker on counts frozen at the
     # cut-off ranked EB-NeRD's next week worse than random: AUC 0.466).
