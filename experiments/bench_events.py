@@ -410,6 +410,21 @@ def latency(server: Server, data: Dataset, start: datetime, seconds: float) -> l
     return out
 
 
+def _report(
+    scores: pl.DataFrame, models: list[str], versus: str, path: Path, pairs: list[tuple[str, str]]
+) -> None:
+    """Write `scores`, print the evaluation table of `models` (differences to `versus`), then
+    for each (a, b) of `pairs` the paired AUC difference and the largest score gap."""
+    scores.write_parquet(path)
+    table = evaluation_table(scores, models, versus=[versus]).to_dicts()
+    print(_table(table, ["model", "auc", "auc_diff", "auc_diff_se", "mrr", "ndcg@10",
+                         "n_impressions"]))  # fmt: skip
+    for a, b in pairs:
+        d, se = paired_difference(scores, a, b)
+        gap = float((scores[a] - scores[b]).abs().max())  # type: ignore[arg-type]
+        print(f"{a} - {b}: AUC {d:+.4f} (paired se {se:.4f}); max |score diff| {gap:.2e}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True)
@@ -454,15 +469,9 @@ def main(argv: list[str] | None = None) -> int:
             a["score"].alias("offline_data"), b["score"].alias("offline_log"),
             a["smoothed_ctr"], a["recent_clicks"],
         )  # fmt: skip
-        scores.write_parquet(out / "replay_scores.parquet")
         models = ["api", "offline_log", "offline_data", "smoothed_ctr", "recent_clicks"]
-        table = evaluation_table(scores, models, versus=["recent_clicks"]).to_dicts()
-        print(_table(table, ["model", "auc", "auc_diff", "auc_diff_se", "mrr", "ndcg@10",
-                             "n_impressions"]))  # fmt: skip
-        for ref in ("offline_log", "offline_data"):
-            d, se = paired_difference(scores, "api", ref)
-            gap = float((scores["api"] - scores[ref]).abs().max())  # type: ignore[arg-type]
-            print(f"api - {ref}: AUC {d:+.4f} (paired se {se:.4f}); max |score diff| {gap:.2e}")
+        _report(scores, models, "recent_clicks", out / "replay_scores.parquet",
+                [("api", "offline_log"), ("api", "offline_data")])  # fmt: skip
 
         print("\n## Replay through the API with events off (`recsys serve --no-events`)")
         off = Server(bundle, None)
@@ -476,14 +485,9 @@ def main(argv: list[str] | None = None) -> int:
             pl.Series("offline_batch", offline_batch_scores(bundle, data, rows, known)),
             scores["api"].alias("api_events"), scores["smoothed_ctr"],
         )  # fmt: skip
-        batch.write_parquet(out / "replay_scores_no_events.parquet")
         models = ["api_off_at", "api_off", "offline_batch", "api_events", "smoothed_ctr"]
-        table = evaluation_table(batch, models, versus=["offline_batch"]).to_dicts()
-        print(_table(table, ["model", "auc", "auc_diff", "auc_diff_se", "mrr", "ndcg@10",
-                             "n_impressions"]))  # fmt: skip
-        for col in ("api_off_at", "api_off"):
-            gap = float((batch[col] - batch["offline_batch"]).abs().max())  # type: ignore[arg-type]
-            print(f"{col} - offline_batch: max |score diff| {gap:.2e}")
+        _report(batch, models, "offline_batch", out / "replay_scores_no_events.parquet",
+                [("api_off_at", "offline_batch"), ("api_off", "offline_batch")])  # fmt: skip
 
         print("\n## Ingestion (batches of 100 events)")
         rates = ingest_rates(server, week1, cut + timedelta(days=30))
