@@ -546,7 +546,19 @@ def test_validation_keeps_new_items_in_a_fast_catalogue_only() -> None:
 
     train = _examples(list(range(50)))
     fast = _examples([*range(100, 140), *range(10)])  # 40 of 50 clicks on items never clicked
-    kept = _new_items_only(train, fast)
+    kept = _new_items_only(train, fast, least=30)
     assert kept.positive.tolist() == list(range(100, 140))
     slow = _examples([*range(100, 110), *range(40)])  # 10 of 50: a slow catalogue
-    assert _new_items_only(train, slow).positive.tolist() == slow.positive.tolist()
+    assert _new_items_only(train, slow, least=30).positive.tolist() == slow.positive.tolist()
+    # 40 new-item clicks are fewer than the default least (200): all 50 validate
+    assert _new_items_only(train, fast).positive.tolist() == fast.positive.tolist()
+
+
+def test_a_small_log_holds_out_val_examples_for_validation() -> None:
+    from recsys.encoder.trainer import validation_share
+
+    cfg = FinetuneConfig(val_fraction=0.1, val_examples=300)
+    assert validation_share(cfg, 20_000) == 0.1  # 2,000 held out: the fraction is enough
+    assert validation_share(cfg, 1_500) == pytest.approx(0.2)  # 150 would be too few: 300
+    assert validation_share(cfg, 100) == 0.3  # at most 30% of a tiny log
+    assert validation_share(dataclasses.replace(cfg, val_fraction=0.0), 100) == 0.0

@@ -113,7 +113,7 @@ class EarlyStopping(Callback):
     Without validation nothing stops."""
 
     patience: int
-    phases: tuple[str, ...] = ("head", "adapter")
+    phases: tuple[str, ...] = ("adapter",)
 
     def on_epoch(self, epoch: EpochEnd) -> bool | None:
         if epoch.phase not in self.phases or epoch.best_epoch is None:

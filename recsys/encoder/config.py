@@ -9,7 +9,7 @@ items (as the ranker's semantic features use), 6 shown-not-clicked negatives of 
 impression and no in-batch ones (those are other users' clicks, so popular items: on EB-NeRD
 they cost the tuned encoder 0.011 AUC), 64 tokens as the catalogue embedding uses. The epoch
 with the best validation AUC ships, from either phase, or the frozen encoder when none beats it;
-each phase stops after `patience` epochs without a better one.
+the adapter phase stops after `patience` epochs without a better one.
 
 Measured in process on EB-NeRD (tuned on week 1's first half, per-click AUC of the semantic
 score against the shown items on 2,500 week-2 impressions): frozen 0.526; the adapter alone
@@ -48,14 +48,16 @@ class FinetuneConfig:
         when they come from interactions (sampled negatives alone are weak).
     history_grad: back-propagate through the history (user) side as well; False encodes the
         history items with each epoch's weights once, without gradients, and looks them up.
-    val_fraction: the latest share of examples (by time) held out for validation metrics;
+    val_fraction: the latest share of examples (by time) held out for validation metrics,
+        raised on a small log until val_examples are held out (at most 30% of them);
         val_examples: at most this many of them are scored. val_new_items: when at least 30% of
         them click an item that no training example clicked (a fast catalogue such as news),
-        validate on those clicks only: tomorrow's clicks are on new items.
-    patience: stop a phase (head, adapter) after this many epochs in a row that do not beat
-        the best validation score so far (the frozen encoder counts as epoch 0); unset = run
-        every epoch. Only a single worker stops the adapter phase early (validation runs on
-        rank 0; rank 0's head is broadcast to the others).
+        validate on those clicks only (when at least 200): tomorrow's clicks are on new items.
+    patience: stop the adapter phase after this many epochs in a row that do not beat the
+        best validation score so far (the frozen encoder counts as epoch 0); unset = run every
+        epoch. The head phase always runs its head_epochs (seconds each; its first epoch often
+        dips before it climbs). Only a single worker stops early (validation runs on rank 0;
+        rank 0's head is broadcast to the others).
     grad_chunk: examples per backward pass when each example's loss stands alone (no in-batch
         negatives): the gradient is the whole batch's, but the tuned layers' activations are
         held for one chunk at a time, so memory does not grow with batch_size x negatives

@@ -30,6 +30,8 @@ from recsys.encoder.trainable import build_model, count_params, layer_cache
 from recsys.encoder.validation import evaluate, validation_score
 
 NEW_ITEM_SHARE = 0.3  # validation clicks on unseen items from which a catalogue counts as fast
+NEW_ITEM_MIN = 200  # ... and how many of them validate on new items alone
+MAX_VALIDATION_SHARE = 0.3  # of a small log's examples, held out to reach config.val_examples
 
 
 @dataclass
@@ -73,22 +75,33 @@ def trained_state_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _new_items_only(train: Examples, val: Examples) -> Examples:
+def _new_items_only(train: Examples, val: Examples, least: int = NEW_ITEM_MIN) -> Examples:
     """In a catalogue that moves fast (news: at least NEW_ITEM_SHARE of the validation clicks
     are on items no training example clicked), validation keeps only the clicks on such new
     items, as tomorrow's will be: an encoder that memorised which items get clicked gains
-    nothing there. A slow catalogue (films, products) keeps its validation as it is."""
+    nothing there. A slow catalogue (films, products) keeps its validation as it is, and so
+    does one with fewer than `least` such clicks: too few to tell an epoch from noise."""
     new = ~np.isin(val.positive, train.positive)
-    if new.sum() < max(30, NEW_ITEM_SHARE * len(val)):
+    if new.sum() < max(least, NEW_ITEM_SHARE * len(val)):
         return val
     return val.take(np.flatnonzero(new))
+
+
+def validation_share(config: FinetuneConfig, n: int) -> float:
+    """The latest share of `n` examples held out: `config.val_fraction`, raised on a small log
+    until it holds `config.val_examples` (at most MAX_VALIDATION_SHARE of them). A few dozen
+    validation clicks cannot tell an epoch from noise (AUC's standard error is ~0.03 at 60),
+    and they pick the epoch that ships."""
+    if config.val_fraction <= 0 or n == 0:
+        return config.val_fraction
+    return max(config.val_fraction, min(MAX_VALIDATION_SHARE, config.val_examples / n))
 
 
 def prepare_examples(config: FinetuneConfig, data: Dataset) -> tuple[Examples, Examples]:
     """(train, validation) examples for `config` (validation capped at `val_examples`,
     keeping the latest)."""
     ex = build_examples(data, history_len=config.history_len, template=config.template)
-    train, val = split_by_time(ex, config.val_fraction)
+    train, val = split_by_time(ex, validation_share(config, len(ex)))
     if config.val_new_items:
         val = _new_items_only(train, val)
     if len(val) > config.val_examples:
