@@ -3,7 +3,11 @@
 The right ranking depends on both the *meaning* of item text and *behaviour*:
 
 - every item belongs to one hidden topic; the topic appears only in the words of its title and
-  description (its `category` and `subcategory` are generic sections drawn independently of it);
+  description (its `category` and `subcategory` are generic sections drawn independently of it):
+  for some items in common words of the topic ("telescope", "galaxy"), for the others
+  (`name_share`) only in the catalogue's own names for it (series, teams, brands: "Wailum",
+  "Houmen"), which no pretrained encoder has seen: only fine-tuning on clicks can tell that
+  "Wailum" items are space items, as a real catalogue's names and jargon are learnt;
 - every user prefers one or two topics, visible only through the items in their history;
 - every item has a hidden quality (a popularity driver) and ages after publication;
 - users examine a slate top-down (position bias) and click with probability
@@ -53,6 +57,22 @@ TOPICS: dict[str, tuple[str, ...]] = {
                 "floods", "carbon", "wind farms", "sea level", "hurricane", "renewable energy"),
 }  # fmt: skip
 
+# The catalogue's own names of each topic (invented words: series, teams, brands).
+NAMES: dict[str, tuple[str, ...]] = {
+    "space": ("Wailum", "Houmen", "Kilmum", "Warum", "Vouxar", "Stisken"),
+    "cooking": ("Pistar", "Gluzzey", "Fymon", "Puskia", "Glemo", "Truxa"),
+    "football": ("Saxey", "Xomia", "Stairey", "Quoven", "Xaicken", "Loulo"),
+    "finance": ("Fistum", "Tustum", "Painon", "Glalmey", "Puzzum", "Niley"),
+    "health": ("Valis", "Hilmo", "Mouvis", "Hyvey", "Surix", "Faisto"),
+    "music": ("Hoven", "Systen", "Brainis", "Glouxix", "Femum", "Glyzzia"),
+    "gardening": ("Xulmo", "Hethia", "Mystix", "Hunis", "Xorthen", "Pastum"),
+    "technology": ("Hothey", "Gliron", "Kathis", "Stacko", "Syxix", "Poxey"),
+    "travel": ("Soulis", "Kulmix", "Trickey", "Foumia", "Xevia", "Drazzon"),
+    "cinema": ("Poulo", "Stomum", "Xackix", "Gloustey", "Kailmen", "Teckis"),
+    "pets": ("Vevis", "Dryckey", "Xixen", "Kylmar", "Zyrthey", "Xuckum"),
+    "climate": ("Raizzey", "Stostum", "Mothia", "Kalmar", "Tundia", "Pimum"),
+}  # fmt: skip
+
 CATEGORIES = ("features", "analysis", "guides", "reviews", "briefs", "opinion")
 SUBCATEGORIES = ("long read", "explainer", "interview", "list", "column", "report")
 TITLE_TEMPLATES = (
@@ -99,6 +119,7 @@ class GeneratorConfig:
     b_quality: float = 0.9  # weight of item quality (behaviour: popularity / CTR)
     b_age: float = 0.25  # per day since publication (behaviour: freshness)
     position_decay: float = 0.15  # examine(pos) = 1 / (1 + decay * pos)
+    name_share: float = 0.5  # items whose text names their topic by the catalogue's names only
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -109,6 +130,8 @@ class GeneratorConfig:
             raise ConfigError("generator: n_shown must be >= slate_size")
         if not 1 <= self.history_min <= self.history_max:
             raise ConfigError("generator: need 1 <= history_min <= history_max")
+        if not 0.0 <= self.name_share <= 1.0:
+            raise ConfigError(f"generator: name_share must be in [0, 1], got {self.name_share}")
 
 
 @dataclass(frozen=True)
@@ -157,11 +180,19 @@ def generate(config: GeneratorConfig | None = None) -> tuple[Dataset, GroundTrut
     item_topic = rng.integers(0, n_topics, c.n_items)
     quality = rng.normal(0.0, 1.0, c.n_items)
     pub_offset = rng.uniform(-c.fresh_days * 86400.0, span, c.n_items)  # seconds from start
+    # Named items draw from their own stream, so every other draw is as without names.
+    name_rng = np.random.default_rng([c.seed, 1])
+    named = name_rng.random(c.n_items) < c.name_share
     titles, descs = [], []
-    for t in item_topic:
+    for t, by_name in zip(item_topic, named, strict=True):
         words = TOPICS[topics[t]]
-        titles.append(_fmt(rng, str(rng.choice(TITLE_TEMPLATES)), words))
-        descs.append(_fmt(rng, str(rng.choice(DESC_TEMPLATES)), words))
+        title = str(rng.choice(TITLE_TEMPLATES))
+        titles.append(_fmt(rng, title, words))
+        desc = str(rng.choice(DESC_TEMPLATES))
+        descs.append(_fmt(rng, desc, words))
+        if by_name:
+            titles[-1] = _fmt(name_rng, title, NAMES[topics[t]])
+            descs[-1] = _fmt(name_rng, desc, NAMES[topics[t]])
     start = c.start
     items = pl.DataFrame(
         {

@@ -1,13 +1,15 @@
 """The synthetic data: seeded, contract-clean, and a click model whose answer depends on text
 and behaviour together."""
 
+import dataclasses
+
 import numpy as np
 import polars as pl
 import pytest
 
 from recsys.data import validate
 from recsys.errors import ConfigError
-from recsys.generate import CATEGORIES, TOPICS, GeneratorConfig, generate
+from recsys.generate import CATEGORIES, NAMES, TOPICS, GeneratorConfig, generate
 
 SMALL = GeneratorConfig(n_items=300, n_users=150, n_shown=3000, seed=3)
 
@@ -44,10 +46,28 @@ def test_topic_is_in_the_words_not_the_category(small):
     spans = j.group_by("category").agg(pl.col("topic").n_unique())["topic"]
     assert spans.min() >= len(TOPICS) - 2
     assert set(data.items["category"].unique()) <= set(CATEGORIES)
-    # the topic's own words are in each item's text
-    for row in j.head(50).iter_rows(named=True):
+    # each item's text names its topic, in common words or in the catalogue's names only
+    by_name = 0
+    for row in j.iter_rows(named=True):
         text = (row["title"] + " " + row["description"]).lower()
-        assert any(w in text for w in TOPICS[row["topic"]])
+        words = any(w in text for w in TOPICS[row["topic"]])
+        names = [n for n in NAMES[row["topic"]] if n.lower() in text]
+        others = [n for t, ns in NAMES.items() if t != row["topic"] for n in ns
+                  if n.lower() in text]  # fmt: skip
+        assert words != bool(names) and not others, row
+        by_name += bool(names)
+    assert 0.4 < by_name / j.height < 0.6  # name_share 0.5
+
+
+def test_names_change_texts_only() -> None:
+    """Named items draw from their own stream: without names the same items, users, clicks."""
+    cfg = GeneratorConfig(n_items=300, n_users=150, n_shown=3000, seed=4)
+    named, _ = generate(cfg)
+    plain, _ = generate(dataclasses.replace(cfg, name_share=0.0))
+    assert named.impressions.equals(plain.impressions)
+    assert named.interactions.equals(plain.interactions)
+    assert named.items.drop("title", "description").equals(plain.items.drop("title", "description"))
+    assert not named.items["title"].equals(plain.items["title"])
 
 
 def test_clicks_follow_topic_affinity_and_quality():
@@ -74,3 +94,5 @@ def test_bad_config_names_the_key():
         GeneratorConfig(n_items=0)
     with pytest.raises(ConfigError, match="history_min"):
         GeneratorConfig(history_min=5, history_max=2)
+    with pytest.raises(ConfigError, match="name_share must be in"):
+        GeneratorConfig(name_share=1.5)
