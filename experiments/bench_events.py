@@ -237,7 +237,9 @@ def offline_batch_scores(
                                       "subcategory").to_dicts()]  # fmt: skip
         new = Embedder(bundle, semantic=True).embed_texts(todo)
         vectors = bundle.vectors.extended(new.ids, new.matrix, new.frozen)
-    frame = bundle.featurize(rows.select("user_id", "item_id"), vectors=vectors)
+    # one request per impression, as the replay asks the API (within-request columns)
+    req = rows.select("user_id", "item_id", pl.col("impression_id").alias("request_id"))
+    frame = bundle.featurize(req, vectors=vectors)
     return np.asarray(bundle.ranker.predict(matrix(frame, bundle.spec.columns)))
 
 

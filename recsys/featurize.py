@@ -215,7 +215,8 @@ def snapshot_frame(
 ) -> pl.DataFrame:
     """Features of (user_id, item_id) pairs as of `snapshot.as_of` (nightly lists and the API).
 
-    Each user's rows are one request for the within-request columns.
+    Each user's rows are one request for the within-request columns, unless `requests` has a
+    `request_id` column (e.g. the impression: a storefront's call ranks one impression's list).
 
     `history` (user_id, item_id, ts) is the users' stored history before the cut-off;
     `extra_history` (user_id, item_id) adds items a caller says the user consumed (counted as
@@ -241,7 +242,10 @@ def snapshot_frame(
                 ]
             )
         out = out.hstack(_semantic(spec, req, hist, vectors))
-    return _relative(spec, out, "user_id")
+    if "request_id" not in requests.columns:
+        return _relative(spec, out, "user_id")
+    out = out.with_columns(requests["request_id"].alias("__request"))
+    return _relative(spec, out, "__request").drop("__request")
 
 
 def matrix(frame: pl.DataFrame, columns: list[str]) -> np.ndarray:

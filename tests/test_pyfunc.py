@@ -92,7 +92,7 @@ def test_pyfunc_through_the_alias_ranks_as_the_api(nightly, champion, serving_mo
     assert batch["score"].tolist() == pytest.approx(want, abs=1e-6)
     # strategies as the API names them; ranks within each request
     assert batch.groupby("user_id", dropna=False)["rank"].min().eq(1).all()
-    assert batch["strategy"].iloc[-1] == "popularity"
+    assert batch["strategy"].iloc[-1] == "profile"  # a new user id: the ranker, zero counts
 
     online = champion.predict(_frame(requests, AT), params={"freshness": "online"})
     on = Settings(model_uri=CHAMPION, tracking_uri=uri, preload_encoder=False,  # type: ignore[call-arg]

@@ -417,10 +417,19 @@ def test_strategies_known_user_history_and_cold_start(server, serving_model, cli
     known = client.post(url, json={"user_id": user, "candidates": cands}).json()
     both = client.post(url, json={"user_id": user, "history": cands[:3], "candidates": cands})
     hist = client.post(url, json={"history": cands[:3], "candidates": cands}).json()
-    cold = client.post(url, json={"user_id": "nobody", "candidates": cands, "k": 10}).json()
+    new_user = client.post(url, json={"user_id": "nobody", "candidates": cands}).json()
+    cold = client.post(url, json={"candidates": cands, "k": 10}).json()
     assert known["strategy"] == "profile"
     assert both.json()["strategy"] == "profile+history"
     assert hist["strategy"] == "history"
+    # a user id the bundle never saw: the batch ranker on a first-time user's features, as
+    # the nightly's evaluation scores such a user
+    assert new_user["strategy"] == "profile"
+    x = serving_model.featurizer.reference("nobody", cands, [], None)
+    want = dict(zip(cands, serving_model.bundle.ranker.predict(x).tolist(), strict=True))
+    assert [i["score"] for i in new_user["items"]] == pytest.approx(
+        [want[i["item_id"]] for i in new_user["items"]], abs=1e-9
+    )
     assert cold["strategy"] == "popularity"
     assert [i["score"] for i in known["items"]] != [i["score"] for i in both.json()["items"]]
     # cold start: the bundle's popularity prior, in its order (ties: request order)
@@ -604,6 +613,29 @@ def test_fast_path_equals_bundle_featurize(serving_model, data):
     assert fast.shape == ref.shape == (len(cands), len(m.columns))
     np.testing.assert_array_equal(np.isnan(fast), np.isnan(ref))
     np.testing.assert_allclose(np.nan_to_num(fast), np.nan_to_num(ref), rtol=0, atol=1e-9)
+
+
+def test_bundle_featurize_keys_within_request_columns_by_request_id(serving_model) -> None:
+    """Rows with a request_id are one request each (an impression, as a storefront asks the
+    API), not one per user: the within-request columns equal each request featurized alone."""
+    b = serving_model.bundle
+    user = sorted(serving_model.histories.ptr)[0]
+    ids = list(b.vectors.ids)
+    first, second = ids[:5], ids[3:9]
+    req = pl.DataFrame({"user_id": [user] * 11, "item_id": first + second,
+                        "request_id": ["r1"] * 5 + ["r2"] * 6})  # fmt: skip
+    both = b.featurize(req)
+    alone = pl.concat(
+        [
+            b.featurize(req.filter(pl.col("request_id") == r).drop("request_id"))
+            for r in ["r1", "r2"]
+        ]
+    )
+    assert both.columns == alone.columns
+    assert both.equals(alone)
+    per_user = b.featurize(req.drop("request_id"))  # one request of 11 rows
+    rank_cols = [c for c in both.columns if c.endswith("_rank")]
+    assert rank_cols and not per_user.select(rank_cols).equals(both.select(rank_cols))
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

@@ -20,10 +20,10 @@ from serving.state import ready_model, serving_state
 async def rank(body: RankRequest, request: Request) -> Response:
     """Rank `candidates` (1 to 1,000 distinct ids) and return the top `k`.
 
-    A user the bundle knows is ranked with their stored profile, extended by `history`; an
-    unknown user with a `history` with that history; with neither, by the popularity prior.
-    With events on, features come from the live state as of `at` (default now) and the
-    online ranker ranks any user id, new ones included; without events, the batch ranker
+    A user id is ranked with its profile (stored, or live with events; none for a user never
+    seen), extended by `history`; a request without a user id with its `history`; with
+    neither, by the popularity prior. With events on, features come from the live state as
+    of `at` (default now) and the online ranker ranks; without events, the batch ranker
     ranks on features as of the cut-off (`at` is checked, but nothing later is counted).
     Candidates the bundle does not know but whose text is in `items` are embedded on the
     spot; unknown ones without text get the model's prior for an unseen item and are listed
@@ -39,8 +39,7 @@ async def rank(body: RankRequest, request: Request) -> Response:
     # of the cut-off, whatever `at` says (the online ranker on counts frozen at the
     # cut-off ranked EB-NeRD's next week worse than random: AUC 0.466).
     new = None
-    live = at_us is not None
-    if body.items and model.strategy(body.user_id, body.history, live) != "popularity":
+    if body.items and model.strategy(body.user_id, body.history) != "popularity":
         needed = set(body.candidates) | set(body.history)
         if any(i.item_id in needed and i.item_id not in model.vectors.index
                for i in body.items):  # fmt: skip
