@@ -8,6 +8,11 @@ Data sets (real data is read from ../shared/data here only, never in tests):
                --split-at 2023-05-25T07:00:00)
     demo       the embedded default data (`recsys generate`, seed 0; last 20% of time as test)
     movielens  ../shared/data/movielens-overviews (ratings >= 4, sampled impressions, last 20%)
+    mind-static        EB-NeRD's week 1 alone, in MIND's layout: every user's history is the same
+               on all their rows and predates the log, as in MIND (imported "before the log");
+               its last day is the test split (--split-at 2023-05-24T07:00:00), as MIND-small's
+               dev day follows its six training days
+    mind-static-small  the same, one user in 16 (about 1,300 training impressions: a small log)
 Configs: default (the project's defaults: LoRA), baseline (frozen encoder), full-finetune,
 no-semantic (experiments/*.toml).
 
@@ -26,11 +31,20 @@ import resource
 import subprocess
 import sys
 import tempfile
+import zlib
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SPLITS = {"ebnerd": "2023-05-25T07:00:00", "demo": None, "movielens": None}
+SPLITS = {
+    "ebnerd": "2023-05-25T07:00:00",
+    "demo": None,
+    "movielens": None,
+    "mind-static": "2023-05-24T07:00:00",
+    "mind-static-small": "2023-05-24T07:00:00",
+}
+EBNERD_WEEK2 = datetime(2023, 5, 25, 7)
 CONFIGS = ("default", "baseline", "full-finetune", "no-semantic")
 
 
@@ -49,12 +63,34 @@ def prepare(name: str, shared: Path, root: Path) -> Path:
         return out
     from recsys.importers import import_source
 
+    if name.startswith("mind-static"):
+        one_in = 16 if "small" in name else 1
+        src = mind_static(shared / "ebnerd-demo", root / "mind" / name, one_in)
+        write_dataset(out, import_source("mind", src).validated, source={"format": "mind"})
+        return out
     fmt, folder = {"ebnerd": ("mind", "ebnerd-demo"), "movielens": ("movielens",
                    "movielens-overviews")}[name]  # fmt: skip
     src = shared / folder
     if not src.is_dir():
         raise SystemExit(f"{src}: not found; pass --shared pointing at the shared data folder")
     write_dataset(out, import_source(fmt, src).validated, source={"format": fmt})
+    return out
+
+
+def mind_static(src: Path, out: Path, one_in: int) -> Path:
+    """EB-NeRD's week-1 rows (users whose crc32 is a multiple of `one_in`) as a MIND folder:
+    within a week EB-NeRD repeats each user's history verbatim, so the histories predate the
+    log as MIND's do."""
+    if not src.is_dir():
+        raise SystemExit(f"{src}: not found; pass --shared pointing at the shared data folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "news.tsv").write_bytes((src / "news.tsv").read_bytes())
+    with (src / "behaviors.tsv").open() as f, (out / "behaviors.tsv").open("w") as g:
+        for line in f:
+            fields = line.split("\t")
+            when = datetime.strptime(fields[2], "%m/%d/%Y %I:%M:%S %p")
+            if when < EBNERD_WEEK2 and zlib.crc32(fields[1].encode()) % one_in == 0:
+                g.write(line)
     return out
 
 
@@ -72,6 +108,8 @@ def run_one(data_dir: Path, config: str, out: Path, split_at: str | None) -> dic
         "versus": result.versus,
         "freshness": result.freshness,
         "full_vs_behavioural": result.full_vs_behavioural,
+        "shipped": result.shipped_ranker.get("name", ""),
+        "online": result.online,
         "finetune": {k: v for k, v in result.finetune.items() if k != "losses"},
         "stages": {s.name: round(s.seconds, 1) for s in result.stages},
         "seconds": round(result.seconds, 1),
@@ -101,6 +139,12 @@ def report(name: str, runs: list[dict[str, Any]]) -> None:
         print(_table(run["evaluation"], ["model", "auc", "auc_diff", "auc_diff_se", "ndcg@10"]))
         fb = run["full_vs_behavioural"]
         print(f"\nlgbm_full - lgbm_behavioural: {fb['auc_diff']:+.4f} +- {fb['auc_diff_se']:.4f}")
+        print(verdict("batch", run["evaluation"], run["shipped"]))
+        online = run.get("online") or {}
+        if online.get("test"):
+            print(f"\nonline ({online.get('freshness', '')}):")
+            print(_table(online["test"], ["model", "auc", "auc_diff", "auc_diff_se", "ndcg@10"]))
+            print(verdict("online", online["test"], online.get("shipped_ranker", {}).get("name")))
     print("\n### cost")
     stages = list(runs[0]["stages"]) if runs else []
     rows = []
@@ -114,6 +158,22 @@ def report(name: str, runs: list[dict[str, Any]]) -> None:
         )  # fmt: skip
     print(_table(rows, ["config", *stages, "total_s", "driver_peak_mb", "finetune_peak_mb",
                         "finetune_epoch"]))  # fmt: skip
+
+
+def verdict(mode: str, rows: list[dict[str, Any]], shipped: str | None) -> str:
+    """One line: each ranker's AUC against the best baseline column (every non-lgbm row)."""
+    auc = {r["model"]: r["auc"] for r in rows}
+    base = {m: a for m, a in auc.items() if not m.startswith("lgbm_")}
+    if not base:
+        return f"{mode}: no baseline columns"
+    best = max(base, key=lambda m: base[m])
+    parts = [f"{m} {a:.4f} ({a - base[best]:+.4f})" for m, a in auc.items()
+             if m.startswith("lgbm_")]  # fmt: skip
+    return (
+        f"{mode}: best baseline {best} {base[best]:.4f}; "
+        + ", ".join(parts)
+        + (f"; shipped {shipped}" if shipped else "")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
