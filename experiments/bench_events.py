@@ -219,27 +219,34 @@ def replay_without_events(
 def offline_batch_scores(
     bundle_dir: Path, data: Dataset, rows: pl.DataFrame, known_items: set[str]
 ) -> np.ndarray:
-    """The bundle's batch ranker on features as of its cut-off (`Bundle.featurize`, the
-    nightly's batch path), items it does not know embedded by its encoder as the API embeds a
-    request's item texts (serving.embedding.Embedder)."""
+    """The bundle's batch ranker on the nightly's batch test path: every row's features as of
+    the bundle's cut-off by the offline point-in-time code (`point_in_time_frame`), one
+    request per impression, items it does not know embedded by its encoder as the API embeds
+    a request's item texts (serving.embedding.Embedder)."""
+    import dataclasses
+
     from recsys.bundle import Bundle
-    from recsys.featurize import matrix
+    from recsys.evaluation import requests
+    from recsys.featurize import ONLINE, matrix, point_in_time_frame
     from serving.embedding import Embedder
     from serving.schemas import ItemText
 
     bundle = Bundle.load(bundle_dir)
     vectors = None
     new_ids = sorted(set(rows["item_id"].to_list()) - known_items)
-    if bundle.spec.use_semantic and new_ids:
-        texts = data.items.filter(pl.col("item_id").is_in(new_ids)).sort("item_id")
-        todo = [ItemText(**{k: v for k, v in r.items() if v is not None})
-                for r in texts.select("item_id", "title", "description", "category",
-                                      "subcategory").to_dicts()]  # fmt: skip
-        new = Embedder(bundle, semantic=True).embed_texts(todo)
-        vectors = bundle.vectors.extended(new.ids, new.matrix, new.frozen)
-    # one request per impression, as the replay asks the API (within-request columns)
-    req = rows.select("user_id", "item_id", pl.col("impression_id").alias("request_id"))
-    frame = bundle.featurize(req, vectors=vectors)
+    if bundle.spec.use_semantic:
+        vectors = bundle.vectors
+        if new_ids:
+            texts = data.items.filter(pl.col("item_id").is_in(new_ids)).sort("item_id")
+            todo = [ItemText(**{k: v for k, v in r.items() if v is not None})
+                    for r in texts.select("item_id", "title", "description", "category",
+                                          "subcategory").to_dicts()]  # fmt: skip
+            new = Embedder(bundle, semantic=True).embed_texts(todo)
+            vectors = vectors.extended(new.ids, new.matrix, new.frozen)
+    as_of = pl.lit(bundle.snapshot.as_of).cast(pl.Datetime("us", "UTC"))
+    req = requests(rows).with_columns(as_of.alias("ts"))  # the cut-off: moved already
+    spec = dataclasses.replace(bundle.spec, refresh=ONLINE)
+    frame = point_in_time_frame(spec, req, data, vectors)
     return np.asarray(bundle.ranker.predict(matrix(frame, bundle.spec.columns)))
 
 

@@ -1,6 +1,7 @@
 """The serving fast path: one user's candidates from dict and array lookups, no polars per call.
 
-    snapshot_features_numpy(snapshot, user_id, item_ids, extra_history=...) -> (n, F) float64
+    snapshot_features_numpy(snapshot, user_id, item_ids, extra_history=..., given=...)
+        -> (n, F) float64
 
 `SnapshotIndex.build` runs once per snapshot (`SnapshotIndex.of` keeps it on the snapshot): the
 item columns of every catalogue item (and of an unknown item) are computed by the polars path
@@ -12,7 +13,7 @@ groups' numpy evaluation (`features.groups`), the twin of the polars one. Column
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -26,6 +27,7 @@ from features.groups import USER_GROUPS
 from features.groups.item_counts import TIME_FEATURES
 from features.snapshot import FeatureSnapshot, as_utc, snapshot_features
 
+Given = Mapping[str, Mapping[str, str | None]]  # item id -> {group: value} a request gives
 _US_PER_HOUR = 3_600_000_000.0
 _ONE_US = timedelta(microseconds=1)
 _CACHED = "_snapshot_index"
@@ -81,6 +83,7 @@ class SnapshotIndex:
     user_row: dict[str, int]
     user_counts: np.ndarray  # (n_users, 3): shows, clicks, history
     item_group: dict[str, np.ndarray]  # group -> (n_items + 1,) code, -1 when null / unknown
+    group_code: dict[str, dict[str, int]]  # group -> value -> code
     n_codes: dict[str, int]
     user_groups: dict[str, _UserRows]  # group -> stats shows, clicks, history per (user, code)
     user_items: _UserRows  # stats shows, history per (user, item row)
@@ -117,10 +120,11 @@ class SnapshotIndex:
         user_rows = (
             users.select("user_id").with_row_index("__u").with_columns(pl.col("__u").cast(pl.Int64))
         )
-        item_group, n_codes, user_groups = {}, {}, {}
+        item_group, group_code, n_codes, user_groups = {}, {}, {}, {}
         for g in GROUPS:
             codes = items.select(pl.col(g).drop_nulls().unique().sort()).with_row_index("__k")
             codes = codes.with_columns(pl.col("__k").cast(pl.Int64))
+            group_code[g] = dict(zip(codes[g].to_list(), codes["__k"].to_list(), strict=True))
             per_item = items.select(g).join(codes, on=g, how="left", maintain_order="left")
             item_group[g] = np.append(per_item["__k"].fill_null(-1).to_numpy(), -1).astype(np.int64)
             n_codes[g] = codes.height
@@ -142,6 +146,7 @@ class SnapshotIndex:
             user_row={u: r for r, u in enumerate(users["user_id"].to_list())},
             user_counts=users.select(pl.col(c).cast(pl.Float64) for c in USER_COUNTS).to_numpy(),
             item_group=item_group,
+            group_code=group_code,
             n_codes=n_codes,
             user_groups=user_groups,
             user_items=_UserRows.build(
@@ -155,8 +160,10 @@ class SnapshotIndex:
         item_ids: Sequence[str],
         extra_history: Sequence[str] = (),
         now: datetime | None = None,
+        given: Given | None = None,
     ) -> np.ndarray:
-        """(len(item_ids), n_features) float64, the numbers `snapshot_features` gives."""
+        """(len(item_ids), n_features) float64, the numbers `snapshot_features` gives (with
+        `given` as its requests' and extra history's category / subcategory columns)."""
         n, unknown = len(item_ids), len(self.item_row)
         rows = np.fromiter((self.item_row.get(i, unknown) for i in item_ids), np.int64, n)
         out = np.empty((n, len(self.names)))
@@ -166,7 +173,7 @@ class SnapshotIndex:
             out[:, self.time_cols] += shift // _ONE_US / _US_PER_HOUR
 
         u = self.user_row.get(user_id) if user_id is not None else None
-        raw = self._user_raw(u, rows, item_ids, extra_history)
+        raw = self._user_raw(u, rows, item_ids, extra_history, given or {})
         user = (a for g in USER_GROUPS for a in g.arrays(raw, self.config))
         for c, values in zip(self.user_cols, user, strict=True):
             out[:, c] = values  # the user's own counts are one value: broadcast
@@ -178,27 +185,30 @@ class SnapshotIndex:
         rows: np.ndarray,
         item_ids: Sequence[str],
         extra_history: Sequence[str],
+        given: Given,
     ) -> dict[str, np.ndarray]:
         """The user-side raw columns (see `features.groups`) of user row `u` with the candidate
-        item rows `rows`, each item of `extra_history` one more history item."""
+        item rows `rows`, each item of `extra_history` one more history item; `given` fills
+        the groups the snapshot lacks."""
         n, unknown = len(rows), len(self.item_row)
         shows, clicks, history = self.user_counts[u] if u is not None else (0.0, 0.0, 0.0)
         extra = np.fromiter(
             (self.item_row.get(i, unknown) for i in extra_history), np.int64, len(extra_history)
         )
         history = history + float(len(extra_history))
-        raw = {  # the user's own counts as (1,) arrays, broadcast against the candidates'
+        raw: dict[str, np.ndarray] = {  # the user's own counts, (1,) arrays broadcast
             "users.shows": np.array([shows], dtype=np.float64),
             "users.clicks": np.array([clicks], dtype=np.float64),
             "users.history": np.array([history], dtype=np.float64),
         }
         for g in GROUPS:
-            dense = np.zeros((self.n_codes[g] + 1, 3))  # shows, clicks, history per code
+            fresh: dict[str, int] = {}  # given values the snapshot never saw: codes after its
+            extra_codes = self._codes(g, extra, extra_history, given, fresh)
+            code = self._codes(g, rows, item_ids, given, fresh)
+            dense = np.zeros((self.n_codes[g] + 1 + len(fresh), 3))  # shows, clicks, history
             keys, values = self.user_groups[g].of(u)
             dense[keys] = values
-            extra_codes = self.item_group[g][extra]
             np.add.at(dense[:, 2], extra_codes[extra_codes >= 0], 1.0)
-            code = self.item_group[g][rows]
             known = code >= 0
             stats = dense[np.where(known, code, 0)]
             raw[f"items.{g}"] = known
@@ -216,6 +226,25 @@ class SnapshotIndex:
         raw["user_item.shows"], raw["user_item.history"] = ui[:, 0], ui[:, 1]
         return raw
 
+    def _codes(
+        self, g: str, rows: np.ndarray, item_ids: Sequence[str], given: Given,
+        fresh: dict[str, int],
+    ) -> np.ndarray:  # fmt: skip
+        """Group `g`'s code of each item row; where the snapshot has none, the `given` value's
+        (a value it never saw gets a code of its own in `fresh`, with no user counts)."""
+        code = self.item_group[g][rows]
+        if not given:
+            return code
+        code = code.copy()
+        for j in np.flatnonzero(code < 0):
+            value = given.get(item_ids[int(j)], {}).get(g)
+            if value is not None:
+                known = self.group_code[g].get(value)
+                if known is None:
+                    known = fresh.setdefault(value, self.n_codes[g] + 1 + len(fresh))
+                code[j] = known
+        return code
+
 
 def snapshot_features_numpy(
     snapshot: FeatureSnapshot,
@@ -224,10 +253,12 @@ def snapshot_features_numpy(
     *,
     extra_history: Sequence[str] = (),
     now: datetime | None = None,
+    given: Given | None = None,
 ) -> np.ndarray:
     """Features of one user's candidates, (len(item_ids), len(feature_names)) float64.
 
     The same numbers as `snapshot_features` for rows (user_id, item_id) with extra_history rows
-    (user_id, h) for h in extra_history; NaN where that gives null.
+    (user_id, h) for h in extra_history, and with `given` (item id -> {group: value}) as the
+    rows' category / subcategory columns; NaN where that gives null.
     """
-    return SnapshotIndex.of(snapshot).features(user_id, item_ids, extra_history, now)
+    return SnapshotIndex.of(snapshot).features(user_id, item_ids, extra_history, now, given)

@@ -233,9 +233,13 @@ def snapshot_features(
     """Features of each (user, candidate) row as of the snapshot, for batch scoring or serving.
 
     requests: user_id, item_id (n rows; request_id and other columns are kept; a ts column is
-        ignored). extra_history: user_id, item_id rows a caller says the user consumed (e.g.
-        an API request's history, or events since as_of); each row adds one to that user's
-        history, category / subcategory history and user_item_history. now: the moment item
+        ignored); optional category / subcategory columns give an item's group where the
+        snapshot has none (an item published after the cut-off whose text and sections a
+        request carries): the user's category features then describe it as the offline path,
+        which reads every item's sections, does. extra_history: user_id, item_id rows a caller
+        says the user consumed (e.g. an API request's history, or events since as_of), with
+        the same optional group columns; each row adds one to that user's history, category /
+        subcategory history and user_item_history. now: the moment item
         ages and hours since click are measured at (default `snapshot.as_of`); counts stay as
         of `as_of`. Returns the n rows in order with `feature_names(snapshot.config)` appended,
         the same numbers `point_in_time_features` gives for requests at as_of. Unknown users
@@ -246,16 +250,32 @@ def snapshot_features(
     check_requests(requests, ("user_id", "item_id"), feature_names(config), where)
     at = as_utc(now, f"{where}: now") if now is not None else snapshot.as_of
     queries = requests.select(
-        pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String)
+        pl.col("user_id").cast(pl.String),
+        pl.col("item_id").cast(pl.String),
+        *_given(requests),
     ).with_columns(pl.lit(at, dtype=TS).alias(AT))
     raw = raw_from_snapshot(snapshot, queries, extra_history)
     return requests.hstack(derive_features(raw, config).get_columns())
 
 
+def _given(frame: pl.DataFrame) -> list[pl.Expr]:
+    """A request's own item groups (category, subcategory columns), as `given.<group>`."""
+    return [pl.col(g).cast(pl.String).alias(f"given.{g}") for g in GROUPS if g in frame.columns]
+
+
+def _fill_given(frame: pl.DataFrame, prefix: str) -> pl.DataFrame:
+    """`<prefix><group>` filled from `given.<group>` where null, the given columns dropped."""
+    given = [g for g in GROUPS if f"given.{g}" in frame.columns]
+    return frame.with_columns(
+        pl.col(f"{prefix}{g}").fill_null(pl.col(f"given.{g}")) for g in given
+    ).drop(f"given.{g}" for g in given)
+
+
 def raw_from_snapshot(
     snapshot: FeatureSnapshot, queries: pl.DataFrame, extra_history: pl.DataFrame | None
 ) -> pl.DataFrame:
-    """The raw columns `derive_features` reads, for queries (user_id, item_id, AT), in order."""
+    """The raw columns `derive_features` reads, for queries (user_id, item_id, AT, optional
+    given.<group>), in order."""
     raw = queries
     users = queries["user_id"].unique().implode()
     for name in TABLE_NAMES:
@@ -272,6 +292,8 @@ def raw_from_snapshot(
             how="left",
             maintain_order="left",
         )
+        if name == "items":  # the candidate's groups, before the user-group tables join on them
+            raw = _fill_given(raw, "items.")
     if extra_history is not None:
         raw = _add_extra_history(raw, snapshot.tables["items"], extra_history)
     return raw
@@ -286,8 +308,10 @@ def _add_extra_history(
             f"snapshot_features: extra_history lacks column(s) {missing}; give user_id, item_id"
         )
     extra = extra_history.select(
-        pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String)
-    ).join(items.select("item_id", *GROUPS), on="item_id", how="left")
+        pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String),
+        *_given(extra_history),
+    ).join(items.select("item_id", *GROUPS), on="item_id", how="left")  # fmt: skip
+    extra = _fill_given(extra, "")
     # (table whose history grows, request-side keys, extra-side keys)
     targets = [
         ("users", ["user_id"], ["user_id"]),

@@ -18,6 +18,7 @@ import polars as pl
 from features import FeatureConfig, FeatureSnapshot, feature_names, point_in_time_features
 from features import snapshot_features as _snapshot_features
 from features.config import valid_duration
+from features.events import GROUPS
 from recsys.data.dataset import Dataset
 from recsys.data.schema import TS
 from recsys.errors import ConfigError, DataError
@@ -217,17 +218,20 @@ def snapshot_frame(
 
     Each user's rows are one request for the within-request columns, unless `requests` has a
     `request_id` column (e.g. the impression: a storefront's call ranks one impression's list).
+    Optional category / subcategory columns give the sections of items the snapshot does not
+    know (`features.snapshot_features`), as a request's item texts do.
 
     `history` (user_id, item_id, ts) is the users' stored history before the cut-off;
     `extra_history` (user_id, item_id) adds items a caller says the user consumed (counted as
     the most recent history).
     """
     as_of: datetime = snapshot.as_of
-    req = requests.select("user_id", "item_id").with_columns(
+    given = [g for g in GROUPS if g in requests.columns]  # sections a request carries
+    req = requests.select("user_id", "item_id", *given).with_columns(
         pl.col("user_id").alias("request_id"), pl.lit(as_of, dtype=TS).alias("ts")
     )
     out = _snapshot_features(
-        snapshot, req.select("user_id", "item_id"), extra_history=extra_history
+        snapshot, req.select("user_id", "item_id", *given), extra_history=extra_history
     )
     if vectors is not None:
         hist = history.select("user_id", "item_id", "ts")

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import polars as pl
 
 from features import snapshot_features_numpy
 from features.derive import derive_numpy
+from features.events import GROUPS
+from features.fast import Given
 from features.live import epoch_us, from_us
 from recsys.bundle import Bundle
 from recsys.featurize import ONLINE, FeatureSpec, matrix
@@ -100,8 +103,13 @@ class Featurizer:
         history: Sequence[str] = (),
         new: NewItems | None = None,
         at_us: int | None = None,
+        given: Given | None = None,
     ) -> np.ndarray:
         """The ranker's feature matrix (len(candidates), len(columns)) float64, NaN = missing.
+
+        given: item id -> {category, subcategory} of the request's item texts: the sections of
+        items the snapshot does not know, for the user's category features (the live state
+        takes them from item events).
 
         Without `at_us`: equals `matrix(bundle.featurize(requests, extra_history=...,
         vectors=...), columns)` for rows (user_id or ANONYMOUS, c) and extra history (user, h)
@@ -116,7 +124,7 @@ class Featurizer:
         moment = None
         if at_us is None:
             base[:, : head.n_behavioural] = snapshot_features_numpy(
-                self.bundle.snapshot, user_id, candidates, extra_history=history
+                self.bundle.snapshot, user_id, candidates, extra_history=history, given=given
             )
             live_history: list[tuple[int, str]] = []
         else:
@@ -238,23 +246,23 @@ class Featurizer:
         history: Sequence[str] = (),
         new: NewItems | None = None,
         head: Head | None = None,
+        given: Given | None = None,
     ) -> np.ndarray:
         """The same matrix through the shared polars featurisation (`bundle.featurize`), as of
-        the cut-off, for `head` (default the batch one)."""
+        the cut-off, for `head` (default the batch one); `given` as category / subcategory
+        columns of the requests and the extra history."""
         head = head or self.batch
         user = user_id if user_id is not None else ANONYMOUS
-        req = pl.DataFrame(
-            {"user_id": [user] * len(candidates), "item_id": list(candidates)},
-            schema={"user_id": pl.String, "item_id": pl.String},
-        )
-        extra = (
-            pl.DataFrame(
-                {"user_id": [user] * len(history), "item_id": list(history)},
-                schema={"user_id": pl.String, "item_id": pl.String},
-            )
-            if history
-            else None
-        )
+        g = given or {}
+
+        def rows(items: Sequence[str]) -> pl.DataFrame:
+            cols: dict[str, list[Any]] = {"user_id": [user] * len(items), "item_id": list(items)}
+            for group in GROUPS:
+                cols[group] = [g.get(i, {}).get(group) for i in items]
+            return pl.DataFrame(cols, schema={k: pl.String for k in cols})
+
+        req = rows(candidates)
+        extra = rows(history) if history else None
         vectors = None
         if new is not None and new.ids:
             vectors = self.vectors.extended(new.ids, new.matrix, new.frozen)

@@ -412,6 +412,48 @@ def test_extra_history_equals_history_in_the_data() -> None:
     assert (expect["user_history"] == 4).all()
 
 
+def test_sections_a_request_gives_equal_the_offline_path_for_items_the_snapshot_lacks() -> None:
+    """An item first seen after the cut-off: the offline path reads its sections from the
+    items table, a snapshot built without it has none; given as the request's category and
+    subcategory columns (an API request's item texts), the user's category features match."""
+    data = small()
+    at = data.impressions["ts"].sort()[1500]
+    seen = pl.concat([data.impressions.filter(pl.col("ts") < at)["item_id"],
+                      data.interactions.filter(pl.col("ts") < at)["item_id"]])  # fmt: skip
+    later = data.items.filter(~pl.col("item_id").is_in(seen.implode())).head(20)
+    assert later.height == 20 and later["category"].null_count() == 0
+    users = data.impressions["user_id"].unique().sort().head(10).to_list()
+    reqs = pl.DataFrame(
+        {"request_id": [u for u in users for _ in range(later.height)],
+         "user_id": [u for u in users for _ in range(later.height)],
+         "item_id": later["item_id"].to_list() * len(users)}
+    ).with_columns(pl.lit(at, dtype=pl.Datetime("us", "UTC")).alias("ts"))  # fmt: skip
+    sections = later.select("item_id", "category", "subcategory")
+    offline = matrix(point_in_time_features(reqs, data, CFG))
+    without = Dataset(data.items.join(sections, on="item_id", how="anti"), data.interactions,
+                      data.impressions)  # fmt: skip
+    snap = build_snapshot(without, at, CFG)
+    user_cols = [NAMES.index(c) for c in user_feature_names() if "category" in c]
+    blind = matrix(snapshot_features(snap, reqs))
+    assert np.isnan(blind[:, user_cols]).all()  # no sections: no category features
+    told = reqs.join(sections, on="item_id", how="left", maintain_order="left")
+    served = matrix(snapshot_features(snap, told))
+    assert_same(served[:, user_cols], offline[:, user_cols])
+    assert not np.isnan(served[:, user_cols]).all()
+    given = {r["item_id"]: r for r in sections.to_dicts()}
+    fast = np.vstack([snapshot_features_numpy(snap, u, later["item_id"].to_list(), given=given)
+                      for u in users])  # fmt: skip
+    assert_same(fast, served)
+    # as extra history, a given section counts for the user's category history
+    extra = told.head(2).select("user_id", "item_id", "category", "subcategory")
+    with_extra = matrix(snapshot_features(snap, told.head(20), extra_history=extra))
+    fast_extra = snapshot_features_numpy(
+        snap, users[0], later["item_id"].to_list(), extra_history=extra["item_id"].to_list(),
+        given=given,
+    )  # fmt: skip
+    assert_same(fast_extra, with_extra)
+
+
 def test_now_moves_only_the_ages() -> None:
     data = small()
     at = data.impressions["ts"].sort()[1000]

@@ -473,6 +473,16 @@ def test_unknown_items_with_and_without_text(server, nightly, serving_model, cli
     # and the API used the embedding: the twin's explanation shows finite semantic values
     twin = next(i for i in body["items"] if i["item_id"] == "new-twin")
     assert len(twin["explanation"]) == 5
+    # the text's category counts as the twin's section: the user's category features are its
+    # original's, and the API's scores are the ranker's on exactly those features
+    given = {"new-twin": {"category": twin_of["category"], "subcategory": None}}
+    x = serving_model.featurizer.features(user, cands, (), new, given=given)
+    cat = [serving_model.columns.index(c) for c in serving_model.columns
+           if c in ("user_category_ctr", "user_category_share")]  # fmt: skip
+    original = serving_model.featurizer.features(user, [*cands[:20], twin_of["item_id"]])
+    assert cat and np.array_equal(x[20, cat], original[20, cat])
+    want = serving_model.bundle.ranker.predict(x)
+    assert [scores[c] for c in cands] == pytest.approx(want.tolist(), abs=1e-9)
 
 
 def _item(d: dict[str, Any]) -> Any:
@@ -608,8 +618,13 @@ def test_fast_path_equals_bundle_featurize(serving_model, data):
         fz = m.vectors.frozen  # a tuned bundle: new items come with both encoders' vectors
         new = NewItems(["new-a", "new-b"], _unit(rng, 2, m.vectors.dim),
                        None if fz is None else _unit(rng, 2, fz.dim))  # fmt: skip
-    fast = m.featurizer.features(user, cands, history, new)
-    ref = m.featurizer.reference(user, cands, history, new)
+    # sections a request's item texts give: the bundle's own, one it never saw, or none
+    cats = sorted(m.catalogue.item_category.values())[:3]
+    section = st.none() | st.sampled_from([*cats, "a-section-never-seen"])
+    given = {i: {"category": data.draw(section), "subcategory": data.draw(section)}
+             for i in ["ghost-1", "new-a", "new-b", ids[0]]}  # fmt: skip
+    fast = m.featurizer.features(user, cands, history, new, given=given)
+    ref = m.featurizer.reference(user, cands, history, new, given=given)
     assert fast.shape == ref.shape == (len(cands), len(m.columns))
     np.testing.assert_array_equal(np.isnan(fast), np.isnan(ref))
     np.testing.assert_allclose(np.nan_to_num(fast), np.nan_to_num(ref), rtol=0, atol=1e-9)
