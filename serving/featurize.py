@@ -239,6 +239,21 @@ class Featurizer:
                 out[slot, cmask[0]] = values[cmask]
         return out
 
+    def unheld(self, user_id: str, history: Sequence[str], at_us: int | None = None) -> list[str]:
+        """`history` without the items the user's profile already holds (stored before the
+        cut-off, and with `at_us` live before that moment). A storefront that sends the whole
+        history with every request (MIND's layout) then counts each item once, as the offline
+        data does, not once in the profile and again as extra history."""
+        if not history:
+            return []
+        lo, hi = self.histories.ptr.get(user_id, (0, 0))
+        held = set(self.histories.item_ids[lo:hi].tolist())
+        if at_us is not None:
+            with self.live.lock:
+                live = self.live.features().history_before(user_id, self.moment(at_us))
+            held.update(i for _, i in live)
+        return [i for i in history if i not in held]
+
     def reference(
         self,
         user_id: str | None,

@@ -163,9 +163,12 @@ class ServingModel:
                     it["explanation"] = [{"feature": "popularity", "value": s, "contribution": s}]
         else:
             user = req.user_id if strategy != "history" else None
+            history = req.history
+            if user is not None and history:
+                history = self.featurizer.unheld(user, history, at_us)
             given = {i.item_id: {"category": i.category, "subcategory": i.subcategory}
                      for i in req.items} if req.items else None  # fmt: skip
-            x = self.featurizer.features(user, cands, req.history, new, at_us, given)
+            x = self.featurizer.features(user, cands, history, new, at_us, given)
             scores = self.predict(x, at_us)
             if not np.isfinite(scores).all():
                 raise DataError("the ranker returned a non-finite score; the bundle is broken")

@@ -440,6 +440,28 @@ def test_strategies_known_user_history_and_cold_start(server, serving_model, cli
 
 
 @pytest.mark.slow
+def test_a_history_the_profile_holds_counts_once(server, serving_model, client):
+    """MIND's storefront sends a user's whole history with every request: the items the
+    stored profile holds already are not counted again."""
+    h = serving_model.histories
+    user = sorted(h.ptr)[0]
+    lo, hi = h.ptr[user]
+    held = h.item_ids[lo:hi].tolist()
+    ids = serving_model.bundle.vectors.ids
+    other = [i for i in ids if i not in held][:2]
+    cands = ids[100:130]
+    url = f"{server.url}/v1/rank"
+
+    def scores(**body: Any) -> list[float]:
+        r = client.post(url, json={"user_id": user, "candidates": cands, **body})
+        assert r.status_code == 200, r.text
+        return [i["score"] for i in r.json()["items"]]
+
+    assert held and scores(history=held) == scores()
+    assert scores(history=[*held, *other]) == scores(history=other) != scores()
+
+
+@pytest.mark.slow
 def test_unknown_items_with_and_without_text(server, nightly, serving_model, client):
     b = serving_model.bundle
     items = pl.read_parquet(Path(nightly.result.run_dir) / "validate" / "items.parquet")
