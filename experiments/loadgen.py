@@ -17,6 +17,7 @@ The server time of each answer is its `Server-Timing: app;dur=` header (serving/
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -292,6 +293,18 @@ class Server:
 
     def cpu(self) -> float:
         return tree_cpu(self.proc.pid)
+
+    def rss_mb(self) -> float:
+        """Resident memory of the server's processes, MB."""
+        import psutil
+
+        total = 0
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(self.proc.pid)
+            for p in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    total += p.memory_info().rss
+        return total / 2**20
 
     def stop(self) -> None:
         if self.proc.poll() is None:
