@@ -253,6 +253,7 @@ def soak_redis(args: argparse.Namespace) -> dict[str, Any]:
         "rank connection errors": res["statuses"].get(0, 0),
         "event batches": fed["statuses"],
         "events sent": len(sent),
+        "answers accepted/duplicates": f"{fed['accepted']}/{fed['duplicates']}",
         "events unique": unique,
         "events unsent": fed["unsent"],
         **counts,
