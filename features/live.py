@@ -359,17 +359,19 @@ class LiveFeatures:
                 times, rows = log.times, log.cum
                 i = bisect_left(times, at_us)
                 now = rows[i - 1] if i else zero
-                for block, start in windowed:
+                for per_window, start in windowed:
                     i = bisect_left(times, start)
                     if i:
                         before = rows[i - 1]
-                        block.append((now[0] - before[0], now[1] - before[1], now[2] - before[2]))
+                        per_window.append(
+                            (now[0] - before[0], now[1] - before[1], now[2] - before[2])
+                        )
                     else:
-                        block.append((now[0] - 0.0, now[1] - 0.0, now[2] - 0.0))
+                        per_window.append((now[0] - 0.0, now[1] - 0.0, now[2] - 0.0))
             else:
                 now = zero
-                for block, _ in windowed:
-                    block.append(zero)
+                for per_window, _ in windowed:
+                    per_window.append(zero)
             if counts_all is not None:
                 cut = cuts.get(item) if log is not None else zero
                 if cut is None:  # fixed once the state is built: live events are never before
@@ -386,8 +388,8 @@ class LiveFeatures:
             if first is not None and first < at_us:
                 first_seen[k] = first
         for w, got in counts.items():
-            block = np.array(got, dtype=np.float64).reshape(n, 3)
-            for c, col in zip(ITEM_COUNTS, block.T, strict=True):
+            window_block = np.array(got, dtype=np.float64).reshape(n, 3)
+            for c, col in zip(ITEM_COUNTS, window_block.T, strict=True):
                 out[f"items.{c}_{w}"] = col
         out["items.last_click_at"] = last_click
         out["items.first_seen_at"] = first_seen
