@@ -325,6 +325,7 @@ class RedisProcess:
 
     def __init__(self, workdir: Path | None = None) -> None:
         self.port = free_port()
+        self._own_dir = workdir is None  # a folder of ours: removed on stop
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="bench-redis-"))
         self.url = f"redis://{HOST}:{self.port}/0"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -335,6 +336,7 @@ class RedisProcess:
         exe = shutil.which("redis-server")
         if exe is None:
             raise SystemExit("redis-server is not installed (`make setup` installs it)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self._proc = subprocess.Popen(
             [exe, "--bind", HOST, "--port", str(self.port), "--save", "", "--appendonly", "no",
              "--dir", str(self.workdir), "--loglevel", "warning"],
@@ -360,6 +362,8 @@ class RedisProcess:
             self._proc.kill()  # an outage, not a shutdown: no goodbye to the clients
             self._proc.wait(timeout=30)
         self._proc = None
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def client(self) -> Any:
         import redis
