@@ -211,6 +211,9 @@ class LiveFeatures:
             for i, t in items.select("item_id", "first_seen_at").drop_nulls().iter_rows()
         }
         self.item_log: dict[str, _Log] = {}
+        # item -> its sums before the cut-off (the snapshot's recent events), kept on first use:
+        # they never change, as the add_* methods count no event before the cut-off
+        self._cut: dict[str, tuple[float, ...]] = {}
         recent = snapshot.tables.get(RECENT)
         if recent is None and self.windows:
             raise DataError(
@@ -340,27 +343,42 @@ class LiveFeatures:
         published = np.fromiter((nan if m[2] is None else m[2] for m in meta), np.float64, n)
         out["items.published_at"] = published
         starts = [(w, window_start(at_us, w)) for w in self.windows]
-        counts = {w: np.zeros((n, 3)) for w in self.config.windows}
+        # rows of (shows, clicks, interactions) per window, one per item, made arrays at the end
+        # (a numpy row assignment per item and window cost more than the counting)
+        counts: dict[str, list[tuple[float, ...]]] = {w: [] for w in self.config.windows}
+        windowed = [(counts[w], start) for w, start in starts]
+        counts_all = counts.get(ALL)
         last_click, first_seen = np.full(n, nan), np.full(n, nan)
         zero = (0.0, 0.0, 0.0)
-        item_log = self.item_log
+        item_log, cuts, base_all = self.item_log, self._cut, self._base_all
         for k, item in enumerate(item_ids):
             log = item_log.get(item)
             if log is not None:  # `_Log.before`, inlined: this loop is the hot path
-                log.settle()
+                if log.valid != len(log.times):
+                    log.settle()
                 times, rows = log.times, log.cum
                 i = bisect_left(times, at_us)
                 now = rows[i - 1] if i else zero
-                for w, start in starts:
+                for per_window, start in windowed:
                     i = bisect_left(times, start)
-                    before = rows[i - 1] if i else zero
-                    counts[w][k] = (now[0] - before[0], now[1] - before[1], now[2] - before[2])
+                    if i:
+                        before = rows[i - 1]
+                        per_window.append(
+                            (now[0] - before[0], now[1] - before[1], now[2] - before[2])
+                        )
+                    else:
+                        per_window.append((now[0] - 0.0, now[1] - 0.0, now[2] - 0.0))
             else:
                 now = zero
-            if ALL in counts:
-                cut = (log.before(self.cutoff_us) if log is not None else None) or zero
-                base = self._base_all.get(item, zero)
-                counts[ALL][k] = [b + x - y for b, x, y in zip(base, now, cut, strict=True)]
+                for per_window, _ in windowed:
+                    per_window.append(zero)
+            if counts_all is not None:
+                cut = cuts.get(item) if log is not None else zero
+                if cut is None:  # fixed once the state is built: live events are never before
+                    cut = cuts[item] = tuple(log.before(self.cutoff_us) or zero)  # type: ignore[union-attr]
+                b = base_all.get(item, zero)
+                counts_all.append((b[0] + now[0] - cut[0], b[1] + now[1] - cut[1],
+                                   b[2] + now[2] - cut[2]))  # fmt: skip
             clicks = self._clicks_at.get(item)
             j = bisect_left(clicks, at_us) if clicks else 0
             t = clicks[j - 1] if clicks and j else self._base_last_click.get(item)  # type: ignore[index]
@@ -369,8 +387,9 @@ class LiveFeatures:
             first = self._base_first_seen.get(item, self._first_live.get(item))
             if first is not None and first < at_us:
                 first_seen[k] = first
-        for w, block in counts.items():
-            for c, col in zip(ITEM_COUNTS, block.T, strict=True):
+        for w, got in counts.items():
+            window_block = np.array(got, dtype=np.float64).reshape(n, 3)
+            for c, col in zip(ITEM_COUNTS, window_block.T, strict=True):
                 out[f"items.{c}_{w}"] = col
         out["items.last_click_at"] = last_click
         out["items.first_seen_at"] = first_seen

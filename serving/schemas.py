@@ -158,7 +158,10 @@ class _Event(BaseModel):
     @model_validator(mode="after")
     def _utc(self) -> _Event:
         for name in ("ts", "published_at"):
-            value = getattr(self, name, None)
+            # the field's value, or None for a type without it: getattr on a missing field goes
+            # through pydantic's __getattr__ and an AttributeError, measured at 14% of the CPU
+            # of ingesting events (bench_api's ingestion table)
+            value = self.__dict__.get(name)
             if isinstance(value, datetime):
                 fixed = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
                 object.__setattr__(self, name, fixed)

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from recsys.data.dataset import Dataset, read_dataset, write_dataset
 from recsys.eventlog import EventLog
 from serving.app import create_app
 from serving.ranking import ServingModel
+from serving.schemas import EVENT
 from serving.settings import Settings
 
 # ------------------------------------------------------------------ the event log (fast)
@@ -51,6 +52,24 @@ def test_event_log_cuts_a_torn_tail(tmp_path: Path) -> None:
     assert reopened.recovered_bytes == len(b'{"event_id": "half-writ')
     reopened.append([{"event_id": "c"}])
     assert [e["event_id"] for e in EventLog(tmp_path).read()] == ["a", "b", "c"]
+
+
+def test_event_times_are_utc_for_every_event_type() -> None:
+    """The one validator of every event type reads its fields without touching the ones a type
+    lacks (a click has no published_at; reading it through getattr cost 14% of ingestion)."""
+    common = {"event_id": "e", "ts": "2026-12-01T08:00:00+02:00"}
+    item = EVENT.validate_python({**common, "type": "item", "item_id": "i", "title": "t",
+                                  "published_at": "2026-11-30T23:30:00"})  # fmt: skip
+    click = EVENT.validate_python({**common, "type": "click", "user_id": "u", "item_id": "i"})
+    shown = EVENT.validate_python({**common, "event_id": "s", "type": "impression",
+                                   "user_id": "u", "request_id": "r", "items": ["i"],
+                                   "ts": "2026-12-01T06:00:00"})  # fmt: skip
+    six = datetime(2026, 12, 1, 6, tzinfo=UTC)
+    assert item.ts == click.ts == shown.ts == six
+    assert all(e.ts.tzinfo is UTC for e in (item, click, shown))
+    assert item.published_at == datetime(2026, 11, 30, 23, 30, tzinfo=UTC)  # type: ignore[union-attr]
+    assert "published_at" not in click.model_dump()
+    assert click.model_dump(mode="json")["ts"] == "2026-12-01T06:00:00Z"
 
 
 def test_events_are_off_without_an_event_log(empty_server: Any, client: httpx.Client) -> None:
