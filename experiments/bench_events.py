@@ -19,6 +19,9 @@ latency while events stream in.
    --format events LOG --base WEEK1`: a click there also extends the history, as in the API),
    with paired differences and standard errors over impressions, and two baselines (smoothed CTR,
    clicks in the last 24 hours as of each impression).
+   2a. The same replay against `--redis-workers` workers (default 2) sharing a private
+   redis-server, a new connection per request (events land on one worker, ranks on another):
+   its AUC and scores beside the one-worker replay's.
    2b. The same impressions against `recsys serve --bundle B --no-events`, with and without
    `at` (no events: the candidates' texts where the bundle lacks them), beside the bundle's
    batch ranker on features as of its cut-off: a server that cannot keep features fresh must
@@ -117,9 +120,12 @@ def _server_ms(r: httpx.Response) -> float:
 
 
 def replay(
-    server: Server, data: Dataset, cut: datetime, known_items: set[str], limit: int | None
-) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Step 2; returns (impression_id, item_id, clicked, api score) and timing."""
+    url: str, data: Dataset, cut: datetime, known_items: set[str], limit: int | None,
+    fresh_connections: bool = False,
+) -> tuple[pl.DataFrame, dict[str, Any]]:  # fmt: skip
+    """Step 2 against the server at `url`; returns (impression_id, item_id, clicked, api score)
+    and timing. fresh_connections: a new connection per request, so that a server with several
+    workers takes each call on whichever worker accepts it (events on one, ranks on another)."""
     after = _after(data, cut, limit)
     items = data.items.select("item_id", "title", "description", "category", "subcategory")
     text = {r["item_id"]: r for r in items.to_dicts()}
@@ -135,7 +141,8 @@ def replay(
     rank_ms: list[float] = []
     n_events = 0
     t0 = time.perf_counter()
-    with httpx.Client(timeout=120) as c:
+    keep = 0 if fresh_connections else 20  # httpx's default keeps 20
+    with httpx.Client(timeout=120, limits=httpx.Limits(max_keepalive_connections=keep)) as c:
         for (imp,), rows in after.group_by("impression_id", maintain_order=True):
             user, ts = rows["user_id"][0], rows["ts"][0]
             shown = rows["item_id"].to_list()
@@ -147,7 +154,7 @@ def replay(
                      **{k: v for k, v in text[i].items() if v is not None}}
                     for i in fresh
                 ]  # fmt: skip
-                r = c.post(f"{server.url}/v1/events", json={"events": ev})
+                r = c.post(f"{url}/v1/events", json={"events": ev})
                 r.raise_for_status()
                 seen.update(fresh)
                 n_events += len(ev)
@@ -156,11 +163,11 @@ def replay(
                        "user_id": user, "item_id": i}
                       for n, (t, i) in enumerate(history)]  # fmt: skip
                 for b in range(0, len(ev), 1000):
-                    r = c.post(f"{server.url}/v1/events", json={"events": ev[b : b + 1000]})
+                    r = c.post(f"{url}/v1/events", json={"events": ev[b : b + 1000]})
                     r.raise_for_status()
                 n_events += len(ev)
             body = {"user_id": user, "candidates": shown, "at": _iso(ts)}
-            r = c.post(f"{server.url}/v1/rank", json=body)
+            r = c.post(f"{url}/v1/rank", json=body)
             r.raise_for_status()
             rank_ms.append(_server_ms(r))
             got = {i["item_id"]: i["score"] for i in r.json()["items"]}
@@ -170,7 +177,7 @@ def replay(
             ev += [{"event_id": f"click-{imp}-{i}", "type": "click", "ts": _iso(ts),
                     "user_id": user, "item_id": i, "request_id": str(imp)}
                    for i in rows.filter(pl.col("clicked"))["item_id"].to_list()]  # fmt: skip
-            r = c.post(f"{server.url}/v1/events", json={"events": ev})
+            r = c.post(f"{url}/v1/events", json={"events": ev})
             r.raise_for_status()
             n_events += len(ev)
     seconds = time.perf_counter() - t0
@@ -182,6 +189,29 @@ def replay(
               "seconds": seconds, "rank_p50_ms": float(np.nanpercentile(ms, 50)),
               "rank_p99_ms": float(np.nanpercentile(ms, 99))}  # fmt: skip
     return out, timing
+
+
+def replay_with_redis(
+    bundle: Path, data: Dataset, cut: datetime, known_items: set[str], limit: int | None,
+    workers: int,
+) -> pl.DataFrame:  # fmt: skip
+    """Step 2c: the replay against `workers` workers sharing their live state through a private
+    redis-server, a new connection per request; returns `replay`'s rows and scores."""
+    from experiments.loadgen import HOST as LG_HOST
+    from experiments.loadgen import RedisProcess
+    from experiments.loadgen import Server as LgServer
+
+    redis = RedisProcess().start()
+    try:
+        server = LgServer(bundle, workers=workers, events="redis", redis_url=redis.url)
+        try:
+            rows, _ = replay(f"http://{LG_HOST}:{server.port}", data, cut, known_items, limit,
+                             fresh_connections=True)  # fmt: skip
+        finally:
+            server.stop()
+    finally:
+        redis.stop()
+    return rows
 
 
 def replay_without_events(
@@ -441,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="/tmp/bench-events")
     p.add_argument("--impressions", type=int, default=None, help="replay only the first N")
     p.add_argument("--latency-seconds", type=float, default=20.0)
+    p.add_argument("--redis-workers", type=int, default=2,
+                   help="also replay against this many workers sharing a private redis-server "
+                        "(0: skip)")  # fmt: skip
     args = p.parse_args(argv)
     out = Path(args.out)
     cut = datetime.fromisoformat(args.split_at).replace(tzinfo=UTC)
@@ -462,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         from recsys.bundle import Bundle
 
         known = set(Bundle.load(bundle).vectors.ids)
-        rows, timing = replay(server, data, cut, known, args.impressions)
+        rows, timing = replay(server.url, data, cut, known, args.impressions)
         print(
             f"\n## Replay through the API ({timing['impressions']} impressions, "
             f"{timing['events']} events, {timing['seconds']:.0f} s; /v1/rank server time "
@@ -481,6 +514,18 @@ def main(argv: list[str] | None = None) -> int:
         models = ["api", "offline_log", "offline_data", "smoothed_ctr", "recent_clicks"]
         _report(scores, models, "recent_clicks", out / "replay_scores.parquet",
                 [("api", "offline_log"), ("api", "offline_data")])  # fmt: skip
+
+        if args.redis_workers:
+            shared = replay_with_redis(bundle, data, cut, known, args.impressions,
+                                       args.redis_workers)  # fmt: skip
+            print(f"\n## The same replay against {args.redis_workers} workers sharing Redis "
+                  "(a new connection per request)")  # fmt: skip
+            both = scores.select("impression_id", "user_id", "item_id", "clicked").with_columns(
+                scores["api"].alias("api_1_worker"), shared["api"].alias("api_redis")
+            )
+            pair = [("api_redis", "api_1_worker")]
+            _report(both, ["api_redis", "api_1_worker"], "api_1_worker",
+                    out / "replay_scores_redis.parquet", pair)  # fmt: skip
 
         print("\n## Replay through the API with events off (`recsys serve --no-events`)")
         off = Server(bundle, None)
