@@ -257,7 +257,8 @@ def test_history_without_gradient_still_trains_the_item_side(tiny_model_dir: Pat
     without gradients (only the item side learns), the adapter still beats the frozen encoder
     on the held-out slice (measured: AUC 0.822 -> 0.906; with history gradients 0.983)."""
     cfg = FinetuneConfig(max_steps=40, batch_size=8, lr=1e-2, lora_r=4, history_grad=False,
-                         head=False, patience=None, epochs=1)  # fmt: skip
+                         head=False, patience=None, epochs=1,
+                         val_examples=30)  # fmt: skip
     result = train_encoder(cfg, topic_dataset(n_users=150), base_model=tiny_model_dir)
     assert len(result.losses) == 40 and not result.fell_back
     frozen, tuned = result.val_scores
