@@ -96,6 +96,14 @@ class PipelineConfig:
     # published bundle versions kept in RUN_DIR/bundles (RUN_DIR/bundles/current: the newest)
     keep_bundles: int = 3
     seed: int = 0
+    # The memory knob: the stages that go over every impression row (the feature tables) hold
+    # about this many rows at a time. It changes memory and time, never an output.
+    chunk_rows: int = 1_000_000
+    # Where Ray workers exchange files (Ray Train's checkpoints): a folder every node mounts or
+    # a pyarrow.fs URI such as s3://bucket/recsys. None: a local temporary folder, which is
+    # right for one machine; a cluster of several nodes needs one (nothing else travels by
+    # disk: data and encoders go through Ray's object store).
+    storage: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("test_fraction", "valid_fraction"):
@@ -129,7 +137,8 @@ class PipelineConfig:
                 f"pipeline.sampled_popular_share must be in [0, 1], got "
                 f"{self.sampled_popular_share}"
             )
-        for name in ("top_n", "max_history", "sampled_negatives", "ann_min_items", "keep_bundles"):
+        positive = ("top_n", "max_history", "sampled_negatives", "ann_min_items", "keep_bundles")
+        for name in (*positive, "chunk_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"pipeline.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("k_semantic", "k_cooccurrence", "k_popular", "k_category", "k_fresh"):

@@ -45,6 +45,7 @@ from .train import (
     frames_of,
     item_vectors,
     load_rankers,
+    read_frame,
     rows_of,
 )
 
@@ -118,8 +119,8 @@ def evaluate(
     spec = _chosen(spec, ranked)
     shipped, selected = load_rankers(ranked), load_rankers(ranked, selected=True)
     modes: dict[str, ModeEvaluation] = {}
-    for mode, candidates in frames_of(frames).items():
-        frame = candidates[ranked.summary.refresh[mode].chosen]
+    for mode in frames_of(frames):
+        frame = read_frame(frames, mode, ranked.summary.refresh[mode].chosen, ("valid", "test"))
         modes[mode], scores = _evaluate_mode(
             mode, frame, (shipped[mode], selected[mode]), ranked.summary, spec, s.test_at, seed,
             ship, log,

@@ -12,10 +12,11 @@ from typing import Any
 import polars as pl
 
 from experiments.tracking import NullTracker
+from features.events import prepare_events
 from recsys.encoder import EncoderConfig, FinetuneConfig
 from recsys.evaluation import BATCH, MODES, batch_moments, requests, valid_auc
-from recsys.featurize import ONLINE, FeatureSpec, point_in_time_frame, semantic_only
-from recsys.io import write_parquet
+from recsys.featurize import ONLINE, FeatureSpec, point_in_time_chunks, semantic_only
+from recsys.io import write_parquet_chunks
 from recsys.ranker import Ranker, RankerConfig, refit_ranker, train_ranker
 from recsys.vectors import ItemVectors
 
@@ -64,6 +65,7 @@ def finetune(
     rep = run_finetune(
         data, ctx.work / "encoder", config, ray_address=ctx.env.ray_address,
         on_epoch=on_epoch, mlflow_run=(uri, t.run_id) if t.run_id else None, log=ctx.env.log,
+        storage_path=ctx.env.storage,
     )  # fmt: skip
     if rep.fell_back:
         t.set_tags({"finetune.fell_back": "true"})
@@ -185,26 +187,41 @@ def features(
     req = requests(imp)
     every = dataclasses.replace(spec, refresh=ONLINE, use_semantic=True)
     variants = [[BATCH, r] for r in refreshes] + [[ONLINE, ONLINE]]
+    events = prepare_events(data)  # the cumulative event logs, once for every frame
     for mode, refresh in variants:
         at = req
         if mode != ONLINE:
             period = dataclasses.replace(spec, refresh=refresh)
             at = batch_moments(req, imp, period, s.valid_at, s.test_at)
-        frame = point_in_time_frame(every, at, data, vectors)
+        extra = pl.DataFrame([req["ts"], imp["clicked"], imp["split"], imp["position"]])
         if not spec.frozen_semantic:  # the semantic_frozen baseline's column
             frozen_cos = semantic_only(every, at, data, frozen_vectors(embedded))["sem_cos_mean"]
-            frame = frame.with_columns(frozen_cos.alias("sem_cos_mean_frozen"))
-        frame = frame.with_columns(req["ts"], imp["clicked"], imp["split"], imp["position"])
-        write_parquet(frame, ctx.work / feature_file(mode, refresh))
+            extra = extra.insert_column(0, frozen_cos.alias("sem_cos_mean_frozen"))
+        chunks = point_in_time_chunks(every, at, data, vectors, chunk_rows=ctx.env.chunk_rows,
+                                      events=events, extra=extra)  # fmt: skip
+        write_parquet_chunks(chunks, ctx.work / feature_file(mode, refresh))
     return Frames(imp.height, spec.columns, variants)
 
 
-def frames_of(frames: StageResult[Frames]) -> dict[str, dict[str, pl.DataFrame]]:
-    """{mode: {refresh: frame}} of the features stage."""
-    out: dict[str, dict[str, pl.DataFrame]] = {m: {} for m in MODES}
+def frames_of(frames: StageResult[Frames]) -> dict[str, list[str]]:
+    """{mode: [refresh period of each of its frames]} of the features stage."""
+    out: dict[str, list[str]] = {m: [] for m in MODES}
     for mode, refresh in frames.summary.variants:
-        out[mode][refresh] = pl.read_parquet(frames.path / feature_file(mode, refresh))
+        out[mode].append(refresh)
     return out
+
+
+def read_frame(
+    frames: StageResult[Frames], mode: str, refresh: str, splits: tuple[str, ...]
+) -> pl.DataFrame:
+    """The rows of `splits` of one feature frame, in file order (only those rows are read)."""
+    return scan_rows(frames, mode, refresh, *splits).collect()
+
+
+def scan_rows(frames: StageResult[Frames], mode: str, refresh: str, *splits: str) -> pl.LazyFrame:
+    """A scan of the rows of `splits` of one feature frame: nothing is read until collected."""
+    scan = pl.scan_parquet(frames.path / feature_file(mode, refresh))
+    return scan.filter(pl.col("split").is_in(list(splits)))
 
 
 def rows_of(frame: pl.DataFrame, name: str) -> pl.DataFrame:
@@ -252,7 +269,7 @@ def load_rankers(
             for m in MODES}  # fmt: skip
 
 
-def _hide_fitted(rows: pl.DataFrame, columns: list[str], encoder_at: datetime) -> pl.DataFrame:
+def _hide_fitted(rows: pl.LazyFrame, columns: list[str], encoder_at: datetime) -> pl.LazyFrame:
     """`rows` with the tuned encoder's semantic columns missing before `encoder_at`: that
     encoder saw those clicks, so its features there are fitted, not predicted. The full ranker
     still learns from every row (it loses no behavioural data to the hold-out); the frozen
@@ -261,22 +278,13 @@ def _hide_fitted(rows: pl.DataFrame, columns: list[str], encoder_at: datetime) -
     return rows.with_columns(pl.when(~early).then(pl.col(c)).alias(c) for c in columns)
 
 
-def _fit_pair(
-    frame: pl.DataFrame,
-    plans: list[tuple[str, list[str], bool]],
-    config: RankerConfig,
+def _training_rows(
+    frames: StageResult[Frames], mode: str, period: str, mask: bool, spec: FeatureSpec,
     encoder_at: datetime,
-    hidden: list[str],
-) -> dict[str, tuple[Ranker, pl.DataFrame]]:
-    """Each planned ranker (name, columns, hide fitted semantics) early-stopped on the frame's
-    validation rows: {name: (ranker, its training rows)}."""
-    valid = rows_of(frame, "valid")
-    fits = {}
-    for name, cols, mask in plans:
-        rows = rows_of(frame, "train")
-        rows = _hide_fitted(rows, hidden, encoder_at) if mask else rows
-        fits[name] = (train_ranker(rows, valid, cols, config, group_col="request_id"), rows)
-    return fits
+) -> pl.LazyFrame:  # fmt: skip
+    """The training rows of a frame as a ranker learns from them (a scan)."""
+    rows = scan_rows(frames, mode, period, "train")
+    return _hide_fitted(rows, spec.tuned_semantic, encoder_at) if mask else rows
 
 
 def rank(
@@ -291,18 +299,24 @@ def rank(
     """Per freshness mode: lgbm_full (every column of `spec`) and lgbm_behavioural, trained on
     the frame of each candidate refresh period; the period whose lgbm_full validates best is
     kept (the first of equals), then refit on train + validation when `refit`. Saves each
-    ranker (ctx.work/<ranker_key>) and the one early stopping selected (<key>.selected)."""
+    ranker (ctx.work/<ranker_key>) and the one early stopping selected (<key>.selected).
+    Holds one frame at a time, its training and validation rows and the rankers' columns."""
     encoder_at = split.summary.encoder_at
     plans = [("lgbm_full", spec.columns, tuned), ("lgbm_behavioural", spec.behavioural, False)]
+    columns = ["request_id", "ts", "clicked", "split", *spec.columns]
     refresh: dict[str, Refresh] = {}
     infos: dict[str, RankerInfo] = {}
-    for mode, candidates in frames_of(frames).items():
-        best: tuple[float, str, dict[str, tuple[Ranker, pl.DataFrame]]] | None = None
+    for mode, periods in frames_of(frames).items():
+        best: tuple[float, str, dict[str, Ranker]] | None = None
         scored: dict[str, dict[str, float]] = {}
-        for period, frame in candidates.items():
-            fits = _fit_pair(frame, plans, config, encoder_at, spec.tuned_semantic)
-            valid = rows_of(frame, "valid")
-            scored[period] = {n: valid_auc(valid, r) for n, (r, _) in fits.items()}
+        for period in periods:
+            valid = scan_rows(frames, mode, period, "valid").select(columns).collect()
+            fits = {
+                name: train_ranker(_training_rows(frames, mode, period, mask, spec, encoder_at),
+                                   valid, cols, config, group_col="request_id")
+                for name, cols, mask in plans
+            }  # fmt: skip
+            scored[period] = {n: valid_auc(valid, r) for n, r in fits.items()}
             if best is None or scored[period]["lgbm_full"] > best[0]:
                 best = (scored[period]["lgbm_full"], period, fits)
         assert best is not None
@@ -315,15 +329,16 @@ def rank(
                 + ", ".join(f"{k} {v['lgbm_full']:.4f}" for k, v in scored.items())
                 + ")"
             )
-        valid = rows_of(candidates[pick], "valid")
+        valid_rows = scan_rows(frames, mode, pick, "valid").select(columns)
         for name, _cols, mask in plans:
             key = ranker_key(name, mode)
-            r, rows = fits[name]
+            r = fits[name]
+            rows = _training_rows(frames, mode, pick, mask, spec, encoder_at).select(columns)
             r.save(ctx.work / f"{key}.selected")
             shipped = r
             if refit:
-                both = pl.concat([rows, valid])
-                shipped = refit_ranker(both, r, config, group_col="request_id")
+                shipped = refit_ranker(pl.concat([rows, valid_rows]), r, config,
+                                       group_col="request_id")  # fmt: skip
             shipped.save(ctx.work / key)
             choice = r.info.get("chosen_on_valid_auc")
             if choice:
@@ -335,7 +350,7 @@ def rank(
                 )
             infos[key] = RankerInfo(
                 best_iteration=int(r.best_iteration),
-                train_rows=rows.height,
+                train_rows=int(rows.select(pl.len()).collect().item()),
                 semantic_missing_before=encoder_at.isoformat() if mask else None,
                 refit_rows=shipped.info.get("refit_rows"),
                 importance=shipped.feature_importance().to_dicts(),

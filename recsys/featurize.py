@@ -9,6 +9,7 @@ batch score for the same pair.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -18,7 +19,7 @@ import polars as pl
 from features import FeatureConfig, FeatureSnapshot, feature_names, point_in_time_features
 from features import snapshot_features as _snapshot_features
 from features.config import valid_duration
-from features.events import GROUPS
+from features.events import GROUPS, Events, prepare_events
 from recsys.data.dataset import Dataset
 from recsys.data.schema import TS
 from recsys.errors import ConfigError, DataError
@@ -175,13 +176,71 @@ def point_in_time_frame(
     Returns `requests` with the base columns (`spec.base_columns`; the semantic ones only when
     `vectors` is given) and the within-request columns appended (same rows, same order).
     """
+    parts = list(point_in_time_chunks(spec, requests, data, vectors, chunk_rows=None))
+    return parts[0] if len(parts) == 1 else pl.concat(parts)
+
+
+def point_in_time_chunks(
+    spec: FeatureSpec,
+    requests: pl.DataFrame,
+    data: Dataset,
+    vectors: ItemVectors | None,
+    *,
+    chunk_rows: int | None,
+    events: Events | None = None,
+    extra: pl.DataFrame | None = None,
+) -> Iterator[pl.DataFrame]:
+    """`point_in_time_frame` in consecutive pieces of about `chunk_rows` rows (None: one piece),
+    each holding whole requests, so the feature table of a large log never exists at once:
+    memory is set by the chunk size. Concatenated, the pieces are exactly
+    `point_in_time_frame`'s rows and values: the behavioural counts are per row (the event logs
+    prepared once), the semantic columns are computed once for every row (their matrix
+    products block by batch shape, so they are not recomputed per piece), and the
+    within-request columns see whole requests.
+
+    Requests must be contiguous (every row of a request next to the others) when chunked; a
+    DataError says so otherwise. `extra`: columns (same rows as `requests`) set on each piece
+    (replacing those of the same name, others appended). `events`: `prepare_events(data)`,
+    when the caller has it.
+    """
     at = _refreshed(spec, requests)
-    out = requests.hstack(
-        point_in_time_features(at, data, spec.config).select(spec.base_behavioural).get_columns()
-    )
-    if vectors is not None:
-        out = out.hstack(_semantic(spec, at, data.interactions, vectors))
-    return _relative(spec, out, "request_id")
+    sem = None if vectors is None else _semantic(spec, at, data.interactions, vectors)
+    if events is None:
+        events = prepare_events(data)
+    for lo, hi in request_chunks(requests["request_id"], chunk_rows):
+        part = at.slice(lo, hi - lo)
+        out = requests.slice(lo, hi - lo).hstack(
+            point_in_time_features(part, data, spec.config, events=events)
+            .select(spec.base_behavioural)
+            .get_columns()
+        )
+        if sem is not None:
+            out = out.hstack(sem.slice(lo, hi - lo).get_columns())
+        out = _relative(spec, out, "request_id")
+        yield out if extra is None else out.with_columns(extra.slice(lo, hi - lo).get_columns())
+
+
+def request_chunks(request_ids: pl.Series, chunk_rows: int | None) -> list[tuple[int, int]]:
+    """Row ranges [lo, hi) of about `chunk_rows` rows each (at least one whole request) that
+    split no request. None: one range."""
+    n = request_ids.len()
+    if chunk_rows is None or n <= chunk_rows:
+        return [(0, n)]
+    if chunk_rows < 1:
+        raise ConfigError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    starts = np.flatnonzero(request_ids.ne_missing(request_ids.shift(1)).fill_null(True).to_numpy())
+    if request_ids.n_unique() != starts.size:
+        raise DataError(
+            "features in chunks need each request's rows next to each other; sort the requests "
+            "by request_id (keeping their order within a request) first"
+        )
+    bounds, i = [], 0  # i: the index of the chunk's first request
+    while i < starts.size:
+        # up to the first request starting chunk_rows or more rows on (one request at least)
+        k = max(int(np.searchsorted(starts, starts[i] + chunk_rows)), i + 1)
+        bounds.append((int(starts[i]), int(starts[k]) if k < starts.size else n))
+        i = k
+    return bounds
 
 
 def _refreshed(spec: FeatureSpec, requests: pl.DataFrame) -> pl.DataFrame:

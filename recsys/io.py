@@ -11,11 +11,13 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+
+from recsys.errors import DataError
 
 
 @contextlib.contextmanager
@@ -69,6 +71,38 @@ def write_parquet(df: pl.DataFrame, path: str | os.PathLike[str]) -> Path:
     with atomic_path(path) as tmp:
         df.write_parquet(tmp, compression="zstd")
     return Path(path)
+
+
+def write_parquet_chunks(frames: Iterable[pl.DataFrame], path: str | os.PathLike[str]) -> int:
+    """Write the frames one after another as one Parquet file at `path`, atomically (zstd;
+    each frame one or more row groups), holding one frame at a time; the rows written. Every
+    frame must have the first one's schema (a DataError names the difference)."""
+    import pyarrow.parquet as pq
+
+    rows, writer, schema = 0, None, None
+    with atomic_path(path) as tmp:
+        try:
+            for df in frames:
+                if schema is None:
+                    schema = df.schema
+                    table = df.to_arrow()
+                    writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                elif df.schema != schema:
+                    raise DataError(
+                        f"{path}: a chunk's columns {dict(df.schema)} differ from the first "
+                        f"chunk's {dict(schema)}"
+                    )
+                else:
+                    table = df.to_arrow()
+                assert writer is not None
+                writer.write_table(table)
+                rows += df.height
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            raise DataError(f"{path}: nothing to write (no chunk)")
+    return rows
 
 
 def write_json(obj: Any, path: str | os.PathLike[str]) -> Path:

@@ -132,23 +132,36 @@ def eval_logger(log: Callable[[int, dict[str, float]], None]) -> Callable[[Any],
 
 def _feature_matrix(df: pl.DataFrame, features: Sequence[str], what: str) -> np.ndarray:
     """(n, n_features) float64 matrix of `features` in order; null -> NaN (LightGBM: missing)."""
-    missing = [f for f in features if f not in df.columns]
+    _check_features(df.schema, features, what)
+    if not features:
+        return np.zeros((df.height, 0))
+    return df.select(_as_float(f) for f in features).to_numpy().astype(np.float64, copy=False)
+
+
+def _as_float(column: str) -> pl.Expr:
+    return pl.col(column).cast(pl.Float64).fill_null(float("nan"))
+
+
+def _gathered_matrix(lf: pl.LazyFrame, features: Sequence[str], rows: np.ndarray) -> np.ndarray:
+    """`_feature_matrix` of the `rows` (indices, in that order) of `lf`, read one column at a
+    time: nothing but the result holds every column (a Parquet scan reads one column a pass)."""
+    x = np.empty((rows.size, len(features)), dtype=np.float64)
+    for j, f in enumerate(features):
+        x[:, j] = lf.select(_as_float(f)).collect().to_series().to_numpy()[rows]
+    return x
+
+
+def _check_features(schema: Mapping[str, Any], features: Sequence[str], what: str) -> None:
+    missing = [f for f in features if f not in schema]
     if missing:
         raise DataError(
             f"{what}: missing feature column(s) {missing}; compute them first (the ranker was "
             f"trained on {list(features)})"
         )
     for f in features:
-        dtype = df.schema[f]
+        dtype = schema[f]
         if not (dtype.is_numeric() or dtype == pl.Boolean or dtype == pl.Null):
             raise DataError(f"{what}: feature {f!r} has dtype {dtype}; encode it as numbers")
-    if not features:
-        return np.zeros((df.height, 0))
-    return (
-        df.select(pl.col(f).cast(pl.Float64).fill_null(float("nan")) for f in features)
-        .to_numpy()
-        .astype(np.float64, copy=False)
-    )
 
 
 @dataclass(frozen=True)
@@ -160,7 +173,7 @@ class _Groups:
 
 
 def _grouped(
-    df: pl.DataFrame,
+    df: pl.DataFrame | pl.LazyFrame,
     features: Sequence[str],
     group_col: str,
     label_col: str,
@@ -175,15 +188,22 @@ def _grouped(
     put the positive first, so in input order a model that scores a whole group alike (the
     first tree has a handful of leaves) is credited with ranking the click first: on
     MovieLens the validation nDCG@10 of one tree beat every later iteration, and early
-    stopping shipped a one-tree ranker."""
+    stopping shipped a one-tree ranker.
+
+    The order is found on the group and label columns alone; the feature matrix is then
+    gathered a column at a time, so a LazyFrame (a Parquet scan) is never held whole."""
+    lf = df.lazy()
+    schema = lf.collect_schema()
     for col in (group_col, label_col):
-        if col not in df.columns:
-            raise DataError(f"{what}: missing column {col!r}; got {df.columns}")
-    if df[label_col].null_count():
-        raise DataError(f"{what}: {df[label_col].null_count()} null labels in {label_col!r}")
-    key = np.random.default_rng(seed).permutation(df.height)
-    d = df.with_columns(pl.col(label_col).cast(pl.Int32).alias("__y"), pl.Series("__k", key))
-    d = d.sort([group_col, "__k"])
+        if col not in schema:
+            raise DataError(f"{what}: missing column {col!r}; got {schema.names()}")
+    _check_features(schema, features, what)
+    d = lf.select(group_col, label_col).collect()
+    if d[label_col].null_count():
+        raise DataError(f"{what}: {d[label_col].null_count()} null labels in {label_col!r}")
+    key = np.random.default_rng(seed).permutation(d.height)
+    d = d.select(group_col, pl.col(label_col).cast(pl.Int32).alias("__y"), pl.Series("__k", key))
+    d = d.with_row_index("__i").sort([group_col, "__k"])
     if d.select((pl.col("__y") < 0).any()).item():
         raise DataError(f"{what}: labels in {label_col!r} must be >= 0 (0/1 or graded)")
     has_pos = pl.col("__y").max().over(group_col) > 0
@@ -196,7 +216,7 @@ def _grouped(
             f"allows at most {MAX_GROUP_ROWS}; cut candidates per impression"
         )
     return _Groups(
-        x=_feature_matrix(d, features, what),
+        x=_gathered_matrix(lf, features, d["__i"].to_numpy()),
         y=d["__y"].to_numpy().astype(np.int32),
         sizes=sizes.astype(np.int64),
         dropped=n_groups - int(sizes.size),
@@ -397,8 +417,8 @@ class ColumnRanker(Ranker):
 
 
 def train_ranker(
-    train: pl.DataFrame,
-    valid: pl.DataFrame,
+    train: pl.DataFrame | pl.LazyFrame,
+    valid: pl.DataFrame | pl.LazyFrame,
     features: Sequence[str],
     config: RankerConfig,
     *,
@@ -411,7 +431,8 @@ def train_ranker(
     train, valid: one row per shown item: `group_col`, `label_col` (bool or int relevance >= 0)
         and the `features` (numeric or bool; null = missing). Rows are sorted by group (stably)
         here; groups without any positive label carry no ranking signal and are dropped (counted
-        in `ranker.info`, as is everything else about the data seen).
+        in `ranker.info`, as is everything else about the data seen). A LazyFrame (e.g. a
+        Parquet scan) is read a column at a time: memory holds the float matrix, not a frame.
     callbacks: extra LightGBM callbacks (tracking: see `eval_logger`).
     Returns a Ranker predicting with the best iteration's trees.
     """
@@ -506,7 +527,7 @@ def _fit(
 
 
 def refit_ranker(
-    rows: pl.DataFrame,
+    rows: pl.DataFrame | pl.LazyFrame,
     selected: Ranker,
     config: RankerConfig,
     *,

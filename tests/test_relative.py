@@ -135,3 +135,50 @@ def test_frozen_cosines_are_the_semantic_kernel_on_the_frozen_vectors() -> None:
     assert not [c for c in plain.columns if "_frozen" in c] and "sem_history_len" in set(
         plain.tuned_semantic
     )
+
+
+def test_features_in_chunks_are_the_whole_frame_bit_for_bit() -> None:
+    """The nightly computes a large log's feature table in chunks of whole requests (memory set
+    by the chunk size): concatenated, the chunks are the one-piece frame, every value the same
+    bits, at any chunk size, and no request is split."""
+    from features import FeatureConfig
+    from recsys.featurize import FeatureSpec, point_in_time_chunks, point_in_time_frame
+    from recsys.generate import GeneratorConfig, generate
+    from recsys.vectors import ItemVectors
+
+    data, _ = generate(GeneratorConfig(n_items=60, n_users=40, n_shown=600, seed=2))
+    rng = np.random.default_rng(0)
+    ids = data.items["item_id"].to_list()
+    vectors = ItemVectors.from_arrays(ids, rng.standard_normal((len(ids), 8)).astype(np.float32))
+    req = data.impressions.select(
+        pl.col("impression_id").alias("request_id"), "user_id", "ts", "item_id"
+    )
+    extra = data.impressions.select("clicked", pl.col("ts").dt.offset_by("1h"))
+    for spec in (FeatureSpec(FeatureConfig()), FeatureSpec(FeatureConfig(), refresh="1d")):
+        whole = point_in_time_frame(spec, req, data, vectors).with_columns(extra.get_columns())
+        for chunk_rows in (1, 37, 250, 10_000):
+            parts = list(point_in_time_chunks(spec, req, data, vectors, chunk_rows=chunk_rows,
+                                              extra=extra))  # fmt: skip
+            assert len(parts) == (1 if chunk_rows >= req.height else len(parts))
+            # a chunk ends with the request that reaches chunk_rows
+            assert all(p.height < chunk_rows + p["request_id"].value_counts()["count"].max()
+                       for p in parts)  # fmt: skip
+            ids_seen = [set(p["request_id"].unique().to_list()) for p in parts]
+            assert sum(map(len, ids_seen)) == req["request_id"].n_unique()  # none split
+            assert pl.concat(parts).equals(whole), chunk_rows
+        assert len(parts) == 1 and len(list(point_in_time_chunks(
+            spec, req, data, vectors, chunk_rows=37))) > 10  # fmt: skip
+
+
+def test_request_chunks_need_contiguous_requests() -> None:
+    from recsys.errors import DataError
+    from recsys.featurize import request_chunks
+
+    ids = pl.Series(["a", "a", "b", "c", "c", "c", "d"])
+    assert request_chunks(ids, None) == [(0, 7)]
+    assert request_chunks(ids, 1) == [(0, 2), (2, 3), (3, 6), (6, 7)]
+    assert request_chunks(ids, 2) == [(0, 2), (2, 6), (6, 7)]  # c starts before row 2 + 2
+    assert request_chunks(ids, 3) == [(0, 3), (3, 6), (6, 7)]
+    assert request_chunks(ids, 100) == [(0, 7)]
+    with pytest.raises(DataError, match="next to each other"):
+        request_chunks(pl.Series(["a", "b", "a"]), 1)
