@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import resource
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -31,7 +32,15 @@ import numpy as np
 import polars as pl
 import ray
 
-from pipelines.ray_utils import cluster_cpus, cluster_gpus, init_ray, node_cpus, quiet_ray_data
+from pipelines.ray_utils import (
+    cluster_cpus,
+    cluster_gpus,
+    init_ray,
+    local_folder,
+    node_cpus,
+    put_folder,
+    quiet_ray_data,
+)
 from recsys.encoder import EncoderConfig, encoder_id_for
 from recsys.encoder.store import head_only
 from recsys.encoder.vectors import (
@@ -80,7 +89,7 @@ class EmbedActor:
 
     def __init__(
         self,
-        encoder_path: str | None,
+        encoder_files: list[Any] | None,
         quantize: str,
         max_length: int,
         template: str,
@@ -95,16 +104,22 @@ class EmbedActor:
         use_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         if not use_gpu:
             torch.set_num_threads(max(1, threads))
-        self.encoder = TextEncoder.load(
-            encoder_path,
-            quantize=quantize,
-            device="cuda" if use_gpu else "cpu",
-            max_length=max_length,
-            template=template,
-        )
+        # the encoder folder comes through the object store: no node needs the driver's disk
+        encoder_path = None if encoder_files is None else local_folder(encoder_files, "encoder-")
+        try:
+            self.encoder = TextEncoder.load(
+                encoder_path,
+                quantize=quantize,
+                device="cuda" if use_gpu else "cpu",
+                max_length=max_length,
+                template=template,
+            )
+        finally:  # loaded into memory: the copy is not needed
+            if encoder_path is not None:
+                shutil.rmtree(encoder_path, ignore_errors=True)
         if self.encoder.encoder_id != expected_id:
             raise RuntimeError(
-                f"encoder at {encoder_path} changed during the run "
+                "the encoder changed during the run "
                 f"(id {self.encoder.encoder_id[:12]}, expected {expected_id[:12]})"
             )
         self.batch_size = batch_size
@@ -196,7 +211,7 @@ def _embed_on_ray(
         out = ds.map_batches(
             EmbedActor,
             fn_constructor_kwargs={
-                "encoder_path": encoder_path,
+                "encoder_files": None if encoder_path is None else put_folder(encoder_path),
                 "quantize": config.quantize,
                 "max_length": config.max_length,
                 "template": config.template,

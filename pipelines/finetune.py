@@ -20,12 +20,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import resource
 import shutil
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,8 @@ from recsys.encoder.trainable import build_model, count_params, layer_cache
 from recsys.encoder.trainer import prepare_examples
 from recsys.encoder.validation import evaluate, validation_score
 from recsys.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -233,16 +237,14 @@ def run_finetune(
     init_ray(ray_address)
     gpus = cluster_gpus()
     workers = config.num_workers
-    own_storage = storage_path is None
-    storage = Path(storage_path or tempfile.mkdtemp(prefix="recsys-ray-train-"))
+    storage = _run_storage(storage_path)
     try:
         loop_config = {"config": config, "examples": ray.put((train_ex, val_ex)),
                        "base_model": str(base), "mlflow": mlflow_run}  # fmt: skip
         checkpoint = _train(loop_config, workers, gpus, storage, log)
         summary, fell_back = _install(checkpoint, out, base, config)
     finally:
-        if own_storage:
-            shutil.rmtree(storage, ignore_errors=True)
+        _remove_storage(storage)
     epochs = [EpochEnd(**{**m, "step_losses": tuple(m["step_losses"])}) for m in summary["epochs"]]
     if on_epoch is not None:
         for e in epochs:
@@ -272,8 +274,28 @@ def run_finetune(
     )
 
 
+def _run_storage(storage_path: str | os.PathLike[str] | None) -> str:
+    """This run's own folder for Ray Train (checkpoints): under `storage_path` (a folder or a
+    pyarrow.fs URI every node reaches), else a local temporary folder."""
+    if storage_path is None:
+        return tempfile.mkdtemp(prefix="recsys-ray-train-")
+    return f"{str(storage_path).rstrip('/')}/recsys-ray-train-{uuid.uuid4().hex[:12]}"
+
+
+def _remove_storage(storage: str) -> None:
+    """Delete a run's Ray Train folder (local or behind a URI); a failure only leaves files."""
+    import pyarrow.fs
+
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else
+                                                  os.path.abspath(storage))  # fmt: skip
+        fs.delete_dir(path)
+    except (OSError, pyarrow.ArrowException) as e:
+        logger.debug("could not remove %s: %s", storage, e)
+
+
 def _train(
-    loop_config: dict[str, Any], workers: int, gpus: int, storage: Path, log: Callable[[str], None]
+    loop_config: dict[str, Any], workers: int, gpus: int, storage: str, log: Callable[[str], None]
 ) -> Any:
     """Run `_train_loop` on `workers` Ray Train workers (one GPU each when the cluster has
     GPUs, else an equal share of the CPUs); rank 0's checkpoint."""
@@ -292,7 +314,7 @@ def _train(
         _train_loop,
         train_loop_config={**loop_config, "threads": threads, "progress": lines},
         scaling_config=scaling,
-        run_config=ray.train.RunConfig(name="finetune", storage_path=str(storage)),
+        run_config=ray.train.RunConfig(name="finetune", storage_path=storage),
     )
     with _printing(lines, log):
         result = trainer.fit()

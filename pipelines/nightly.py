@@ -103,7 +103,9 @@ def run_nightly(
     with _run_lock(run_dir), _tracking(cfg, run_dir, tracking_uri) as (tracker, uri):
         source = _source(Path(data_dir))
         tracker.log_params({**cfg.to_params(), "data_dir": str(data_dir), "split_at": str(cut)})
-        runner = StageRunner(run_dir, StageEnv(log, tracker, ray_address, uri))
+        runner = StageRunner(
+            run_dir, StageEnv(log, tracker, ray_address, uri, pc.chunk_rows, pc.storage)
+        )
         run = runner.run
         valid = run("validate", prepare.validate, source=source, negatives=pc.sampled_negatives,
                     seed=pc.seed, popular_share=pc.sampled_popular_share)  # fmt: skip

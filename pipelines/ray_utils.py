@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -110,3 +112,23 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.DEBUG if verbose else logging.WARNING)
     notice = logging.getLogger("ray.data._internal.progress")
     notice.setLevel(logging.NOTSET if verbose else logging.ERROR)
+
+
+def put_folder(path: str | os.PathLike[str]) -> list[Any]:
+    """The files of a folder in Ray's object store, for workers on any node (nodes share no
+    disk): one ObjectRef in a list, so a constructor or task receives the reference, not the
+    bytes, and calls `local_folder` where it runs."""
+    root = Path(path)
+    files = {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*"))
+             if f.is_file()}  # fmt: skip
+    return [ray.put(files)]
+
+
+def local_folder(box: list[Any], prefix: str) -> Path:
+    """A fresh local copy of a folder sent with `put_folder` (in this process's temp dir)."""
+    files: dict[str, bytes] = ray.get(box[0])
+    out = Path(tempfile.mkdtemp(prefix=prefix))
+    for rel, data in files.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+    return out

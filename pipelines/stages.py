@@ -44,6 +44,10 @@ class StageEnv:
     tracker: Any = None  # experiments.tracking.Tracker
     ray_address: str | None = None
     tracking_uri: str = ""
+    # rows of a feature table held at once (pipeline.chunk_rows): memory, never outputs
+    chunk_rows: int | None = None
+    # where Ray workers exchange files (pipeline.storage): a folder or URI every node reaches
+    storage: str | None = None
 
 
 @dataclass(frozen=True)
