@@ -5,7 +5,7 @@ Training rows: `point_in_time_features(requests, data, config)`. Serving and bat
 `snapshot_features(snapshot, requests)` or, on the hot path, `snapshot_features_numpy`.
 """
 
-from features.behavioural import point_in_time_features
+from features.behavioural import features_as_of, point_in_time_features
 from features.config import ALL, FeatureConfig
 from features.derive import feature_names
 from features.fast import SnapshotIndex, snapshot_features_numpy
@@ -18,6 +18,7 @@ __all__ = [
     "SnapshotIndex",
     "build_snapshot",
     "feature_names",
+    "features_as_of",
     "point_in_time_features",
     "snapshot_features",
     "snapshot_features_numpy",

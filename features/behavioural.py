@@ -31,11 +31,7 @@ ITEM_META = ("category", "subcategory", "published_at")
 
 
 def point_in_time_features(
-    requests: pl.DataFrame,
-    data: Dataset,
-    config: FeatureConfig | None = None,
-    *,
-    events: Events | None = None,
+    requests: pl.DataFrame, data: Dataset, config: FeatureConfig | None = None
 ) -> pl.DataFrame:
     """The features of each (request, candidate) row from events strictly before its ts.
 
@@ -44,17 +40,23 @@ def point_in_time_features(
         and interactions may be empty). Returns the n rows in the same order with the
         `feature_names(config)` columns appended (Float64, null where undefined; see
         `features.derive.derive_features`). Interactions with a null ts count as before every row.
-    events: `prepare_events(data)`, when the caller already has it (features of a large log
-        computed in chunks of requests prepare the event logs once); each row's features are
-        the same whichever other rows are asked with it.
     """
+    return features_as_of(requests, prepare_events(data), config)
+
+
+def features_as_of(
+    requests: pl.DataFrame, events: Events, config: FeatureConfig | None = None
+) -> pl.DataFrame:
+    """`point_in_time_features` from the prepared event logs (`prepare_events(data)`): a large
+    log's requests are asked in chunks against logs prepared once. Each row's features are the
+    same whichever other rows are asked with it."""
     config = config or FeatureConfig()
     where = "point_in_time_features"
     check_requests(requests, REQUEST_COLUMNS, feature_names(config), where)
     queries = requests.select(
         pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String)
     ).with_columns(utc_ts(requests, where).alias(AT))
-    raw = raw_as_of(queries, events if events is not None else prepare_events(data), config)
+    raw = raw_as_of(queries, events, config)
     return requests.hstack(derive_features(raw, config).get_columns())
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +134,39 @@ def local_folder(box: list[Any], prefix: str) -> Path:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_bytes(data)
     return out
+
+
+def ray_map(
+    fn: Callable[[Any, Any], Any],
+    shared: Any,
+    items: Iterable[Any],
+    *,
+    in_flight: int | None = None,
+    nodes: Counter[str] | None = None,
+) -> Iterator[Any]:
+    """`fn(shared, item)` for each item as Ray tasks (a CPU each), the results in the items'
+    order. `shared` goes to the object store once (every task reads it from there, on any
+    node); at most `in_flight` tasks (default: twice the cluster's CPUs) are submitted ahead of
+    the result being read, so the driver holds a bounded number of results. `nodes` counts the
+    tasks each node ran (its id's first 8 characters)."""
+    limit = in_flight or 2 * cluster_cpus()
+    task = ray.remote(num_cpus=1, max_retries=2)(_call_on_node)
+    ref = ray.put(shared)
+    pending: deque[Any] = deque()
+
+    def take() -> Any:
+        result, node = ray.get(pending.popleft())
+        if nodes is not None:
+            nodes[node] += 1
+        return result
+
+    for item in items:
+        pending.append(task.remote(fn, ref, item))
+        if len(pending) >= limit:
+            yield take()
+    while pending:
+        yield take()
+
+
+def _call_on_node(fn: Callable[[Any, Any], Any], shared: Any, item: Any) -> tuple[Any, str]:
+    return fn(shared, item), ray.get_runtime_context().get_node_id()[:8]

@@ -4,8 +4,10 @@ Data), build the point-in-time feature frames, train the LambdaRank rankers."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -15,7 +17,7 @@ from experiments.tracking import NullTracker
 from features.events import prepare_events
 from recsys.encoder import EncoderConfig, FinetuneConfig
 from recsys.evaluation import BATCH, MODES, batch_moments, requests, valid_auc
-from recsys.featurize import ONLINE, FeatureSpec, point_in_time_chunks, semantic_only
+from recsys.featurize import ONLINE, FeatureSpec, in_process, point_in_time_chunks, semantic_only
 from recsys.io import write_parquet_chunks
 from recsys.ranker import Ranker, RankerConfig, refit_ranker, train_ranker
 from recsys.vectors import ItemVectors
@@ -161,6 +163,8 @@ class Frames:
     rows: int
     columns: list[str]
     variants: list[list[str]]  # [mode, refresh] of each frame
+    chunks: int = 1  # pieces of whole requests each frame was computed in (pipeline.chunk_rows)
+    nodes: dict[str, int] = field(default_factory=dict)  # Ray nodes: chunks each computed
 
 
 def feature_file(mode: str, refresh: str) -> str:
@@ -188,6 +192,14 @@ def features(
     every = dataclasses.replace(spec, refresh=ONLINE, use_semantic=True)
     variants = [[BATCH, r] for r in refreshes] + [[ONLINE, ONLINE]]
     events = prepare_events(data)  # the cumulative event logs, once for every frame
+    nodes: Counter[str] = Counter()
+    map_chunks = in_process
+    if ctx.env.ray_address:  # a cluster: the chunks are Ray tasks on its nodes
+        from pipelines.ray_utils import init_ray, ray_map
+
+        init_ray(ctx.env.ray_address)
+        map_chunks = functools.partial(ray_map, nodes=nodes)
+    chunks = 0
     for mode, refresh in variants:
         at = req
         if mode != ONLINE:
@@ -197,10 +209,15 @@ def features(
         if not spec.frozen_semantic:  # the semantic_frozen baseline's column
             frozen_cos = semantic_only(every, at, data, frozen_vectors(embedded))["sem_cos_mean"]
             extra = extra.insert_column(0, frozen_cos.alias("sem_cos_mean_frozen"))
-        chunks = point_in_time_chunks(every, at, data, vectors, chunk_rows=ctx.env.chunk_rows,
-                                      events=events, extra=extra)  # fmt: skip
-        write_parquet_chunks(chunks, ctx.work / feature_file(mode, refresh))
-    return Frames(imp.height, spec.columns, variants)
+        pieces = point_in_time_chunks(
+            every, at, data, vectors, chunk_rows=ctx.env.chunk_rows, events=events, extra=extra,
+            map_chunks=map_chunks,
+        )  # fmt: skip
+        chunks = write_parquet_chunks(pieces, ctx.work / feature_file(mode, refresh))
+    if nodes:
+        ctx.env.log(f"[features] {sum(nodes.values())} chunks on {len(nodes)} Ray node(s): "
+                    + ", ".join(f"{k} {v}" for k, v in sorted(nodes.items())))  # fmt: skip
+    return Frames(imp.height, spec.columns, variants, chunks, dict(sorted(nodes.items())))
 
 
 def frames_of(frames: StageResult[Frames]) -> dict[str, list[str]]:

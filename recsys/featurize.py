@@ -9,14 +9,20 @@ batch score for the same pair.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import numpy as np
 import polars as pl
 
-from features import FeatureConfig, FeatureSnapshot, feature_names, point_in_time_features
+from features import (
+    FeatureConfig,
+    FeatureSnapshot,
+    feature_names,
+    features_as_of,
+)
 from features import snapshot_features as _snapshot_features
 from features.config import valid_duration
 from features.events import GROUPS, Events, prepare_events
@@ -180,6 +186,42 @@ def point_in_time_frame(
     return parts[0] if len(parts) == 1 else pl.concat(parts)
 
 
+# How the chunks are computed: map(fn, shared, pieces) -> the results in order. The default
+# is in this process; the nightly hands in one that runs them as Ray tasks on a cluster.
+ChunkMap = Callable[
+    [Callable[[Any, "ChunkInput"], pl.DataFrame], Any, Iterable["ChunkInput"]],
+    Iterator[pl.DataFrame],
+]
+
+
+@dataclass(frozen=True)
+class ChunkInput:
+    """One chunk's rows: the requests, their feature moments, semantic and extra columns."""
+
+    requests: pl.DataFrame
+    at: pl.DataFrame
+    semantic: pl.DataFrame | None
+    extra: pl.DataFrame | None
+
+
+def in_process(
+    fn: Callable[[Any, ChunkInput], pl.DataFrame], shared: Any, pieces: Iterable[ChunkInput]
+) -> Iterator[pl.DataFrame]:
+    """The default ChunkMap: one chunk after another, here."""
+    return (fn(shared, piece) for piece in pieces)
+
+
+def chunk_frame(shared: tuple[FeatureSpec, Events], piece: ChunkInput) -> pl.DataFrame:
+    """One chunk of `point_in_time_chunks` (shared: the spec and the prepared event logs)."""
+    spec, events = shared
+    behaviour = features_as_of(piece.at, events, spec.config).select(spec.base_behavioural)
+    out = piece.requests.hstack(behaviour.get_columns())
+    if piece.semantic is not None:
+        out = out.hstack(piece.semantic.get_columns())
+    out = _relative(spec, out, "request_id")
+    return out if piece.extra is None else out.with_columns(piece.extra.get_columns())
+
+
 def point_in_time_chunks(
     spec: FeatureSpec,
     requests: pl.DataFrame,
@@ -189,6 +231,7 @@ def point_in_time_chunks(
     chunk_rows: int | None,
     events: Events | None = None,
     extra: pl.DataFrame | None = None,
+    map_chunks: ChunkMap = in_process,
 ) -> Iterator[pl.DataFrame]:
     """`point_in_time_frame` in consecutive pieces of about `chunk_rows` rows (None: one piece),
     each holding whole requests, so the feature table of a large log never exists at once:
@@ -201,23 +244,21 @@ def point_in_time_chunks(
     Requests must be contiguous (every row of a request next to the others) when chunked; a
     DataError says so otherwise. `extra`: columns (same rows as `requests`) set on each piece
     (replacing those of the same name, others appended). `events`: `prepare_events(data)`,
-    when the caller has it.
+    when the caller has it. `map_chunks`: where the chunks are computed (`ChunkMap`).
     """
     at = _refreshed(spec, requests)
     sem = None if vectors is None else _semantic(spec, at, data.interactions, vectors)
-    if events is None:
-        events = prepare_events(data)
-    for lo, hi in request_chunks(requests["request_id"], chunk_rows):
-        part = at.slice(lo, hi - lo)
-        out = requests.slice(lo, hi - lo).hstack(
-            point_in_time_features(part, data, spec.config, events=events)
-            .select(spec.base_behavioural)
-            .get_columns()
-        )
-        if sem is not None:
-            out = out.hstack(sem.slice(lo, hi - lo).get_columns())
-        out = _relative(spec, out, "request_id")
-        yield out if extra is None else out.with_columns(extra.slice(lo, hi - lo).get_columns())
+    shared = (spec, events if events is not None else prepare_events(data))
+
+    def piece(lo: int, hi: int) -> ChunkInput:
+        def rows(frame: pl.DataFrame | None) -> pl.DataFrame | None:
+            return None if frame is None else frame.slice(lo, hi - lo)
+
+        return ChunkInput(requests.slice(lo, hi - lo), at.slice(lo, hi - lo), rows(sem),
+                          rows(extra))  # fmt: skip
+
+    bounds = request_chunks(requests["request_id"], chunk_rows)
+    return map_chunks(chunk_frame, shared, (piece(lo, hi) for lo, hi in bounds))
 
 
 def request_chunks(request_ids: pl.Series, chunk_rows: int | None) -> list[tuple[int, int]]:

@@ -75,11 +75,11 @@ def write_parquet(df: pl.DataFrame, path: str | os.PathLike[str]) -> Path:
 
 def write_parquet_chunks(frames: Iterable[pl.DataFrame], path: str | os.PathLike[str]) -> int:
     """Write the frames one after another as one Parquet file at `path`, atomically (zstd;
-    each frame one or more row groups), holding one frame at a time; the rows written. Every
+    each frame one or more row groups), holding one frame at a time; the frames written. Every
     frame must have the first one's schema (a DataError names the difference)."""
     import pyarrow.parquet as pq
 
-    rows, writer, schema = 0, None, None
+    count, writer, schema = 0, None, None
     with atomic_path(path) as tmp:
         try:
             for df in frames:
@@ -96,13 +96,13 @@ def write_parquet_chunks(frames: Iterable[pl.DataFrame], path: str | os.PathLike
                     table = df.to_arrow()
                 assert writer is not None
                 writer.write_table(table)
-                rows += df.height
+                count += 1
         finally:
             if writer is not None:
                 writer.close()
         if writer is None:
             raise DataError(f"{path}: nothing to write (no chunk)")
-    return rows
+    return count
 
 
 def write_json(obj: Any, path: str | os.PathLike[str]) -> Path:
