@@ -98,7 +98,7 @@ class PipelineConfig:
     seed: int = 0
     # The memory knob: the stages that go over every impression row (the feature tables) hold
     # about this many rows at a time. It changes memory and time, never an output.
-    chunk_rows: int = 1_000_000
+    chunk_rows: int = 500_000
     # Where Ray workers exchange files (Ray Train's checkpoints): a folder every node mounts or
     # a pyarrow.fs URI such as s3://bucket/recsys. None: a local temporary folder, which is
     # right for one machine; a cluster of several nodes needs one (nothing else travels by

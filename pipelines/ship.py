@@ -27,6 +27,7 @@ from recsys.featurize import ONLINE, FeatureSpec
 from recsys.io import write_json, write_parquet
 from recsys.lists import (
     ListSettings,
+    block_users,
     fit_prior_weight,
     list_context,
     list_evaluation,
@@ -128,14 +129,17 @@ def evaluate(
         write_parquet(scores, ctx.work / scores_file(mode))
     name = modes[BATCH].shipped_ranker["name"]
     logged, vectors = logged_data(validated), item_vectors(embedded, spec)
-    weight, tried = fit_prior_weight(logged, s.valid_at, selected[BATCH][name],
-                                     ranker_spec(spec, name), lists, vectors)  # fmt: skip
+    block = block_users(ctx.env.chunk_rows, lists.quotas)
+    weight, tried = fit_prior_weight(
+        logged, s.valid_at, selected[BATCH][name], ranker_spec(spec, name), lists, vectors,
+        block=block,
+    )  # fmt: skip
     if tried:
         log(f"[evaluate] lists: popularity weight {weight:g}, chosen at the validation cut-off "
             f"(recall@{lists.top_n} " + ", ".join(f"w {k} {v:.4f}" for k, v in tried.items())
             + ")")  # fmt: skip
     judged = list_evaluation(logged, s.test_at, shipped[BATCH][name], ranker_spec(spec, name),
-                             lists, vectors, log, prior_weight=weight)  # fmt: skip
+                             lists, vectors, log, prior_weight=weight, block=block)  # fmt: skip
     judged["prior_weight_validation"] = tried
     recall = {f"recall@{r['k']} ({r['source']})": r["recall"] for r in judged["sources"]}
     out = Evaluation(modes[BATCH], modes[ONLINE], judged, recall)
@@ -260,7 +264,8 @@ def lists(
             bar.total = total
             bar.update(done - bar.n)
 
-        recs, short = ranked_lists(b, logged, ctx_lists, settings, progress=progress)
+        block = block_users(ctx.env.chunk_rows, settings.quotas)
+        recs, short = ranked_lists(b, logged, ctx_lists, settings, progress=progress, block=block)
     write_parquet(recs, ctx.work / "recommendations.parquet")
     if short:
         ctx.env.log(f"[lists] {short} users have fewer than {settings.top_n} items (not enough "

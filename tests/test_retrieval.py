@@ -371,3 +371,15 @@ def test_prior_blend_moves_lists_from_the_ranker_to_popularity_and_scores_each_p
     assert with_prior(score, ctx.popularity, 0.0) is score
     with pytest.raises(ConfigError, match=r"\[0, 1\]"):
         with_prior(score, ctx.popularity, 1.5)
+
+
+def test_block_users_follow_the_chunk_rows_knob():
+    """A block of users brings about chunk_rows candidate rows (quotas summed per user)."""
+    from recsys.lists import block_users
+
+    quotas = {"semantic": 40, "popular": 60}
+    assert block_users(None, quotas) == 10_000
+    assert block_users(1_000_000, quotas) == 10_000
+    assert block_users(200_000, quotas) == 2_000
+    assert block_users(50, quotas) == 100  # never below 100 users
+    assert block_users(1_000, {}) == 1_000

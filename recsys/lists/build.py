@@ -288,6 +288,15 @@ def known_users(data: Dataset) -> pl.Series:
     return pl.concat([data.interactions["user_id"], data.impressions["user_id"]]).unique()
 
 
+def block_users(chunk_rows: int | None, quotas: Mapping[str, int]) -> int:
+    """Users whose candidates are scored together so a block's feature rows are about
+    `chunk_rows` (each user brings up to the sum of the quotas); None: 10,000 users. The block
+    sets memory, never the lists (users are independent)."""
+    if chunk_rows is None:
+        return 10_000
+    return max(100, chunk_rows // max(1, sum(quotas.values())))
+
+
 def ranked_lists(
     bundle: Bundle,
     data: Dataset,
@@ -295,6 +304,7 @@ def ranked_lists(
     settings: ListSettings,
     *,
     progress: Callable[[int, int], None] | None = None,
+    block: int = 10_000,
 ) -> tuple[pl.DataFrame, int]:
     """Top-N per active user of `data` through the bundle (the same loader and features as the
     API): candidates from every retrieval source among the live items, minus what the user
@@ -308,7 +318,7 @@ def ranked_lists(
     score = with_prior(bundle.score, ctx.popularity, bundle_prior_weight(bundle))
     res = build_lists(
         score, ctx, active, settings.quotas, n=settings.top_n, rules=settings.rules,
-        known=known_users(data), progress=progress, keep_candidates=False,
+        known=known_users(data), progress=progress, keep_candidates=False, block=block,
     )  # fmt: skip
     now = datetime.now(UTC)
     recs = res.lists.select(

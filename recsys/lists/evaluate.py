@@ -180,18 +180,20 @@ def list_evaluation(
     log: Callable[[str], None],
     *,
     prior_weight: float = 0.0,
+    block: int = 10_000,
 ) -> dict[str, Any]:
     """The lists a nightly would have written at `test_at` (a bundle of the data before it,
     the same `build_lists`, blended with popularity by `prior_weight`), judged on what users
     consumed next, beside baseline lists. `data` holds logged impressions only (none
-    sampled)."""
+    sampled). `block`: users per block of `build_lists` (memory, never the lists)."""
     at = _lists_at(data, test_at, ranker, spec, settings, vectors)
     if at is None:
         return {"table": [], "sources": [], "note": "no new consumption after the cut-off"}
     ctx, bundle, truth, horizon, users, known = at
     n = settings.top_n
     score = with_prior(bundle.score, ctx.popularity, prior_weight)
-    res = build_lists(score, ctx, users, settings.quotas, n=n, rules=settings.rules, known=known)
+    res = build_lists(score, ctx, users, settings.quotas, n=n, rules=settings.rules, known=known,
+                      block=block)  # fmt: skip
     out = evaluate_lists(
         res, baseline_lists(ctx, users, n), truth, ctx, n=n, horizon_days=horizon, known=known
     )
@@ -232,11 +234,13 @@ def fit_prior_weight(
     spec: FeatureSpec,
     settings: ListSettings,
     vectors: ItemVectors,
+    *,
+    block: int = 10_000,
 ) -> tuple[float, dict[str, float]]:
     """The lists' popularity weight: `settings.prior_weight` if set, else the one of
     PRIOR_WEIGHTS whose lists made at the validation cut-off (with `ranker`, which trained on
     rows before it) find the most of what users consumed next (ties: the smaller weight).
-    Returns (weight, {weight: recall@top_n} of those tried)."""
+    Returns (weight, {weight: recall@top_n} of those tried). `block`: as `list_evaluation`."""
     if settings.prior_weight is not None:
         return settings.prior_weight, {}
     at = _lists_at(data, valid_at, ranker, spec, settings, vectors)
@@ -248,7 +252,7 @@ def fit_prior_weight(
     recall = {}
     for w in PRIOR_WEIGHTS:
         res = build_lists(with_prior(cached, ctx.popularity, w), ctx, users, settings.quotas,
-                          n=n, rules=settings.rules, known=known)  # fmt: skip
+                          n=n, rules=settings.rules, known=known, block=block)  # fmt: skip
         recall[f"{w:g}"] = list_metrics(res.lists, truth, n, catalogue_size=ctx.items.height)[
             f"recall@{n}"
         ]
