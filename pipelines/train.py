@@ -17,7 +17,14 @@ from experiments.tracking import NullTracker
 from features.events import prepare_events
 from recsys.encoder import EncoderConfig, FinetuneConfig
 from recsys.evaluation import BATCH, MODES, batch_moments, requests, valid_auc
-from recsys.featurize import ONLINE, FeatureSpec, in_process, point_in_time_chunks, semantic_only
+from recsys.featurize import (
+    ONLINE,
+    FeatureSpec,
+    in_process,
+    point_in_time_chunks,
+    requests_contiguous,
+    semantic_only,
+)
 from recsys.io import write_parquet_chunks
 from recsys.ranker import Ranker, RankerConfig, refit_ranker, train_ranker
 from recsys.vectors import ItemVectors
@@ -199,7 +206,18 @@ def features(
 
         init_ray(ctx.env.ray_address)
         map_chunks = functools.partial(ray_map, nodes=nodes)
-    chunks = 0
+    chunks, chunk_rows = 0, ctx.env.chunk_rows
+    if (
+        chunk_rows is not None
+        and imp.height > chunk_rows
+        and not requests_contiguous(req["request_id"])
+    ):
+        chunk_rows = None  # the same tables, in one piece
+        ctx.env.log(
+            "[features] the impressions' rows of one impression are not next to each other, so "
+            "the feature tables are built whole (memory grows with the log): import the log "
+            "with each impression's rows together to bound it by pipeline.chunk_rows"
+        )
     for mode, refresh in variants:
         at = req
         if mode != ONLINE:
@@ -210,7 +228,7 @@ def features(
             frozen_cos = semantic_only(every, at, data, frozen_vectors(embedded))["sem_cos_mean"]
             extra = extra.insert_column(0, frozen_cos.alias("sem_cos_mean_frozen"))
         pieces = point_in_time_chunks(
-            every, at, data, vectors, chunk_rows=ctx.env.chunk_rows, events=events, extra=extra,
+            every, at, data, vectors, chunk_rows=chunk_rows, events=events, extra=extra,
             map_chunks=map_chunks,
         )  # fmt: skip
         chunks = write_parquet_chunks(pieces, ctx.work / feature_file(mode, refresh))

@@ -261,6 +261,16 @@ def point_in_time_chunks(
     return map_chunks(chunk_frame, shared, (piece(lo, hi) for lo, hi in bounds))
 
 
+def _request_starts(request_ids: pl.Series) -> np.ndarray:
+    """The rows where a new run of one request id begins."""
+    return np.flatnonzero(request_ids.ne_missing(request_ids.shift(1)).fill_null(True).to_numpy())
+
+
+def requests_contiguous(request_ids: pl.Series) -> bool:
+    """True when every request's rows are next to each other (it can be chunked)."""
+    return request_ids.n_unique() == _request_starts(request_ids).size
+
+
 def request_chunks(request_ids: pl.Series, chunk_rows: int | None) -> list[tuple[int, int]]:
     """Row ranges [lo, hi) of about `chunk_rows` rows each (at least one whole request) that
     split no request. None: one range."""
@@ -269,7 +279,7 @@ def request_chunks(request_ids: pl.Series, chunk_rows: int | None) -> list[tuple
         return [(0, n)]
     if chunk_rows < 1:
         raise ConfigError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    starts = np.flatnonzero(request_ids.ne_missing(request_ids.shift(1)).fill_null(True).to_numpy())
+    starts = _request_starts(request_ids)
     if request_ids.n_unique() != starts.size:
         raise DataError(
             "features in chunks need each request's rows next to each other; sort the requests "

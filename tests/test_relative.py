@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import polars as pl
 import pytest
@@ -55,21 +57,29 @@ def test_with_relative_names_and_groups() -> None:
     assert np.isnan(out["v_rank"][3])
 
 
-def test_refresh_gives_rows_the_state_at_the_start_of_their_period() -> None:
-    """With refresh "1d", a row at t gets exactly the features an online row at t truncated to
-    the day gets (the bundle a daily nightly serves), and never a count from within its day."""
-    from features import FeatureConfig
-    from recsys.featurize import FeatureSpec, matrix, point_in_time_frame
+def _small_log(seed: int) -> tuple[Any, Any, pl.DataFrame]:
+    """A generated log, random 8-d item vectors and its impressions as feature requests."""
     from recsys.generate import GeneratorConfig, generate
     from recsys.vectors import ItemVectors
 
-    data, _ = generate(GeneratorConfig(n_items=60, n_users=40, n_shown=600, seed=1))
+    data, _ = generate(GeneratorConfig(n_items=60, n_users=40, n_shown=600, seed=seed))
     rng = np.random.default_rng(0)
     ids = data.items["item_id"].to_list()
     vectors = ItemVectors.from_arrays(ids, rng.standard_normal((len(ids), 8)).astype(np.float32))
     req = data.impressions.select(
         pl.col("impression_id").alias("request_id"), "user_id", "ts", "item_id"
-    ).tail(300)
+    )
+    return data, vectors, req
+
+
+def test_refresh_gives_rows_the_state_at_the_start_of_their_period() -> None:
+    """With refresh "1d", a row at t gets exactly the features an online row at t truncated to
+    the day gets (the bundle a daily nightly serves), and never a count from within its day."""
+    from features import FeatureConfig
+    from recsys.featurize import FeatureSpec, matrix, point_in_time_frame
+
+    data, vectors, req = _small_log(seed=1)
+    req = req.tail(300)
     daily = FeatureSpec(FeatureConfig(), refresh="1d")
     online = FeatureSpec(FeatureConfig(), refresh="online")
     got = matrix(point_in_time_frame(daily, req, data, vectors), daily.columns)
@@ -143,16 +153,8 @@ def test_features_in_chunks_are_the_whole_frame_bit_for_bit() -> None:
     bits, at any chunk size, and no request is split."""
     from features import FeatureConfig
     from recsys.featurize import FeatureSpec, point_in_time_chunks, point_in_time_frame
-    from recsys.generate import GeneratorConfig, generate
-    from recsys.vectors import ItemVectors
 
-    data, _ = generate(GeneratorConfig(n_items=60, n_users=40, n_shown=600, seed=2))
-    rng = np.random.default_rng(0)
-    ids = data.items["item_id"].to_list()
-    vectors = ItemVectors.from_arrays(ids, rng.standard_normal((len(ids), 8)).astype(np.float32))
-    req = data.impressions.select(
-        pl.col("impression_id").alias("request_id"), "user_id", "ts", "item_id"
-    )
+    data, vectors, req = _small_log(seed=2)
     extra = data.impressions.select("clicked", pl.col("ts").dt.offset_by("1h"))
     for spec in (FeatureSpec(FeatureConfig()), FeatureSpec(FeatureConfig(), refresh="1d")):
         whole = point_in_time_frame(spec, req, data, vectors).with_columns(extra.get_columns())
@@ -172,7 +174,7 @@ def test_features_in_chunks_are_the_whole_frame_bit_for_bit() -> None:
 
 def test_request_chunks_need_contiguous_requests() -> None:
     from recsys.errors import DataError
-    from recsys.featurize import request_chunks
+    from recsys.featurize import request_chunks, requests_contiguous
 
     ids = pl.Series(["a", "a", "b", "c", "c", "c", "d"])
     assert request_chunks(ids, None) == [(0, 7)]
@@ -182,3 +184,4 @@ def test_request_chunks_need_contiguous_requests() -> None:
     assert request_chunks(ids, 100) == [(0, 7)]
     with pytest.raises(DataError, match="next to each other"):
         request_chunks(pl.Series(["a", "b", "a"]), 1)
+    assert requests_contiguous(ids) and not requests_contiguous(pl.Series(["a", "b", "a"]))
