@@ -383,3 +383,31 @@ def test_block_users_follow_the_chunk_rows_knob():
     assert block_users(200_000, quotas) == 2_000
     assert block_users(50, quotas) == 100  # never below 100 users
     assert block_users(1_000, {}) == 1_000
+
+
+def test_candidates_kept_among_pairs_give_the_same_recall():
+    """The list evaluation keeps only the candidates users consumed next: each source's recall
+    and the union's are the same as with every candidate kept."""
+    from recsys.candidates import candidate_recall
+    from recsys.lists import build_lists
+
+    hist = _films(n=1500)
+    items = _items(hist["item_id"].unique().sort().to_list())
+    users = hist["user_id"].unique().sort().to_list()
+    quotas = {"cooccurrence": 6, "popular": 6, "fresh": 2}
+
+    def score(pairs: pl.DataFrame) -> np.ndarray:
+        return pairs["item_id"].str.slice(1).cast(pl.Int64).to_numpy().astype(float) % 7
+
+    every = build_lists(score, _ctx(hist, items), users, quotas, n=5)
+    truth = every.candidates.select("user_id", "item_id").gather_every(3)  # some found
+    truth = pl.concat([truth, pl.DataFrame({"user_id": ["stranger"], "item_id": ["m1"]})])
+    kept = build_lists(score, _ctx(hist, items), users, quotas, n=5, block=7,
+                       keep_candidates=truth)  # fmt: skip
+    assert kept.lists.equals(every.lists)
+    assert 0 < kept.candidates.height < every.candidates.height
+    for mine, theirs in zip(kept.runs, every.runs, strict=True):
+        assert candidate_recall(mine.candidates, truth) == candidate_recall(
+            theirs.candidates, truth
+        )
+    assert candidate_recall(kept.candidates, truth) == candidate_recall(every.candidates, truth)

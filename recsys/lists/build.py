@@ -176,14 +176,19 @@ def build_lists(
     known: pl.Series | None = None,
     chunk: int = 500,
     block: int = 10_000,
-    keep_candidates: bool = True,
+    keep_candidates: bool | pl.DataFrame = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> ListsResult:
     """Each user's top n: candidates from the sources (`quotas`), scored by `score` (a frame of
     user_id, item_id -> scores, e.g. `Bundle.score`), then `rules`. Users outside `known`
     (default: those who consumed anything) get the decayed popularity order instead of the
     ranker, as the API ranks a user it does not know. Users without any candidate have no
-    list; short lists are counted, never padded."""
+    list; short lists are counted, never padded.
+
+    keep_candidates: True keeps every candidate (the result's and each source's), False none
+    (the times only); a frame of (user_id, item_id) pairs keeps the candidates among them only
+    (e.g. what users consumed next: their recall is the same, in memory that does not grow
+    with the candidates)."""
     u = pl.Series("user_id", users, dtype=pl.String).unique().sort()
     known_users = (ctx.seen["user_id"] if known is None else known.cast(pl.String)).unique()
     cats = ctx.items.select("item_id", "category") if "category" in ctx.items.columns else None
@@ -227,7 +232,11 @@ def build_lists(
                 maintain_order="left",
             ).select("user_id", "rank", "item_id", "score", "source")
         )
-        if keep_candidates:
+        if isinstance(keep_candidates, pl.DataFrame):
+            runs = [SourceRun(r.name, r.quota, _among(r.candidates, keep_candidates), r.seconds)
+                    for r in runs]  # fmt: skip
+            out_cands.append(_among(cands, keep_candidates))
+        elif keep_candidates:
             out_cands.append(cands)
         else:  # keep the times only: the nightly needs no candidates after ranking
             runs = [SourceRun(r.name, r.quota, r.candidates.clear(), r.seconds) for r in runs]
@@ -286,6 +295,13 @@ def known_users(data: Dataset) -> pl.Series:
     """Users the bundle of `data` knows (a history or impressions): the API ranks them with
     the ranker, and the popularity prior ranks everyone else."""
     return pl.concat([data.interactions["user_id"], data.impressions["user_id"]]).unique()
+
+
+def _among(candidates: pl.DataFrame, pairs: pl.DataFrame) -> pl.DataFrame:
+    """The candidate rows whose (user_id, item_id) is one of `pairs`, in order."""
+    keys = pairs.select(pl.col("user_id").cast(pl.String), pl.col("item_id").cast(pl.String))
+    return candidates.join(keys.unique(), on=["user_id", "item_id"], how="semi",
+                           maintain_order="left")  # fmt: skip
 
 
 def block_users(chunk_rows: int | None, quotas: Mapping[str, int]) -> int:

@@ -192,8 +192,9 @@ def list_evaluation(
     ctx, bundle, truth, horizon, users, known = at
     n = settings.top_n
     score = with_prior(bundle.score, ctx.popularity, prior_weight)
+    # the candidates kept are those users consumed next: their recall is all that is read
     res = build_lists(score, ctx, users, settings.quotas, n=n, rules=settings.rules, known=known,
-                      block=block)  # fmt: skip
+                      block=block, keep_candidates=truth)  # fmt: skip
     out = evaluate_lists(
         res, baseline_lists(ctx, users, n), truth, ctx, n=n, horizon_days=horizon, known=known
     )
@@ -248,13 +249,19 @@ def fit_prior_weight(
         return 0.0, {}
     ctx, bundle, truth, _, users, known = at
     n = settings.top_n
-    cached = ScoreCache(bundle.score)  # the candidates repeat: each pair is scored once
-    recall = {}
-    for w in PRIOR_WEIGHTS:
-        res = build_lists(with_prior(cached, ctx.popularity, w), ctx, users, settings.quotas,
-                          n=n, rules=settings.rules, known=known, block=block)  # fmt: skip
-        recall[f"{w:g}"] = list_metrics(res.lists, truth, n, catalogue_size=ctx.items.height)[
+    lists: dict[float, list[pl.DataFrame]] = {w: [] for w in PRIOR_WEIGHTS}
+    for lo in range(0, users.len(), block):  # users in blocks: memory holds one block's pairs
+        some = users[lo : lo + block]
+        cached = ScoreCache(bundle.score)  # the candidates repeat: each pair is scored once
+        for w in PRIOR_WEIGHTS:
+            res = build_lists(with_prior(cached, ctx.popularity, w), ctx, some, settings.quotas,
+                              n=n, rules=settings.rules, known=known, block=block)  # fmt: skip
+            lists[w].append(res.lists)
+    recall = {
+        f"{w:g}": list_metrics(pl.concat(lists[w]), truth, n, catalogue_size=ctx.items.height)[
             f"recall@{n}"
         ]
+        for w in PRIOR_WEIGHTS
+    }
     best = max(PRIOR_WEIGHTS, key=lambda w: (recall[f"{w:g}"], -w))
     return best, recall
