@@ -179,8 +179,12 @@ def measure(rows: int, args: argparse.Namespace) -> dict[str, Any]:
     recs = pl.scan_parquet(run / "recommendations.parquet")
     listed = int(recs.select(pl.col("user_id").n_unique()).collect().item())
     stages = {}
-    for name, seconds in got["walls"].items():
+    # every stage, and the moments between them (start-up; "after lists": publishing and the
+    # registry's champion gate) where they were sampled
+    names = list(dict.fromkeys([*got["peaks"], *got["walls"]]))
+    for name in sorted(names, key=lambda n: _order(n, list(got["walls"]))):
         p = got["peaks"].get(name, Peaks())
+        seconds = got["walls"].get(name)
         stages[name] = {"seconds": seconds, "rows_per_s": rows / seconds if seconds else None,
                         "driver_peak_mb": round(p.driver_mb), "ray_peak_mb": round(p.others_mb),
                         "total_peak_mb": round(p.total_mb), "processes": p.processes}  # fmt: skip
@@ -196,6 +200,14 @@ def measure(rows: int, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _order(name: str, stages: list[str]) -> float:
+    """Stages in run order, "after X" right after X, the start first."""
+    if name in stages:
+        return stages.index(name)
+    after = name.removeprefix("after ")
+    return stages.index(after) + 0.5 if after in stages else -1
+
+
 def table(result: dict[str, Any], first: dict[str, Any] | None) -> str:
     head = ["stage", "seconds", "rows/s", "vs first", "driver MB", "Ray MB", "total MB", "procs"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
@@ -203,7 +215,8 @@ def table(result: dict[str, Any], first: dict[str, Any] | None) -> str:
         base = (first or {}).get("stages", {}).get(name, {}).get("rows_per_s")
         ratio = f"{s['rows_per_s'] / base:.2f}" if base and s["rows_per_s"] else ""
         rps = f"{s['rows_per_s']:,.0f}" if s["rows_per_s"] else ""
-        lines.append(" | ".join([name, f"{s['seconds']:.1f}", rps, ratio, str(s["driver_peak_mb"]),
+        secs = "" if s["seconds"] is None else f"{s['seconds']:.1f}"
+        lines.append(" | ".join([name, secs, rps, ratio, str(s["driver_peak_mb"]),
                                  str(s["ray_peak_mb"]), str(s["total_peak_mb"]),
                                  str(s["processes"])]))  # fmt: skip
     return "\n".join(lines)
@@ -219,11 +232,13 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for name in results[-1]["stages"]:
         secs = [r["stages"].get(name, {}).get("seconds") for r in results]
+        if not any(secs):
+            continue
         pts = [(x, y) for x, y in zip(rows, secs, strict=True) if y]
         if pts:
             a.plot(*zip(*pts, strict=True), marker="o", label=name)
     ref = [rows[0], rows[-1]]
-    total0 = sum(s["seconds"] for s in results[0]["stages"].values())
+    total0 = sum(s["seconds"] or 0.0 for s in results[0]["stages"].values())
     a.plot(ref, [total0, total0 * rows[-1] / rows[0]], "k--", lw=0.8, label="linear")
     a.set(xscale="log", yscale="log", xlabel="shown rows", ylabel="seconds", title="stage wall")
     a.legend(fontsize=7)

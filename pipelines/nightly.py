@@ -96,6 +96,7 @@ def run_nightly(
 ) -> NightlyResult:
     """Run (or resume) the nightly pipeline on a dataset directory; see the module docstring."""
     t_start = time.perf_counter()
+    ray_was_up = _ray_up()
     cfg = config or load_config(None if config_path is None else Path(config_path))
     run_dir, pc = Path(out_dir), cfg.pipeline
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -122,6 +123,8 @@ def run_nightly(
             feature_spec(cfg), frozen_semantic=use_tuned and pc.frozen_semantic
         )
         vecs = run("embed", train.embed, validated=valid, finetuned=tuned, config=cfg.encoder)
+        if ray_address is None and not ray_was_up:
+            _stop_local_ray(log)  # nothing after the embedding needs Ray on one machine
         frames = run("features", train.features, validated=valid, split=times, embedded=vecs,
                      spec=spec, refreshes=pc.refreshes)  # fmt: skip
         ranked = run("rank", train.rank, frames=frames, split=times, spec=spec,
@@ -151,6 +154,22 @@ def run_nightly(
                                     source.fingerprint)  # fmt: skip
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _ray_up() -> bool:
+    import ray
+
+    return bool(ray.is_initialized())
+
+
+def _stop_local_ray(log: Callable[[str], None]) -> None:
+    """Shut down the local Ray this run started (its GCS, raylet and idle workers hold about a
+    gigabyte that the stages after the embedding would otherwise carry)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+        log("[ray] the local Ray is shut down: the remaining stages run in this process")
 
 
 def _source(data_dir: Path) -> prepare.DataSource:
@@ -262,6 +281,7 @@ def _register(
         return {}
     data = prepare.read_tables(valid.path)
     imp = prepare.labelled(data.impressions, times.summary)
+    chunks = cfg.pipeline.chunk_rows
     registry = register_bundle(
         uri,
         cfg.tracking.model_name,
@@ -270,7 +290,7 @@ def _register(
         validation=result.validation,
         validation_key=f"{data_fingerprint}:{times.fingerprint}",
         primary_metric=cfg.tracking.primary_metric,
-        gate_scores=lambda path: gate_scores(path, data, imp, refresh),
+        gate_scores=lambda path: gate_scores(path, data, imp, refresh, chunk_rows=chunks),
         margin_se=cfg.tracking.promote_margin_se,
     )
     tracker.set_tags({"champion_decision": registry.get("reason", "")[:5000]})

@@ -22,7 +22,13 @@ from recsys.baselines import ColumnScorer, LGBMScorer, PopularityScorer, RandomS
 from recsys.baselines import add_scores as _add_scores
 from recsys.bundle import Bundle
 from recsys.data import Dataset
-from recsys.featurize import ONLINE, FeatureSpec, matrix, point_in_time_frame
+from recsys.featurize import (
+    ONLINE,
+    FeatureSpec,
+    matrix,
+    point_in_time_chunks,
+    requests_contiguous,
+)
 from recsys.metrics import impression_metrics
 from recsys.ranker import Ranker
 
@@ -210,16 +216,27 @@ def freshness_note(
 
 
 def gate_scores(
-    bundle_path: str | os.PathLike[str], data: Dataset, imp: pl.DataFrame, refresh: str
+    bundle_path: str | os.PathLike[str],
+    data: Dataset,
+    imp: pl.DataFrame,
+    refresh: str,
+    *,
+    chunk_rows: int | None = None,
 ) -> pl.DataFrame:
     """A bundle's ranker scores on the promotion gate's slice, the rows of `imp` whose split is
     test (impression_id, clicked, score), with features at freshness `refresh` whatever the
     bundle was trained for, so that champion and challenger are compared as they would be
-    served."""
+    served. `chunk_rows`: the features are computed and scored that many rows at a time
+    (`point_in_time_chunks`; the scores are the same), None: at once."""
     bundle = Bundle.load(bundle_path)
     spec = dataclasses.replace(bundle.spec, refresh=refresh)
     rows = imp.filter(pl.col("split") == "test")
     vectors = bundle.vectors if spec.use_semantic else None
-    frame = point_in_time_frame(spec, requests(rows), data, vectors)
-    scores = bundle.ranker.predict(matrix(frame, spec.columns))
-    return rows.select("impression_id", "clicked").with_columns(pl.Series("score", scores))
+    req = requests(rows)
+    if chunk_rows is not None and not requests_contiguous(req["request_id"]):
+        chunk_rows = None
+    frames = point_in_time_chunks(spec, req, data, vectors, chunk_rows=chunk_rows)
+    scores = [bundle.ranker.predict(matrix(frame, spec.columns)) for frame in frames]
+    return rows.select("impression_id", "clicked").with_columns(
+        pl.Series("score", np.concatenate(scores))
+    )
