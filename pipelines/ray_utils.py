@@ -55,7 +55,9 @@ def init_ray(
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConfigError(
                 f"cannot connect to the Ray cluster at {address!r} ({e}); check --ray-address "
-                "or leave it unset to run on a local Ray"
+                "or leave it unset to run on a local Ray. A cluster with token authentication "
+                "(`ray start`'s default) needs RAY_AUTH_MODE=token here and its token "
+                "(~/.ray/auth_token or RAY_AUTH_TOKEN)"
             ) from e
         return True
     # A local Ray turns token authentication on by default (kept) and says so on the terminal
