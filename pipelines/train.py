@@ -20,9 +20,9 @@ from recsys.evaluation import BATCH, MODES, batch_moments, requests, valid_auc
 from recsys.featurize import (
     ONLINE,
     FeatureSpec,
+    chunkable_rows,
     in_process,
     point_in_time_chunks,
-    requests_contiguous,
     semantic_only,
 )
 from recsys.io import write_parquet_chunks
@@ -206,13 +206,8 @@ def features(
 
         init_ray(ctx.env.ray_address)
         map_chunks = functools.partial(ray_map, nodes=nodes)
-    chunks, chunk_rows = 0, ctx.env.chunk_rows
-    if (
-        chunk_rows is not None
-        and imp.height > chunk_rows
-        and not requests_contiguous(req["request_id"])
-    ):
-        chunk_rows = None  # the same tables, in one piece
+    chunks, chunk_rows = 0, chunkable_rows(req["request_id"], ctx.env.chunk_rows)
+    if chunk_rows is None and imp.height > (ctx.env.chunk_rows or imp.height):
         ctx.env.log(
             "[features] the impressions' rows of one impression are not next to each other, so "
             "the feature tables are built whole (memory grows with the log): import the log "

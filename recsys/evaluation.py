@@ -25,9 +25,9 @@ from recsys.data import Dataset
 from recsys.featurize import (
     ONLINE,
     FeatureSpec,
+    chunkable_rows,
     matrix,
     point_in_time_chunks,
-    requests_contiguous,
 )
 from recsys.metrics import impression_metrics
 from recsys.ranker import Ranker
@@ -233,9 +233,8 @@ def gate_scores(
     rows = imp.filter(pl.col("split") == "test")
     vectors = bundle.vectors if spec.use_semantic else None
     req = requests(rows)
-    if chunk_rows is not None and not requests_contiguous(req["request_id"]):
-        chunk_rows = None
-    frames = point_in_time_chunks(spec, req, data, vectors, chunk_rows=chunk_rows)
+    chunks = chunkable_rows(req["request_id"], chunk_rows)
+    frames = point_in_time_chunks(spec, req, data, vectors, chunk_rows=chunks)
     scores = [bundle.ranker.predict(matrix(frame, spec.columns)) for frame in frames]
     return rows.select("impression_id", "clicked").with_columns(
         pl.Series("score", np.concatenate(scores))

@@ -271,6 +271,14 @@ def requests_contiguous(request_ids: pl.Series) -> bool:
     return request_ids.n_unique() == _request_starts(request_ids).size
 
 
+def chunkable_rows(request_ids: pl.Series, chunk_rows: int | None) -> int | None:
+    """`chunk_rows` when the requests can be cut into chunks of that size (their rows
+    contiguous, more rows than one chunk), else None: one piece, the same values."""
+    if chunk_rows is None or request_ids.len() <= chunk_rows:
+        return None
+    return chunk_rows if requests_contiguous(request_ids) else None
+
+
 def request_chunks(request_ids: pl.Series, chunk_rows: int | None) -> list[tuple[int, int]]:
     """Row ranges [lo, hi) of about `chunk_rows` rows each (at least one whole request) that
     split no request. None: one range."""

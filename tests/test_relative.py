@@ -174,7 +174,7 @@ def test_features_in_chunks_are_the_whole_frame_bit_for_bit() -> None:
 
 def test_request_chunks_need_contiguous_requests() -> None:
     from recsys.errors import DataError
-    from recsys.featurize import request_chunks, requests_contiguous
+    from recsys.featurize import chunkable_rows, request_chunks, requests_contiguous
 
     ids = pl.Series(["a", "a", "b", "c", "c", "c", "d"])
     assert request_chunks(ids, None) == [(0, 7)]
@@ -185,3 +185,6 @@ def test_request_chunks_need_contiguous_requests() -> None:
     with pytest.raises(DataError, match="next to each other"):
         request_chunks(pl.Series(["a", "b", "a"]), 1)
     assert requests_contiguous(ids) and not requests_contiguous(pl.Series(["a", "b", "a"]))
+    assert chunkable_rows(ids, 2) == 2 and chunkable_rows(ids, 7) is None  # one piece anyway
+    assert chunkable_rows(pl.Series(["a", "b", "a"]), 1) is None  # built whole
+    assert chunkable_rows(ids, None) is None
