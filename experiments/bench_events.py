@@ -26,6 +26,9 @@ latency while events stream in.
    `at` (no events: the candidates' texts where the bundle lacks them), beside the bundle's
    batch ranker on features as of its cut-off: a server that cannot keep features fresh must
    serve the batch ranker, whatever the request says.
+   2c. A silent event feed: the same requests (with `at`) against the default server (events
+   on, its own empty log) that is sent no event: once the live state has heard nothing for
+   longer than its limit it must rank as 2b does (`api_silent` beside `api_off_at`).
 3. Ingestion: batches of 100 events (impressions of 10 items and clicks on them) by POST
    /v1/events from one client process, then four, and by `EventStore.ingest` in this process
    (no HTTP): events per second and the server time per batch.
@@ -244,6 +247,34 @@ def replay_without_events(
     return after.select("impression_id", "user_id", "item_id", "clicked", "ts").with_columns(
         pl.Series("api", scores)
     )
+
+
+def silent_feed(
+    bundle: Path, data: Dataset, cut: datetime, known_items: set[str], limit: int | None,
+    out: Path, batch: pl.DataFrame,
+) -> None:  # fmt: skip
+    """Step 2c: the default server (events on, its own empty log), sent no event, asked with
+    `at`; its AUC beside `batch`'s api_off_at (the --no-events server with `at`) and, where
+    `batch` has it, api_events (the replay with events)."""
+    print("\n## A silent event feed: the default server (events on), no event sent, `at` on "
+          "every request")  # fmt: skip
+    log_dir = out / "events-silent"
+    shutil.rmtree(log_dir, ignore_errors=True)
+    server = Server(bundle, log_dir)
+    try:
+        silent = replay_without_events(server, data, cut, known_items, limit, True)
+        ready = httpx.get(f"{server.url}/readyz", timeout=30).json()
+    finally:
+        server.stop()
+    print(f"/readyz after the replay: stale {ready.get('stale')}, last event "
+          f"{ready.get('last_event')}, stale since {ready.get('stale_since')}, limit "
+          f"{ready.get('max_event_lag_s')} s")  # fmt: skip
+    others = [c for c in ("api_off_at", "api_events") if c in batch.columns]
+    quiet = batch.select("impression_id", "user_id", "item_id", "clicked", *others).with_columns(
+        silent["api"].alias("api_silent")
+    )
+    _report(quiet, ["api_silent", *others], "api_off_at", out / "replay_scores_silent.parquet",
+            [("api_silent", "api_off_at")])  # fmt: skip
 
 
 def offline_batch_scores(
@@ -474,6 +505,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis-workers", type=int, default=2,
                    help="also replay against this many workers sharing a private redis-server "
                         "(0: skip)")  # fmt: skip
+    p.add_argument(
+        "--silent-only",
+        action="store_true",
+        help="only steps 2b (with `at`) and 2c: a silent feed against --no-events",
+    )
     args = p.parse_args(argv)
     out = Path(args.out)
     cut = datetime.fromisoformat(args.split_at).replace(tzinfo=UTC)
@@ -489,6 +525,18 @@ def main(argv: list[str] | None = None) -> int:
     week1 = read_dataset(week1_dir)
     log_dir = out / "events"
     shutil.rmtree(log_dir, ignore_errors=True)
+    if args.silent_only:
+        from recsys.bundle import Bundle
+
+        known = set(Bundle.load(bundle).vectors.ids)
+        off = Server(bundle, None)
+        try:
+            with_at = replay_without_events(off, data, cut, known, args.impressions, True)
+        finally:
+            off.stop()
+        silent_feed(bundle, data, cut, known, args.impressions, out,
+                    with_at.rename({"api": "api_off_at"}))  # fmt: skip
+        return 0
 
     server = Server(bundle, log_dir)
     try:
@@ -542,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
         models = ["api_off_at", "api_off", "offline_batch", "api_events", "smoothed_ctr"]
         _report(batch, models, "offline_batch", out / "replay_scores_no_events.parquet",
                 [("api_off_at", "offline_batch"), ("api_off", "offline_batch")])  # fmt: skip
+
+        silent_feed(bundle, data, cut, known, args.impressions, out, batch)
 
         print("\n## Ingestion (batches of 100 events)")
         rates = ingest_rates(server, week1, cut + timedelta(days=30))

@@ -15,7 +15,7 @@ counts before every request and falls out of every finite window.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import polars as pl
 
@@ -208,3 +208,35 @@ def _counts(
     q = queries.select(*by, AT).with_row_index(_Q)
     found = _before(q, log, by, pl.col(AT), list(counts))
     return found.select(pl.col(c).fill_null(0.0) for c in counts)
+
+
+def longest_gap_seconds(times: pl.Series, until: datetime, days: float = 7.0) -> float | None:
+    """The longest wait, in seconds, between consecutive distinct event times of the `days`
+    before `until` (the wait from the last of them to `until` included): how long this log's
+    event feed has gone quiet while it worked. None when fewer than two times fall there.
+
+    A live server sizes its "no event for too long" limit from it (`live_lag_seconds`)."""
+    t = times.drop_nulls()
+    if t.dtype != TS:
+        t = t.cast(TS)
+    start = until - timedelta(days=days)
+    t = t.filter((t >= start) & (t < until)).unique().sort()
+    if t.len() < 2:
+        return None
+    t = t.append(pl.Series([until], dtype=TS))
+    gaps = t.diff().drop_nulls().dt.total_microseconds()
+    return float(gaps.max()) / 1e6  # type: ignore[arg-type]
+
+
+# the live state is stale after this many times the log's longest quiet spell (at least
+# LIVE_LAG_FLOOR seconds): a feed that works goes quiet that long, twice that long is an outage
+LIVE_LAG_FACTOR = 2.0
+LIVE_LAG_FLOOR = 60.0
+
+
+def live_lag_seconds(times: pl.Series, until: datetime) -> float | None:
+    """The default limit (seconds) of a live server's silence: LIVE_LAG_FACTOR x the longest
+    gap between the event `times` (a log's impressions and interactions) in the last week
+    before `until`, at least LIVE_LAG_FLOOR; None when too few dated events say."""
+    gap = longest_gap_seconds(times, until)
+    return None if gap is None else max(LIVE_LAG_FACTOR * gap, LIVE_LAG_FLOOR)

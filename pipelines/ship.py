@@ -12,7 +12,9 @@ from typing import Any
 import polars as pl
 
 from features import FeatureConfig, build_snapshot
+from features.events import live_lag_seconds
 from recsys.bundle import Bundle, write_bundle
+from recsys.data.schema import TS
 from recsys.evaluation import (
     BASELINES,
     BATCH,
@@ -211,7 +213,15 @@ def bundle(
         "versions": _versions(),
         "model_version": f"{params['name']}-{ranked.fingerprint[:10]}",
         "ranker": ev.batch.shipped_ranker,
-        "online": {"ranker": ev.online.shipped_ranker, "metrics": {"test": ev.online.test}},
+        "online": {
+            "ranker": ev.online.shipped_ranker,
+            "metrics": {"test": ev.online.test},
+            # a live server ranks as the batch path after this long without an event
+            "max_event_lag_s": live_lag_seconds(
+                pl.concat([data.impressions["ts"].cast(TS), data.interactions["ts"].cast(TS)]),
+                as_of,
+            ),
+        },
         "lists": {
             "half_life_days": ctx_lists.cadence.half_life_days,
             "live_window_days": ctx_lists.cadence.live_window_days,

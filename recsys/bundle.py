@@ -34,6 +34,7 @@ import numpy as np
 import polars as pl
 
 from features import FeatureConfig, FeatureSnapshot
+from features.events import live_lag_seconds
 from recsys.errors import DataError
 from recsys.featurize import ONLINE, FeatureSpec, matrix, snapshot_frame
 from recsys.io import atomic_dir, json_digest, write_json
@@ -122,6 +123,17 @@ class Bundle:
     @property
     def model_version(self) -> str:
         return str(self.manifest["model_version"])
+
+    @property
+    def max_event_lag_s(self) -> float | None:
+        """How long a live server may go without an impression or click event before its
+        state is stale (manifest online.max_event_lag_s, from the log's own quiet spells; a
+        bundle made before it: from its history's times), None when the log cannot say."""
+        online = self.manifest.get("online")
+        if isinstance(online, dict) and "max_event_lag_s" in online:
+            lag = online["max_event_lag_s"]
+            return None if lag is None else float(lag)
+        return live_lag_seconds(self.history["ts"], self.snapshot.as_of)
 
     @property
     def encoder_dir(self) -> Path:

@@ -8,18 +8,25 @@
 
 `lock` serialises event writers against feature readers of the live features and the live
 catalogue (ids, vectors and categories of items that came as events).
+
+Freshness: the state knows the newest behaviour it holds (`last_event_us`: the newest impression
+or click event, at least the cut-off, whose events the snapshot holds). A moment more than
+`max_lag_us` after it is `stale`: the feed has gone silent (an outage upstream), so the counts
+would read as fresh while they are not, and the server ranks as the batch path does. Events that
+flow again make it fresh by themselves.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import numpy as np
 
-from features.live import LiveFeatures, epoch_us
+from features.live import LiveFeatures, epoch_us, from_us
 from features.snapshot import FeatureSnapshot
 from recsys.errors import DataError
 from recsys.vectors import ItemVectors
@@ -27,17 +34,34 @@ from serving.embedding import NewItems
 from serving.lookups import Catalogue
 
 
+@dataclass(frozen=True)
+class Freshness:
+    """What /readyz and /metrics say of the live state (`LiveState.freshness`)."""
+
+    stale: bool
+    last_event: datetime  # the newest impression or click held (the cut-off before any)
+    stale_since: datetime | None  # last_event + the limit, when stale
+    max_lag_s: float | None  # the limit of silence (None: never stale)
+
+
 class LiveState:
     """Events since the cut-off: the live features (built on first use), the vectors of items
     that came as events (`items`), and what they add to the model's `catalogue`."""
 
     def __init__(
-        self, snapshot: FeatureSnapshot, vectors: ItemVectors, catalogue: Catalogue
+        self,
+        snapshot: FeatureSnapshot,
+        vectors: ItemVectors,
+        catalogue: Catalogue,
+        max_lag_us: int | None = None,
     ) -> None:
         self.snapshot = snapshot
         self.vectors = vectors
         self.catalogue = catalogue
         self.lock = threading.Lock()
+        self.max_lag_us = max_lag_us  # None: never stale
+        self.last_event_us = epoch_us(snapshot.as_of)  # the snapshot holds every event before
+        self.asked_us: int | None = None  # the latest moment a request asked for
         self._features: LiveFeatures | None = None
         fz = vectors.frozen
         self.items = NewItems(
@@ -51,6 +75,26 @@ class LiveState:
         if self._features is None:
             self._features = LiveFeatures(self.snapshot)
         return self._features
+
+    def stale(self, at_us: int) -> bool:
+        """True when the newest behaviour event is more than `max_lag_us` before `at_us` (the
+        feed is silent: rank as the batch path); records `at_us` as the latest moment asked."""
+        if self.asked_us is None or at_us > self.asked_us:
+            self.asked_us = at_us
+        return self.max_lag_us is not None and at_us - self.last_event_us > self.max_lag_us
+
+    def freshness(self, now_us: int) -> Freshness:
+        """The state's freshness at the latest moment a request asked for (`now_us` before
+        any): whether it is stale, since when, and the newest event it holds."""
+        at = self.asked_us if self.asked_us is not None else now_us
+        last, lag = self.last_event_us, self.max_lag_us
+        stale = lag is not None and at - last > lag
+        return Freshness(
+            stale=stale,
+            last_event=from_us(last),
+            stale_since=from_us(last + lag) if stale and lag is not None else None,
+            max_lag_s=None if lag is None else lag / 1e6,
+        )
 
     def with_items(self, new: NewItems | None) -> NewItems | None:
         """The items that came as events, then `new` (a request's own texts), as one block."""
@@ -90,9 +134,11 @@ class LiveState:
                 elif kind == "impression":
                     live.add_impression(e["request_id"], e["user_id"], ts, e["items"])
                     known.known_users.add(e["user_id"])
+                    self.last_event_us = max(self.last_event_us, ts)
                 else:
                     live.add_click(e["user_id"], e["item_id"], ts, e.get("request_id"))
                     known.known_users.add(e["user_id"])
+                    self.last_event_us = max(self.last_event_us, ts)
 
     def add_vectors(self, vectors: NewItems) -> None:
         """Put `vectors` into the live catalogue: a changed item's new vector replaces its old

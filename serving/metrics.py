@@ -77,6 +77,18 @@ class Metrics:
                                ["result"], registry=r)  # fmt: skip
         self._live_items = Gauge("recsys_live_items", "Items that came as events (live catalogue).",
                                  registry=r, multiprocess_mode="livemax")  # fmt: skip
+        self._stale = Gauge("recsys_live_stale",
+                            "1 while the live state has heard no impression or click for longer "
+                            "than its limit before the latest moment asked (/v1/rank ranks as "
+                            "the batch path), else 0.", registry=r,
+                            multiprocess_mode="livemax")  # fmt: skip
+        self._last_event = Gauge("recsys_live_last_event_timestamp_seconds",
+                                 "The newest impression or click the live state holds (Unix "
+                                 "time; the cut-off before any).", registry=r,
+                                 multiprocess_mode="livemax")  # fmt: skip
+        self._stale_ranks = Counter("recsys_rank_stale",
+                                    "/v1/rank requests ranked as the batch path because the "
+                                    "live state was stale.", registry=r)  # fmt: skip
         for result in ("ok", "error"):
             self._reloads.labels(result)
         for result in ("accepted", "duplicate", "rejected"):
@@ -121,6 +133,15 @@ class Metrics:
 
     def live_items(self, n: int) -> None:
         self._live_items.set(n)
+
+    def live_freshness(self, stale: bool, last_event: float) -> None:
+        """The live state's freshness (LiveState.freshness): stale or not, its newest event."""
+        self._stale.set(1 if stale else 0)
+        self._last_event.set(last_event)
+
+    def stale_rank(self) -> None:
+        """One /v1/rank ranked as the batch path because the live state was stale."""
+        self._stale_ranks.inc()
 
     def render(self) -> str:
         """The exposition text (0.0.4; ends with a newline): every worker's, summed, when

@@ -43,7 +43,13 @@ class ServingModel:
     categories); `rules` are the bundle's list rules.
     """
 
-    def __init__(self, bundle: Bundle, *, preload_encoder: bool = True) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        preload_encoder: bool = True,
+        max_event_lag_s: float | None = None,
+    ) -> None:
         self.bundle = bundle
         self.model_version = bundle.model_version
         self.spec = bundle.spec
@@ -61,7 +67,10 @@ class ServingModel:
         self.catalogue = Catalogue.build(bundle, index, self.histories)
         self.rules = ListRules.from_dict(bundle.manifest.get("lists", {}).get("rules", {}))
         # Live state (events after the cut-off, serving/events.py feeds it): built on first use.
-        self.live = LiveState(snap, bundle.vectors, self.catalogue)
+        lag = max_event_lag_s if max_event_lag_s is not None else bundle.max_event_lag_s
+        self.live = LiveState(
+            snap, bundle.vectors, self.catalogue, None if lag is None else round(lag * 1e6)
+        )
         self.featurizer = Featurizer(bundle, self.histories, self.live)
         self.columns = self.featurizer.batch.columns
         self.as_of_us = self.featurizer.as_of_us
@@ -70,20 +79,32 @@ class ServingModel:
         self.embedder = Embedder(bundle, semantic=semantic, preload=preload_encoder)
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, *, preload_encoder: bool = True) -> ServingModel:
-        """Prepare `bundle` for serving and check its fast path against `bundle.featurize`."""
-        model = cls(bundle, preload_encoder=preload_encoder)
+    def from_bundle(
+        cls,
+        bundle: Bundle,
+        *,
+        preload_encoder: bool = True,
+        max_event_lag_s: float | None = None,
+    ) -> ServingModel:
+        """Prepare `bundle` for serving and check its fast path against `bundle.featurize`.
+        `max_event_lag_s`: the live state's limit of silence (default: the bundle's)."""
+        model = cls(bundle, preload_encoder=preload_encoder, max_event_lag_s=max_event_lag_s)
         self_check(model.featurizer, model.popular_ids)
         return model
 
-    def served(self, live: bool) -> tuple[str, str]:
+    def served(self, live: bool, stale: bool = False) -> tuple[str, str]:
         """(the ranker's name, the freshness of its features) for a server with events (`live`)
-        or without."""
-        if live and self.featurizer.online is not None:
+        or without; `stale`: with events, the live state has gone silent."""
+        if live and not stale and self.featurizer.online is not None:
             name = self.bundle.manifest.get("online", {}).get("ranker", {}).get("name", "online")
             return str(name), "online: the live state (events) as of each request"
         name = self.bundle.manifest.get("ranker", {}).get("name", "ranker")
         cut = self.bundle.snapshot.as_of.isoformat()
+        if live and stale:
+            return str(name), (
+                f"batch: as of the cut-off {cut}; the live state is stale (no event for longer "
+                "than max_event_lag_s), the online ranker returns when events flow again"
+            )
         return str(name), f"batch: as of the cut-off {cut} (no events after it are counted)"
 
     def predict(self, x: np.ndarray, at_us: int | None = None) -> np.ndarray:
@@ -96,7 +117,9 @@ class ServingModel:
         """The `at_us` that `rank` takes for a request's `at` (None: not given), on a server
         with events (`events`: features from the live state as of `at`, default now) or
         without (None: the batch ranker, features as of the cut-off, whatever `at` says).
-        A `ValueError` naming the cut-off when `at` is before it."""
+        A live state that has heard no event for longer than its limit before that moment is
+        stale (`LiveState.stale`): None, the batch path, until events flow again. A
+        `ValueError` naming the cut-off when `at` is before it."""
         if at is not None:
             asked = epoch_us(at)
             if asked < self.as_of_us:
@@ -104,8 +127,11 @@ class ServingModel:
                     f"at {at.isoformat()} is before the bundle's cut-off "
                     f"{self.bundle.snapshot.as_of.isoformat()}; give a later moment"
                 )
-            return asked if events else None
-        return max(epoch_us(datetime.now(UTC)), self.as_of_us) if events else None
+        else:
+            asked = max(epoch_us(datetime.now(UTC)), self.as_of_us)
+        if not events or self.live.stale(asked):
+            return None
+        return asked
 
     def strategy(self, user_id: str | None, history: Sequence[str]) -> str:
         """profile / profile+history / history / popularity. Any user id is a profile, one the

@@ -335,4 +335,18 @@ class Health(BaseModel):
         default=None,
         description="the shared live state (Redis): in step, or stale and why (absent in process)",
     )
+    stale: bool | None = Field(
+        default=None,
+        description="with events: the live state heard no impression or click for longer than "
+        "max_event_lag_s before the latest moment asked, so /v1/rank ranks as the batch path",
+    )
+    last_event: datetime | None = Field(
+        default=None, description="with events: the newest impression or click (or the cut-off)"
+    )
+    stale_since: datetime | None = Field(
+        default=None, description="when stale: the moment the silence passed the limit"
+    )
+    max_event_lag_s: float | None = Field(
+        default=None, description="with events: the limit of silence (absent: never stale)"
+    )
     detail: str | None = None

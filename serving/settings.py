@@ -13,6 +13,11 @@ RECSYS_REDIS_URL=redis://host:6379/0    the live state shared by every worker an
                                         (serving/shared_events.py; needs RECSYS_EVENT_LOG;
                                         unset: each process keeps its own)
 RECSYS_REDIS_PREFIX=recsys              the Redis keys' prefix (one live state per prefix)
+RECSYS_MAX_EVENT_LAG_SECONDS=3600       with events: no impression or click event for longer
+                                        than this before a request's moment makes the live
+                                        state stale, and /v1/rank ranks as the batch path
+                                        until events flow again (default: the bundle's, twice
+                                        the longest quiet spell of its log's last week)
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     redis_prefix: str = Field(default="recsys", min_length=1, max_length=64, pattern=r"^[\w.:-]+$")
     reload_poll_seconds: float = Field(default=1.0, gt=0, le=3600)
+    max_event_lag_seconds: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _one_source(self) -> Settings:

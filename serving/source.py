@@ -101,7 +101,11 @@ def load_model(source: str, settings: Settings) -> ServingModel:
     """Load, prepare and self-check a bundle; `DataError` if it is missing, broken or skewed."""
     bundle = Bundle.load(resolve_source(source, settings.tracking_uri))
     try:
-        return ServingModel.from_bundle(bundle, preload_encoder=settings.preload_encoder)
+        return ServingModel.from_bundle(
+            bundle,
+            preload_encoder=settings.preload_encoder,
+            max_event_lag_s=settings.max_event_lag_seconds,
+        )
     except RecsysError:
         raise
     except Exception as e:  # a bundle whose parts load but do not fit together

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import polars as pl
 import pytest
-from servers import TOKEN, live_server
+from servers import TOKEN, LiveServer, live_server
 
 from recsys.bundle import Bundle
 from recsys.data.dataset import Dataset, read_dataset, write_dataset
@@ -131,9 +131,97 @@ def test_each_event_is_checked_alone(events_server: Any, client: httpx.Client) -
     )
     assert early.status_code == 422 and "cut-off" in early.json()["error"]
     assert "new-1" in events_server.state.model.live.items.ids  # embedded, in the live catalogue
+    # readiness is judged at the latest moment asked (now before any request, months after
+    # this bundle's cut-off: stale); a request a minute after the cut-off finds it fresh
+    body = {"user_id": "u", "candidates": ["a"], "at": _iso(cut + timedelta(minutes=1))}
+    assert client.post(f"{events_server.url}/v1/rank", json=body).status_code == 200
     ready = client.get(f"{events_server.url}/readyz").json()
     online = events_server.state.model.bundle.manifest["online"]["ranker"]["name"]
     assert ready["ranker"] == online and ready["freshness"].startswith("online: the live state")
+
+
+def test_the_bundle_sizes_the_silence_limit_from_its_log(nightly: Any) -> None:
+    """The nightly writes the limit of its log (twice the longest quiet spell of its last week
+    before the cut-off) into the bundle; a server takes it unless told otherwise."""
+    from features.events import live_lag_seconds
+    from recsys.data.schema import TS
+
+    bundle = Bundle.load(nightly.result.bundle_dir)
+    data = read_dataset(nightly.data_dir)
+    times = pl.concat([data.impressions["ts"].cast(TS), data.interactions["ts"].cast(TS)])
+    expected = live_lag_seconds(times, bundle.snapshot.as_of)
+    assert expected is not None and bundle.manifest["online"]["max_event_lag_s"] == expected
+    served = ServingModel.from_bundle(bundle, preload_encoder=False)
+    assert served.live.max_lag_us == round(expected * 1e6)
+    told = ServingModel.from_bundle(bundle, preload_encoder=False, max_event_lag_s=90.0)
+    assert told.live.max_lag_us == 90_000_000
+
+
+@pytest.mark.slow
+def test_a_silent_event_feed_ranks_as_the_batch_path_until_events_flow_again(
+    bundle_dir: Path, tmp_path: Path, client: httpx.Client
+) -> None:
+    """Known answers, limit 1 h: no event since the cut-off, a request 30 min after it gets the
+    online ranker's answer, one 2 h after it the batch ranker's (what --no-events serves), and
+    /readyz and /metrics say stale since cut-off + 1 h; an impression event just before that
+    moment makes it fresh again by itself (the online answer with that event counted)."""
+    from features.live import epoch_us
+    from serving.schemas import RankRequest
+
+    lag = 3600.0
+    model = ServingModel.from_bundle(Bundle.load(bundle_dir), preload_encoder=False,
+                                     max_event_lag_s=lag)  # fmt: skip
+    settings = Settings(bundle=bundle_dir, event_log=tmp_path / "events",
+                        max_event_lag_seconds=lag)  # type: ignore[call-arg]  # fmt: skip
+    srv = LiveServer(create_app(settings, model=model)).start()
+    try:
+        cut = model.bundle.snapshot.as_of
+        user, items = sorted(model.histories.ptr)[0], list(model.bundle.vectors.ids[:8])
+        req = RankRequest(user_id=user, candidates=items)
+
+        def rank(at: datetime) -> list[dict[str, Any]]:
+            body = {"user_id": user, "candidates": items, "at": _iso(at)}
+            r = client.post(f"{srv.url}/v1/rank", json=body)
+            assert r.status_code == 200, r.text
+            return list(r.json()["items"])
+
+        def ready() -> dict[str, Any]:
+            return dict(client.get(f"{srv.url}/readyz").json())
+
+        def metric(name: str) -> float:
+            text = client.get(f"{srv.url}/metrics").text
+            return float(next(ln.split()[-1] for ln in text.splitlines()
+                              if ln.startswith(name + " ")))  # fmt: skip
+
+        batch = model.rank(req, None, None)["items"]
+        soon, late = cut + timedelta(minutes=30), cut + timedelta(hours=2)
+        online = model.rank(req, None, epoch_us(soon))["items"]
+        assert online != batch  # the paths differ here, so an answer says which one ranked
+        assert rank(soon) == online
+        r = ready()
+        assert r["stale"] is False and datetime.fromisoformat(r["last_event"]) == cut
+        assert r["max_event_lag_s"] == lag and r["freshness"].startswith("online")
+
+        assert rank(late) == batch  # silent for 2 h: the batch path
+        r = ready()
+        assert r["stale"] is True and r["ranker"] == model.bundle.manifest["ranker"]["name"]
+        assert datetime.fromisoformat(r["stale_since"]) == cut + timedelta(hours=1)
+        assert "stale" in r["freshness"] and r["freshness"].startswith("batch")
+        assert metric("recsys_live_stale") == 1.0 and metric("recsys_rank_stale_total") == 1.0
+        assert metric("recsys_live_last_event_timestamp_seconds") == cut.timestamp()
+
+        shown = late - timedelta(minutes=1)
+        event = {"event_id": "imp-1", "type": "impression", "ts": _iso(shown), "user_id": user,
+                 "request_id": "r1", "items": items[:3]}  # fmt: skip
+        assert client.post(f"{srv.url}/v1/events", json={"events": [event]}).json()["accepted"]
+        fresh = model.rank(req, None, epoch_us(late))["items"]
+        assert rank(late) == fresh and fresh != batch
+        r = ready()
+        assert r["stale"] is False and "stale_since" not in r
+        assert datetime.fromisoformat(r["last_event"]) == shown
+        assert metric("recsys_live_stale") == 0.0 and metric("recsys_rank_stale_total") == 1.0
+    finally:
+        srv.stop()
 
 
 def _replay_plan(data: Dataset, as_of: Any, n: int) -> pl.DataFrame:

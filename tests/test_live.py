@@ -144,3 +144,25 @@ def test_events_in_any_order_give_the_same_state() -> None:
         np.testing.assert_array_equal(
             ordered.features(user, items, t), shuffled.features(user, items, t)
         )
+
+
+def test_the_silence_limit_is_twice_the_longest_quiet_spell_of_the_last_week() -> None:
+    """Known answer: events 10 s apart, then 300 s, then 10 s in the last week; a 5,000 s
+    gap eight days back (outside it); the log ends 20 s after its last event."""
+    from datetime import UTC, datetime
+
+    from features.events import LIVE_LAG_FLOOR, live_lag_seconds, longest_gap_seconds
+
+    t0 = datetime(2026, 3, 1, tzinfo=UTC)
+    times = [t0 - timedelta(days=8), t0 - timedelta(days=8) + timedelta(seconds=5_000)]
+    times += [t0 + timedelta(seconds=10 * k) for k in range(50)]  # up to t0 + 490 s
+    times += [t0 + timedelta(seconds=790), t0 + timedelta(seconds=800), None]
+    series = pl.Series(times, dtype=pl.Datetime("us", "UTC"))
+    until = t0 + timedelta(seconds=820)
+    assert longest_gap_seconds(series, until) == 300.0
+    assert live_lag_seconds(series, until) == 600.0
+    # the wait from the last event to `until` counts too
+    assert longest_gap_seconds(series, t0 + timedelta(seconds=1_800)) == 1_000.0
+    dense = pl.Series([t0 + timedelta(seconds=k) for k in range(5)], dtype=series.dtype)
+    assert live_lag_seconds(dense, t0 + timedelta(seconds=5)) == LIVE_LAG_FLOOR
+    assert live_lag_seconds(series.head(1), until) is None

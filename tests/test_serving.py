@@ -21,6 +21,7 @@ import sys
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -1142,11 +1143,19 @@ def test_recsys_serve_is_the_live_engine_by_default(nightly, tmp_path):
     bundle = run / "bundles" / "current"
     manifest = json.loads((bundle / "manifest.json").read_text())
     with serve_command(["--bundle", str(bundle)], tmp_path / "live.log") as url:
+        # months after the bundle's cut-off with no event yet, the live state is stale: the
+        # batch ranker ranks, and /readyz says so; an event now makes it live
         ready = httpx.get(f"{url}/readyz").json()
+        assert ready["stale"] is True and ready["ranker"] == manifest["ranker"]["name"]
+        now = datetime.now(UTC).isoformat()
+        event = {"event_id": "e1", "type": "impression", "ts": now, "user_id": "u",
+                 "request_id": "r1", "items": ["x"]}  # fmt: skip
+        r = httpx.post(f"{url}/v1/events", json={"events": [event]})
+        assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
+        ready = httpx.get(f"{url}/readyz").json()
+        assert ready["stale"] is False
         assert ready["ranker"] == manifest["online"]["ranker"]["name"]
         assert ready["freshness"].startswith("online")
-        r = httpx.post(f"{url}/v1/events", json={"events": []})
-        assert r.status_code == 200 and r.json()["accepted"] == 0, r.text
     assert f"events on, log {run / 'events'}" in (tmp_path / "live.log").read_text()
     assert (run / "events").is_dir()
     with serve_command(["--bundle", str(bundle), "--no-events"], tmp_path / "off.log") as url:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,17 +15,27 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from features.live import epoch_us
 from recsys.errors import ConfigError, DataError
 from serving.errors import details
+from serving.live import Freshness
 from serving.metrics import CONTENT_TYPE
 from serving.responses import error_response, invalid_response, json_body
 from serving.schemas import ErrorResponse, Health, ReloadRequest, ReloadResponse
 from serving.settings import Settings
 from serving.source import load_model
-from serving.state import serving_state
+from serving.state import AppState, serving_state
 from serving.sync import write_note
 
 logger = logging.getLogger("serving")
+
+
+def live_freshness(state: AppState) -> Freshness | None:
+    """The serving model's live state freshness at the latest moment asked (now before any
+    request), None without events."""
+    if state.model is None or state.events is None:
+        return None
+    return state.model.live.freshness(epoch_us(datetime.now(UTC)))
 
 
 async def healthz() -> Health:
@@ -36,13 +47,20 @@ async def readyz(request: Request) -> Any:
     """200 once a bundle serves; 503 while loading, with no bundle, or after a failed load."""
     state = serving_state(request)
     if state.model is not None:
-        ranker, freshness = state.model.served(live=state.events is not None)
+        fresh = live_freshness(state)
+        stale = fresh is not None and fresh.stale
+        ranker, freshness = state.model.served(live=state.events is not None, stale=stale)
         shared = state.events.live_status() if state.events is not None else None
-        # stale shared state still serves (every worker shares the outage: a 503 here would
-        # take them all out of the balancer), and says so
-        return Health(status="ready", model_version=state.model.model_version,
-                      ranker=ranker, freshness=freshness,
-                      live=shared[1] if shared is not None else None)  # fmt: skip
+        # a stale state (shared or this process's) still serves (every worker shares the
+        # outage: a 503 here would take them all out of the balancer), and says so
+        return Health(
+            status="ready", model_version=state.model.model_version, ranker=ranker,
+            freshness=freshness, live=shared[1] if shared is not None else None,
+            stale=None if fresh is None else fresh.stale,
+            last_event=None if fresh is None else fresh.last_event,
+            stale_since=None if fresh is None else fresh.stale_since,
+            max_event_lag_s=None if fresh is None else fresh.max_lag_s,
+        )  # fmt: skip
     return JSONResponse(
         Health(status=state.status, detail=state.detail).model_dump(exclude_none=True), 503
     )
@@ -54,6 +72,9 @@ async def prometheus(request: Request) -> Response:
     state = serving_state(request)
     if state.model is not None and state.events is not None:
         state.metrics.live_items(len(state.model.live.items.ids))
+        fresh = live_freshness(state)
+        if fresh is not None:
+            state.metrics.live_freshness(fresh.stale, fresh.last_event.timestamp())
     return Response(await run_in_threadpool(state.metrics.render), media_type=CONTENT_TYPE)
 
 

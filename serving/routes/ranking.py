@@ -23,18 +23,21 @@ async def rank(body: RankRequest, request: Request) -> Response:
     A user id is ranked with its profile (stored, or live with events; none for a user never
     seen), extended by `history`; a request without a user id with its `history`; with
     neither, by the popularity prior. With events on, features come from the live state as
-    of `at` (default now) and the online ranker ranks; without events, the batch ranker
-    ranks on features as of the cut-off (`at` is checked, but nothing later is counted).
+    of `at` (default now) and the online ranker ranks; without events, or when the live state
+    has heard no event for longer than its limit before that moment (a silent feed), the
+    batch ranker ranks on features as of the cut-off (`at` is checked, nothing later counts).
     Candidates the bundle does not know but whose text is in `items` are embedded on the
     spot; unknown ones without text get the model's prior for an unseen item and are listed
     in `unknown_items`. `explain` adds each item's top feature contributions.
     """
     state = serving_state(request)
     model = ready_model(state)  # read the reference once: a reload cannot change it under us
-    try:  # events keep the state fresh: as of `at`, default now
+    try:  # events keep the state fresh: as of `at`, default now (a stale one: batch)
         at_us = model.moment(body.at, events=state.events is not None)
     except ValueError as e:
         return error_response(422, str(e))
+    if at_us is None and state.events is not None:  # the feed is silent: ranked as batch
+        state.metrics.stale_rank()
     # Without events nothing after the cut-off is counted: the batch ranker on features as
     # of the cut-off, whatever `at` says (the online ranker on counts frozen at the
     # cut-off ranked EB-NeRD's next week worse than random: AUC 0.466).
