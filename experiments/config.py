@@ -214,6 +214,18 @@ class NightlyConfig:
     rules: ListRules = field(default_factory=ListRules)  # business rules for every list
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def __post_init__(self) -> None:
+        # one base model: the fine-tune's is the frozen encoder's (semantic_frozen, the head's
+        # inputs), so [finetune] base_model sets [encoder] model_path unless that says the same
+        base, path = self.finetune.base_model, self.encoder.model_path
+        if base is not None and path is not None and Path(base) != Path(path):
+            raise ConfigError(
+                f"finetune.base_model {base!r} and encoder.model_path {path!r} differ: the "
+                "frozen vectors must come from the model the fine-tune starts from; set one"
+            )
+        if base is not None and path is None:
+            object.__setattr__(self, "encoder", dataclasses.replace(self.encoder, model_path=base))
+
     def section(self, name: str) -> dict[str, Any]:
         return dataclasses.asdict(getattr(self, name))
 

@@ -72,7 +72,8 @@ def finetune(
 
     uri = ctx.env.tracking_uri
     rep = run_finetune(
-        data, ctx.work / "encoder", config, ray_address=ctx.env.ray_address,
+        data, ctx.work / "encoder", config, base_model=config.base_model,
+        ray_address=ctx.env.ray_address,
         on_epoch=on_epoch, mlflow_run=(uri, t.run_id) if t.run_id else None, log=ctx.env.log,
         storage_path=ctx.env.storage,
     )  # fmt: skip

@@ -93,3 +93,42 @@ def test_batch_refresh_auto_tries_each_candidate_period():
         config_from_dict({"pipeline": {"refresh_candidates": ["1d", "online"]}})
     with pytest.raises(ConfigError, match=r"refresh_candidates must name at least one"):
         config_from_dict({"pipeline": {"refresh_candidates": []}})
+
+
+def test_one_base_model_for_the_fine_tune_and_the_frozen_vectors(tmp_path: Path):
+    """[finetune] base_model is also the frozen encoder's model (the semantic_frozen baseline
+    and the head's inputs); a different [encoder] model_path beside it is an error."""
+    cfg = config_from_dict({"finetune": {"base_model": "/models/multilingual"}})
+    assert cfg.finetune.base_model == "/models/multilingual"
+    assert cfg.encoder.model_path == "/models/multilingual"
+    same = {"base_model": "/models/m"}
+    assert config_from_dict({"finetune": same, "encoder": {"model_path": "/models/m"}})
+    with pytest.raises(ConfigError, match=r"base_model .* and encoder\.model_path .* differ"):
+        config_from_dict({"finetune": same, "encoder": {"model_path": "/models/other"}})
+    assert load_config(None).finetune.base_model is None  # the packaged MiniLM
+
+
+def test_the_finetune_stage_starts_from_the_configured_base_model(
+    tmp_path: Path, tiny_model_dir: Path
+):
+    """The nightly's finetune stage hands [finetune] base_model on: the encoder it writes
+    names that folder as its base (method none: the base itself, no training)."""
+    from pipelines import prepare, train
+    from pipelines.stages import StageEnv, StageRunner
+    from recsys.data import dataset_fingerprint, write_dataset
+    from recsys.encoder import FinetuneConfig
+    from recsys.encoder.store import base_model_dir, read_manifest
+    from recsys.generate import GeneratorConfig, generate
+
+    data, _ = generate(GeneratorConfig(n_items=60, n_users=30, n_shown=600, seed=1))
+    write_dataset(tmp_path / "data", data)
+    source = prepare.DataSource(tmp_path / "data", dataset_fingerprint(tmp_path / "data"))
+    runner = StageRunner(tmp_path / "run", StageEnv(log=lambda _: None))
+    valid = runner.run("validate", prepare.validate, source=source, negatives=0, seed=0,
+                       popular_share=0.0)  # fmt: skip
+    times = runner.run("split", prepare.split, validated=valid, split_at=None,
+                       test_fraction=0.2, valid_fraction=0.1, encoder_fraction=0.5)  # fmt: skip
+    config = FinetuneConfig(method="none", base_model=str(tiny_model_dir))
+    tuned = runner.run("finetune", train.finetune, validated=valid, split=times, config=config)
+    manifest = read_manifest(tuned.path / "encoder")
+    assert base_model_dir(manifest).resolve() == tiny_model_dir.resolve()

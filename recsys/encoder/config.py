@@ -72,6 +72,10 @@ class FinetuneConfig:
         once per item text and train over their cached states (`recsys.encoder.partial`).
     bf16: train under bfloat16 autocast where the device computes it natively (CUDA; CPUs
         with AVX512-BF16 or AMX), else float32.
+    base_model: a local `transformers` model folder (BERT-like: config.json, safetensors
+        weights, a tokenizer) to tune, e.g. a multilingual sentence encoder for a catalogue not
+        in English; its frozen vectors are the semantic_frozen baseline. None: the packaged
+        all-MiniLM-L6-v2 (English).
     """
 
     method: str = "lora"
@@ -104,6 +108,7 @@ class FinetuneConfig:
     head_epochs: int = 4
     head_lr: float = 1e-3
     head_batch_size: int = 64
+    base_model: str | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
