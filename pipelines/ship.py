@@ -4,7 +4,8 @@ lists through it."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,7 +23,7 @@ from recsys.evaluation import (
     freshness_note,
     model_scorers,
     ranker_spec,
-    score_rows,
+    score_chunks,
     ship_choice,
 )
 from recsys.featurize import ONLINE, FeatureSpec
@@ -45,11 +46,10 @@ from .train import (
     Finetuned,
     Frames,
     Ranked,
+    frame_chunks,
     frames_of,
     item_vectors,
     load_rankers,
-    read_frame,
-    rows_of,
 )
 
 Rankers = tuple[dict[str, Ranker], dict[str, Ranker]]
@@ -80,16 +80,18 @@ class Evaluation:
 
 
 def _evaluate_mode(
-    mode: str, frame: pl.DataFrame, rankers: Rankers, ranked: Ranked, spec: FeatureSpec,
-    test_at: datetime, seed: int, ship: tuple[bool, float, str], log: Callable[[str], None],
+    mode: str, rows: Callable[[str], Iterator[pl.DataFrame]], rankers: Rankers, ranked: Ranked,
+    spec: FeatureSpec, test_at: datetime, seed: int, ship: tuple[bool, float, str],
+    log: Callable[[str], None],
 ) -> tuple[ModeEvaluation, pl.DataFrame]:  # fmt: skip
     """One freshness mode's table and scores on the test rows, its validation metrics and ship
-    choice. `rankers`: (shipped, selected by early stopping) of the mode."""
+    choice. `rows(split)`: the mode's feature rows of a split, in pieces (`frame_chunks`);
+    `rankers`: (shipped, selected by early stopping) of the mode."""
     shipped, selected = rankers
-    scores = score_rows(rows_of(frame, "test"), model_scorers(spec, shipped, seed))
+    scores = score_chunks(rows("test"), model_scorers(spec, shipped, seed))
     table = evaluation_table(scores, list(MODELS), versus=BASELINES).to_dicts()
     # validation: the models early stopping chose, on rows none of them trained on
-    vscores = score_rows(rows_of(frame, "valid"), model_scorers(spec, selected, seed))
+    vscores = score_chunks(rows("valid"), model_scorers(spec, selected, seed))
     diff, se = paired_difference(scores, "lgbm_full", "lgbm_behavioural")
     name, reason = ship_choice(diff, se, *ship)
     log(f"[evaluate] {mode}: ships {name}: {reason}")
@@ -123,9 +125,10 @@ def evaluate(
     shipped, selected = load_rankers(ranked), load_rankers(ranked, selected=True)
     modes: dict[str, ModeEvaluation] = {}
     for mode in frames_of(frames):
-        frame = read_frame(frames, mode, ranked.summary.refresh[mode].chosen, ("valid", "test"))
+        rows = functools.partial(frame_chunks, frames, mode, ranked.summary.refresh[mode].chosen,
+                                 chunk_rows=ctx.env.chunk_rows)  # fmt: skip
         modes[mode], scores = _evaluate_mode(
-            mode, frame, (shipped[mode], selected[mode]), ranked.summary, spec, s.test_at, seed,
+            mode, rows, (shipped[mode], selected[mode]), ranked.summary, spec, s.test_at, seed,
             ship, log,
         )  # fmt: skip
         write_parquet(scores, ctx.work / scores_file(mode))

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import shutil
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -242,21 +243,25 @@ def frames_of(frames: StageResult[Frames]) -> dict[str, list[str]]:
     return out
 
 
-def read_frame(
-    frames: StageResult[Frames], mode: str, refresh: str, splits: tuple[str, ...]
-) -> pl.DataFrame:
-    """The rows of `splits` of one feature frame, in file order (only those rows are read)."""
-    return scan_rows(frames, mode, refresh, *splits).collect()
-
-
 def scan_rows(frames: StageResult[Frames], mode: str, refresh: str, *splits: str) -> pl.LazyFrame:
     """A scan of the rows of `splits` of one feature frame: nothing is read until collected."""
     scan = pl.scan_parquet(frames.path / feature_file(mode, refresh))
     return scan.filter(pl.col("split").is_in(list(splits)))
 
 
-def rows_of(frame: pl.DataFrame, name: str) -> pl.DataFrame:
-    return frame.filter(pl.col("split") == name)
+def frame_chunks(
+    frames: StageResult[Frames], mode: str, refresh: str, split: str, chunk_rows: int | None
+) -> Iterator[pl.DataFrame]:
+    """The rows of `split` of one feature frame, in file order, read `chunk_rows` rows of the
+    file at a time (None: all at once); at least one frame, maybe empty. A request's rows may
+    straddle two pieces: for row-wise work (scoring), not for per-request work."""
+    scan = pl.scan_parquet(frames.path / feature_file(mode, refresh))
+    keep = pl.col("split") == split
+    if chunk_rows is None or frames.summary.rows <= chunk_rows:
+        yield scan.filter(keep).collect()
+        return
+    for lo in range(0, frames.summary.rows, chunk_rows):
+        yield scan.slice(lo, chunk_rows).filter(keep).collect()
 
 
 @dataclass(frozen=True)

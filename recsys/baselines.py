@@ -51,13 +51,18 @@ def _column(frame: pl.DataFrame, column: str, fill_value: float, who: str) -> np
 
 @dataclass(frozen=True)
 class RandomScorer:
-    """Uniform random scores from `seed`: the same frame always gets the same scores."""
+    """Uniform random scores from `seed`: the same frame always gets the same scores. `offset`:
+    the frame is the rows from `offset` on of a larger one, and gets their scores (a frame
+    scored in pieces gets the scores it gets whole)."""
 
     seed: int = 0
     name: str = "random"
+    offset: int = 0
 
     def score(self, frame: pl.DataFrame) -> np.ndarray:
-        return np.random.default_rng(self.seed).random(frame.height)
+        stream = np.random.PCG64(self.seed)  # what default_rng(seed) draws from
+        stream.advance(self.offset)  # one 64-bit draw per uniform double
+        return np.random.Generator(stream).random(frame.height)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -22,6 +22,7 @@ from recsys.baselines import ColumnScorer, LGBMScorer, PopularityScorer, RandomS
 from recsys.baselines import add_scores as _add_scores
 from recsys.bundle import Bundle
 from recsys.data import Dataset
+from recsys.errors import DataError
 from recsys.featurize import (
     ONLINE,
     FeatureSpec,
@@ -46,6 +47,7 @@ __all__ = [
     "model_scorers",
     "ranker_spec",
     "requests",
+    "score_chunks",
     "score_rows",
     "ship_choice",
     "valid_auc",
@@ -114,6 +116,23 @@ def score_rows(frame: pl.DataFrame, scorers: Sequence[Scorer]) -> pl.DataFrame:
     )
     scored = _add_scores(frame, scorers)
     return keys.with_columns(scored.select(s.name for s in scorers))
+
+
+def score_chunks(chunks: Iterable[pl.DataFrame], scorers: Sequence[Scorer]) -> pl.DataFrame:
+    """`score_rows` of the chunks' rows, one chunk at a time (memory holds one chunk's features
+    and everyone's scores): the same scores as the rows scored as one frame, since every scorer
+    scores a row alone (the random baseline goes on with its stream at each chunk's offset)."""
+    parts, offset = [], 0
+    for chunk in chunks:
+        placed = [
+            dataclasses.replace(s, offset=offset) if isinstance(s, RandomScorer) else s
+            for s in scorers
+        ]
+        parts.append(score_rows(chunk, placed))
+        offset += chunk.height
+    if not parts:
+        raise DataError("score_chunks: no chunk of rows to score")
+    return pl.concat(parts) if len(parts) > 1 else parts[0]
 
 
 def requests(impressions: pl.DataFrame) -> pl.DataFrame:

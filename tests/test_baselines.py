@@ -149,3 +149,26 @@ def test_errors_name_the_column_or_problem() -> None:
         add_scores(table, [RandomScorer(0), RandomScorer(1)])
     with pytest.raises(DataError, match=r"missing feature column\(s\) \['sem_cos_mean'\]"):
         lgbm_scorer().score(table.drop("sem_cos_mean"))
+
+
+def test_scores_in_chunks_are_the_scores_of_the_whole_frame() -> None:
+    """The nightly's evaluation scores its rows a chunk at a time: every scorer scores a row
+    alone and the random baseline continues its stream, so the scores are bit for bit those
+    of the rows scored as one frame, whatever the chunk size (one chunk empty)."""
+    from recsys.evaluation import score_chunks, score_rows
+
+    rng = np.random.default_rng(5)
+    n = 50
+    frame = pl.DataFrame({
+        "request_id": np.repeat(np.arange(10), 5), "user_id": [f"u{i % 7}" for i in range(n)],
+        "item_id": [f"i{i}" for i in range(n)], "clicked": rng.random(n) < 0.3,
+        "x": rng.normal(size=n),
+    })  # fmt: skip
+    scorers = [RandomScorer(seed=3), ColumnScorer("col", "x")]
+    whole = score_rows(frame, scorers)
+    for size in (1, 7, 50):
+        pieces = [frame.slice(lo, size) for lo in range(0, n, size)]
+        assert score_chunks([frame.head(0), *pieces], scorers).equals(whole)
+    assert not np.array_equal(
+        score_rows(frame.slice(7), scorers)["random"].to_numpy(), whole["random"][7:].to_numpy()
+    )  # without the offset a piece would get the stream's start again
