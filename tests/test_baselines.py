@@ -164,7 +164,7 @@ def test_scores_in_chunks_are_the_scores_of_the_whole_frame() -> None:
         "item_id": [f"i{i}" for i in range(n)], "clicked": rng.random(n) < 0.3,
         "x": rng.normal(size=n),
     })  # fmt: skip
-    scorers = [RandomScorer(seed=3), ColumnScorer("col", "x")]
+    scorers: list[Scorer] = [RandomScorer(seed=3), ColumnScorer("col", "x")]
     whole = score_rows(frame, scorers)
     for size in (1, 7, 50):
         pieces = [frame.slice(lo, size) for lo in range(0, n, size)]
