@@ -15,7 +15,8 @@ score (NaN) and no rank.
 The `freshness` parameter says which server it matches: `batch` (default) a server without
 events (`recsys serve --no-events`: the batch ranker on features as of the cut-off, `at` is
 only checked), `online` a server with events that has received none yet (the online ranker on
-the bundle's state as of `at`, default now).
+the bundle's state as of `at`, default now; the batch ranker for an `at` past the bundle's limit
+of silence after its cut-off, as that server ranks then: serving/live.py).
 """
 
 from __future__ import annotations
