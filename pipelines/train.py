@@ -255,11 +255,11 @@ def frame_chunks(
     """The rows of `split` of one feature frame, in file order, read `chunk_rows` rows of the
     file at a time (None: all at once); at least one frame, maybe empty. A request's rows may
     straddle two pieces: for row-wise work (scoring), not for per-request work."""
+    if chunk_rows is None or frames.summary.rows <= chunk_rows:
+        yield scan_rows(frames, mode, refresh, split).collect()
+        return
     scan = pl.scan_parquet(frames.path / feature_file(mode, refresh))
     keep = pl.col("split") == split
-    if chunk_rows is None or frames.summary.rows <= chunk_rows:
-        yield scan.filter(keep).collect()
-        return
     for lo in range(0, frames.summary.rows, chunk_rows):
         yield scan.slice(lo, chunk_rows).filter(keep).collect()
 

@@ -81,6 +81,9 @@ class LiveState:
         feed is silent: rank as the batch path); records `at_us` as the latest moment asked."""
         if self.asked_us is None or at_us > self.asked_us:
             self.asked_us = at_us
+        return self._silent_at(at_us)
+
+    def _silent_at(self, at_us: int) -> bool:
         return self.max_lag_us is not None and at_us - self.last_event_us > self.max_lag_us
 
     def freshness(self, now_us: int) -> Freshness:
@@ -88,7 +91,7 @@ class LiveState:
         any): whether it is stale, since when, and the newest event it holds."""
         at = self.asked_us if self.asked_us is not None else now_us
         last, lag = self.last_event_us, self.max_lag_us
-        stale = lag is not None and at - last > lag
+        stale = self._silent_at(at)
         return Freshness(
             stale=stale,
             last_event=from_us(last),
